@@ -1,0 +1,79 @@
+"""Shared rich helpers of the CLI: console, logging, progress bars, errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Route the library's logging through rich (warnings only unless ``verbose``)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+class RateColumn(ProgressColumn):
+    """Items per second."""
+
+    def __init__(self, unit: str = "img"):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        """Show the task's speed."""
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"-- {self.unit}/s", style="cyan")
+
+
+def make_progress(unit: str = "img") -> Progress:
+    """A progress bar with count, rate and ETA."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print an error and return the ``typer.Exit`` to raise."""
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn the listed library exceptions into a clean error message and exit code 1."""
+    try:
+        yield
+    except kinds as error:
+        raise fail(str(error)) from None

@@ -1,0 +1,105 @@
+"""``selfment-label run``: label a folder of images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from selfment_label.backbone import DEFAULT_BACKBONE, PRESETS, BackboneError
+from selfment_label.journal import RunConflict
+from selfment_label.run import (
+    DEFAULT_RESOLUTION,
+    PRECISIONS,
+    NoImages,
+    RunConfig,
+    RunSummary,
+    label_folder,
+)
+
+from .console import console, make_progress, setup_logging, user_errors
+
+STAGES = ("decode", "backbone", "ncut", "ipo", "masks", "write")
+
+
+def print_summary(summary: RunSummary) -> None:
+    """The final table: counts, seconds per stage, throughput."""
+    table = Table(title=f"selfment-label -> {summary.out_dir}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("images found", str(summary.total))
+    table.add_row("labelled now", str(summary.labelled))
+    if summary.resumed:
+        table.add_row("already done (resumed)", str(summary.resumed))
+    table.add_row("skipped", str(len(summary.skipped)))
+    table.add_row("annotations", str(summary.annotations))
+    for stage in STAGES:
+        if stage in summary.stages:
+            table.add_row(f"{stage} s", f"{summary.stages[stage]:.2f}")
+    table.add_row("wall s", f"{summary.seconds:.2f}")
+    table.add_row("images/s", f"{summary.images_per_second:.2f}")
+    console.print(table)
+    if summary.skipped:
+        skipped = Table(title="skipped images")
+        skipped.add_column("file")
+        skipped.add_column("reason")
+        for name, reason in summary.skipped.items():
+            skipped.add_row(name, reason)
+        console.print(skipped)
+
+
+def run(
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."),
+    backbone: str = typer.Option(
+        DEFAULT_BACKBONE, help=f"Backbone preset: {', '.join(PRESETS)}."
+    ),
+    weights: Path = typer.Option(
+        None, help="Local weights (.safetensors/.pth, timm or official layout). Env: SELFMENT_WEIGHTS."
+    ),
+    resolution: int = typer.Option(DEFAULT_RESOLUTION, help="Pixels on the long side fed to the backbone."),
+    tau: float = typer.Option(0.2, help="Cosine threshold of the NCut affinity graph."),
+    ipo_iters: int = typer.Option(20, help="Iterative Patch Optimization rounds (0 disables IPO)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("fp32", help=f"Backbone precision: {', '.join(PRECISIONS)}."),
+    batch_size: int = typer.Option(4, min=1, help="Images per backbone batch."),
+    workers: int = typer.Option(2, min=1, help="Decoding threads."),
+    save_scores: bool = typer.Option(False, help="Also save soft score maps (for threshold-sweep eval)."),
+    max_pixels: int = typer.Option(120_000_000, help="Skip larger images (decompression bombs)."),
+    offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+) -> None:
+    """Find the main object in every image and write annotations.json (COCO) + run.json."""
+    setup_logging(verbose)
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    config = RunConfig(
+        backbone=backbone,
+        weights=str(weights) if weights else None,
+        resolution=resolution,
+        tau=tau,
+        ipo_iters=ipo_iters,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        save_scores=save_scores,
+        max_pixels=max_pixels,
+        allow_download=not offline,
+    )
+    errors = (NoImages, RunConflict, BackboneError, FileNotFoundError, NotADirectoryError, RuntimeError)
+    with user_errors(*errors), make_progress() as progress:
+        task = progress.add_task("labelling", total=None)
+
+        def on_image(done: int, total: int, name: str, reason: str | None) -> None:
+            progress.update(task, completed=done, total=total)
+
+        summary = label_folder(images, out, config, overwrite=overwrite, progress=on_image)
+    print_summary(summary)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command()(run)

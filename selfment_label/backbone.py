@@ -1,0 +1,288 @@
+"""Self-supervised ViT backbones: named presets -> timm models, weight resolution, patch features.
+
+A preset name (``dinov2-vits14``) maps to a timm model id, its patch size and a default
+input resolution, in the spirit of timm's own registry. Weights come, in this order, from an
+explicit file (``--weights``), from the ``SELFMENT_WEIGHTS`` environment variable, or from the
+model hub through timm when downloads are allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_ENV = "SELFMENT_WEIGHTS"
+DEFAULT_BACKBONE = "dinov2-vits14"
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A named backbone.
+
+    Arguments:
+      name: the preset name users type (``dinov2-vits14``).
+      timm_id: the timm model id with its pretrained tag (``vit_small_patch14_dinov2.lvd142m``).
+      patch_size: side of a patch in pixels.
+      family: ``dino``, ``dinov2`` or ``dinov3``.
+    """
+
+    name: str
+    timm_id: str
+    patch_size: int
+    family: str
+
+    @property
+    def architecture(self) -> str:
+        """The timm architecture name, without the pretrained tag."""
+        return self.timm_id.split(".")[0]
+
+
+def _presets() -> dict[str, BackbonePreset]:
+    table = [
+        ("dino-vits16", "vit_small_patch16_224.dino", 16, "dino"),
+        ("dino-vits8", "vit_small_patch8_224.dino", 8, "dino"),
+        ("dino-vitb16", "vit_base_patch16_224.dino", 16, "dino"),
+        ("dino-vitb8", "vit_base_patch8_224.dino", 8, "dino"),
+        ("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m", 14, "dinov2"),
+        ("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m", 14, "dinov2"),
+        ("dinov2-vitl14", "vit_large_patch14_dinov2.lvd142m", 14, "dinov2"),
+        ("dinov2-vitg14", "vit_giant_patch14_dinov2.lvd142m", 14, "dinov2"),
+        ("dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2.lvd142m", 14, "dinov2"),
+        ("dinov2-vitb14-reg", "vit_base_patch14_reg4_dinov2.lvd142m", 14, "dinov2"),
+        ("dinov2-vitl14-reg", "vit_large_patch14_reg4_dinov2.lvd142m", 14, "dinov2"),
+        ("dinov2-vitg14-reg", "vit_giant_patch14_reg4_dinov2.lvd142m", 14, "dinov2"),
+        ("dinov3-vits16", "vit_small_patch16_dinov3.lvd1689m", 16, "dinov3"),
+        ("dinov3-vits16plus", "vit_small_plus_patch16_dinov3.lvd1689m", 16, "dinov3"),
+        ("dinov3-vitb16", "vit_base_patch16_dinov3.lvd1689m", 16, "dinov3"),
+        ("dinov3-vitl16", "vit_large_patch16_dinov3.lvd1689m", 16, "dinov3"),
+        ("dinov3-vith16plus", "vit_huge_plus_patch16_dinov3.lvd1689m", 16, "dinov3"),
+        ("dinov3-vit7b16", "vit_7b_patch16_dinov3.lvd1689m", 16, "dinov3"),
+    ]
+    return {name: BackbonePreset(name, tid, p, fam) for name, tid, p, fam in table}
+
+
+PRESETS: dict[str, BackbonePreset] = _presets()
+
+
+class BackboneError(RuntimeError):
+    """Raised when a backbone cannot be built or its weights cannot be found or loaded."""
+
+
+def get_preset(name: str) -> BackbonePreset:
+    """Return the preset called ``name``; raise ``BackboneError`` listing the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise BackboneError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(PRESETS)}"
+        ) from None
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights_path(weights: str | Path | None) -> Path | None:
+    """The weights file to use: the explicit argument, else ``$SELFMENT_WEIGHTS``, else None."""
+    candidate = weights if weights else os.environ.get(WEIGHTS_ENV) or None
+    if candidate is None:
+        return None
+    path = Path(candidate).expanduser()
+    if not path.is_file():
+        source = "--weights" if weights else f"${WEIGHTS_ENV}"
+        raise BackboneError(f"weights file given by {source} does not exist: {path}")
+    return path
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors or .pth/.pt checkpoint and unwrap the usual containers."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("teacher", "model", "state_dict", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path} does not hold a state dict")
+    prefixes = ("module.", "backbone.")
+    cleaned = {}
+    for name, tensor in state.items():
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+        cleaned[name] = tensor
+    return cleaned
+
+
+def _load_weights_file(model: torch.nn.Module, path: Path) -> None:
+    """Load timm-layout weights, falling back to timm's converter for official layouts."""
+    state = _read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+        return
+    except RuntimeError as first_error:
+        converted = _convert_official_layout(state, model)
+        if converted is None:
+            raise BackboneError(
+                f"weights in {path} do not match {type(model).__name__}: {first_error}"
+            ) from first_error
+    try:
+        model.load_state_dict(converted, strict=True)
+    except RuntimeError as error:
+        raise BackboneError(f"weights in {path} do not match the backbone: {error}") from error
+    logger.info("converted official checkpoint layout of %s to timm names", path)
+
+
+def _convert_official_layout(
+    state: dict[str, torch.Tensor], model: torch.nn.Module
+) -> dict[str, torch.Tensor] | None:
+    """Map an official DINO/DINOv2/DINOv3 checkpoint to timm names with timm's own filters."""
+    import timm.models.eva as eva
+    import timm.models.vision_transformer as vit
+
+    module = vit if isinstance(model, vit.VisionTransformer) else eva
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return None
+    try:
+        return filter_fn(dict(state), model)
+    except Exception as error:  # timm's filters raise assorted errors on foreign layouts
+        logger.debug("timm checkpoint filter failed: %s", error)
+        return None
+
+
+@dataclass
+class Backbone:
+    """A frozen ViT that returns last-layer patch tokens on a patch grid.
+
+    Arguments:
+      model: the timm model (``num_classes=0``, ``dynamic_img_size=True``).
+      preset: the preset it was built from.
+      weights_file: the local weights file used, if any.
+      weights_sha256: sha256 of that file, or None for hub weights.
+    """
+
+    model: torch.nn.Module
+    preset: BackbonePreset
+    weights_file: Path | None
+    weights_sha256: str | None
+
+    @property
+    def patch_size(self) -> int:
+        """Side of a patch in pixels."""
+        return self.preset.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the patch tokens."""
+        return int(self.model.num_features)
+
+    @property
+    def device(self) -> torch.device:
+        """Device holding the model weights."""
+        return next(self.model.parameters()).device
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Normalisation constants the model was trained with."""
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+        std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        return mean, std
+
+    def identity(self) -> dict[str, str | int | None]:
+        """What defines the features this backbone produces (for provenance and cache keys)."""
+        return {
+            "backbone": self.preset.name,
+            "timm_id": self.preset.timm_id,
+            "patch_size": self.patch_size,
+            "weights_file": str(self.weights_file) if self.weights_file else None,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    @torch.inference_mode()
+    def patch_tokens(self, batch: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Last-layer patch tokens (after the final norm, prefix tokens dropped).
+
+        Arguments:
+          batch: normalised images ``[B, 3, H, W]`` with H and W multiples of the patch size,
+            on the backbone's device.
+          autocast_dtype: optional reduced precision (``torch.float16``/``bfloat16``).
+
+        Returns:
+          ``[B, H/p, W/p, D]`` float32 tokens.
+        """
+        b, _, h, w = batch.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
+        enabled = autocast_dtype is not None
+        with torch.autocast(batch.device.type, dtype=autocast_dtype, enabled=enabled):
+            tokens = self.model.forward_features(batch)
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        tokens = tokens[:, prefix:, :].float()
+        return tokens.reshape(b, h // p, w // p, -1)
+
+
+def build_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    allow_download: bool = True,
+    **timm_kwargs: object,
+) -> Backbone:
+    """Build a frozen backbone from a preset name.
+
+    Arguments:
+      name: a key of ``PRESETS``.
+      weights: a local .safetensors/.pth file in timm (or official DINO) layout; when None,
+        ``$SELFMENT_WEIGHTS`` is tried, then the hub.
+      device: where the model runs.
+      allow_download: whether timm may fetch pretrained weights from the hub.
+      timm_kwargs: extra arguments for ``timm.create_model`` (tests use them for tiny models).
+
+    Returns:
+      A ``Backbone`` in eval mode with gradients off.
+    """
+    import timm
+
+    preset = get_preset(name)
+    path = resolve_weights_path(weights)
+    kwargs = {"num_classes": 0, "dynamic_img_size": True, **timm_kwargs}
+    if path is not None:
+        model = timm.create_model(preset.architecture, pretrained=False, **kwargs)
+        _load_weights_file(model, path)
+        sha = file_sha256(path)
+        logger.info("loaded %s weights from %s (sha256 %s)", preset.name, path, sha[:12])
+    elif not allow_download:
+        raise BackboneError(
+            f"no weights for {preset.name}: pass --weights FILE (or set ${WEIGHTS_ENV}), "
+            "or allow hub downloads"
+        )
+    else:
+        try:
+            model = timm.create_model(preset.timm_id, pretrained=True, **kwargs)
+        except Exception as error:  # network, hub and cache errors come in many types
+            raise BackboneError(
+                f"could not download {preset.timm_id} from the model hub ({error}). "
+                f"Offline? Pass a local weights file with --weights FILE "
+                f"(or set ${WEIGHTS_ENV})."
+            ) from error
+        sha = None
+    model.eval().requires_grad_(False).to(device)
+    return Backbone(model=model, preset=preset, weights_file=path, weights_sha256=sha)

@@ -1,0 +1,165 @@
+"""COCO annotations: compressed RLE through pycocotools, atomic writes, reading runs back.
+
+Conventions: dataset format (``images``/``annotations``/``categories``), ``segmentation`` is
+compressed RLE with ``counts`` as str and ``iscrowd: 0``, ``bbox`` is XYWH from the mask,
+``area`` is the mask's pixel count, ``score`` per annotation, ``file_name`` relative to the
+image root (POSIX separators). Extra keys (``level``, ``parent_id``) are allowed: COCO
+loaders ignore them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+FOREGROUND_CATEGORY = {"id": 1, "name": "foreground", "supercategory": "object"}
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Compressed COCO RLE of a boolean ``[H, W]`` mask, with ``counts`` as str."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """Boolean ``[H, W]`` mask of a compressed (str or bytes counts) or uncompressed RLE."""
+    if isinstance(rle.get("counts"), list):
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    elif isinstance(rle.get("counts"), str):
+        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> None:
+    """Write ``data`` as JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_coco_stream(
+    path: str | Path,
+    images: Iterable[dict[str, Any]],
+    info: dict[str, Any] | None = None,
+    categories: list[dict[str, Any]] | None = None,
+) -> tuple[int, int]:
+    """Write a COCO file atomically from a stream of image records, in constant memory.
+
+    Each record is ``{"file_name", "width", "height", "annotations": [...]}`` plus optional
+    keys copied to the image entry (``score_map``). Annotations are
+    ``{"segmentation", "area", "bbox", "score"}`` plus optional ``level`` and ``parent``
+    (index of the parent among the same image's annotations). Image ids are assigned 1..n in
+    stream order, annotation ids 1..m; ``parent`` becomes ``parent_id``. The stream is read
+    twice (images, then annotations), so pass a re-iterable (a list or a reader object).
+
+    Returns:
+      ``(number of images, number of annotations)``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    n_images = n_annotations = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write('{"info": ' + json.dumps(info or {}, ensure_ascii=False))
+            fh.write(',\n"licenses": [],\n"categories": ')
+            fh.write(json.dumps(categories or [FOREGROUND_CATEGORY]))
+            fh.write(',\n"images": [')
+            for n_images, record in enumerate(images, start=1):
+                entry = {k: v for k, v in record.items() if k != "annotations"}
+                entry = {"id": n_images, **entry}
+                fh.write(("\n" if n_images == 1 else ",\n") + json.dumps(entry, ensure_ascii=False))
+            fh.write('\n],\n"annotations": [')
+            for image_id, record in enumerate(images, start=1):
+                first_id = n_annotations + 1
+                for ann in record.get("annotations", []):
+                    n_annotations += 1
+                    entry = _annotation_entry(ann, n_annotations, image_id, first_id)
+                    fh.write(("\n" if n_annotations == 1 else ",\n") + json.dumps(entry))
+            fh.write("\n]}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n_images, n_annotations
+
+
+def _annotation_entry(
+    ann: dict[str, Any], ann_id: int, image_id: int, first_id: int
+) -> dict[str, Any]:
+    entry = {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": ann.get("category_id", FOREGROUND_CATEGORY["id"]),
+        "segmentation": ann["segmentation"],
+        "area": ann["area"],
+        "bbox": ann["bbox"],
+        "iscrowd": 0,
+        "score": ann["score"],
+    }
+    if "level" in ann:
+        entry["level"] = ann["level"]
+    if ann.get("parent") is not None:
+        entry["parent_id"] = first_id + int(ann["parent"])
+    return entry
+
+
+def annotation_record(
+    mask: np.ndarray, score: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The per-image annotation record (before ids) for one boolean mask."""
+    from .masks import box_xywh
+
+    record = {
+        "segmentation": encode_rle(mask),
+        "area": int(mask.sum()),
+        "bbox": box_xywh(mask),
+        "score": round(float(score), 6),
+    }
+    if extra:
+        record.update(extra)
+    return record
+
+
+def load_coco(path: str | Path) -> dict[str, Any]:
+    """Read a COCO file; raise ``ValueError`` naming the file when it is not COCO."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    for key in ("images", "annotations"):
+        if key not in data:
+            raise ValueError(f"{path} is not a COCO file: no {key!r} key")
+    return data
+
+
+def masks_by_image(data: dict[str, Any]) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Yield ``(image entry, its annotations)`` for every image of a COCO dict."""
+    grouped: dict[int, list[dict[str, Any]]] = {}
+    for ann in data["annotations"]:
+        grouped.setdefault(ann["image_id"], []).append(ann)
+    for image in data["images"]:
+        yield image, grouped.get(image["id"], [])

@@ -1,0 +1,219 @@
+"""Finding and decoding images safely, and prefetching them in background threads.
+
+Decoding honours EXIF orientation (masks match the image as displayed), converts every
+mode (CMYK, 16-bit, grayscale, palette, alpha) to RGB, refuses decompression bombs and
+reports every failure as an ``ImageSkip`` with a human reason instead of raising.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 120_000_000
+MIN_SIDE = 2
+ORIENTATION_TAG = 0x0112
+ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ImageSkip(Exception):
+    """An image that cannot be labelled; ``str(error)`` is the reason shown to the user."""
+
+
+def find_images(root: str | Path) -> list[str]:
+    """Relative POSIX paths of all images under ``root``, recursively, sorted.
+
+    Arguments:
+      root: the input folder.
+
+    Returns:
+      Paths relative to ``root`` (``sub/dir/name.jpg``); hidden files and folders are ignored.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"input folder does not exist: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"input is not a folder: {root}")
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir():
+            found.append(rel.as_posix())
+    return sorted(found)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; alpha is composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(
+    path: str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode one image as displayed (EXIF-rotated) in RGB.
+
+    Arguments:
+      path: the image file.
+      max_pixels: larger images are refused as possible decompression bombs.
+      draft_size: when given, JPEGs are decoded at a reduced scale whose sides stay at least
+        this large (much faster for big photos); the returned size is still the full one.
+
+    Returns:
+      ``(RGB image, (width, height) of the full image as displayed)``.
+
+    Raises:
+      ImageSkip: with the reason, for any file that cannot be used.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageSkip("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageSkip(
+                        f"too large: {width}x{height} = {width * height:,} pixels exceeds "
+                        f"the limit of {max_pixels:,} (raise it with --max-pixels)"
+                    )
+                if opened.getexif().get(ORIENTATION_TAG, 1) in ROTATED_ORIENTATIONS:
+                    width, height = height, width
+                if draft_size and opened.format == "JPEG":
+                    opened.draft("RGB", (draft_size, draft_size))
+                opened.load()
+                image = _to_rgb(ImageOps.exif_transpose(opened))
+    except ImageSkip:
+        raise
+    except PermissionError:
+        raise ImageSkip("permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageSkip("not an image (unrecognised or corrupt file)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageSkip(f"decompression bomb: {error}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageSkip(f"cannot decode: {error}") from None
+    if min(width, height) < MIN_SIDE:
+        raise ImageSkip(f"too small: {width}x{height} pixels")
+    return image, (width, height)
+
+
+def grid_for(
+    width: int, height: int, resolution: int, patch_size: int
+) -> tuple[int, int]:
+    """Patch grid ``(rows, cols)`` for an image resized so its long side is ``resolution``.
+
+    Each side is rounded to the nearest multiple of the patch size (at least one patch, so
+    tiny images are upsampled and extreme aspect ratios keep at least two patches across).
+    """
+    scale = resolution / max(width, height)
+    rows = max(2, round(height * scale / patch_size))
+    cols = max(2, round(width * scale / patch_size))
+    return rows, cols
+
+
+@dataclass
+class DecodedImage:
+    """One decoded, resized and normalised image ready for the backbone.
+
+    Arguments:
+      file_name: path relative to the input folder.
+      width, height: size of the image as displayed (after EXIF rotation).
+      pixels: ``[3, rows*p, cols*p]`` float32 normalised tensor data (numpy).
+      grid: ``(rows, cols)`` patch grid.
+      decode_seconds: time spent decoding and resizing.
+    """
+
+    file_name: str
+    width: int
+    height: int
+    pixels: np.ndarray
+    grid: tuple[int, int]
+    decode_seconds: float
+
+
+def prepare_image(
+    root: Path,
+    file_name: str,
+    resolution: int,
+    patch_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DecodedImage:
+    """Decode, resize to the patch grid and normalise one image (runs in a worker thread).
+
+    Raises:
+      ImageSkip: with the reason, for any file that cannot be used.
+    """
+    start = time.perf_counter()
+    image, (width, height) = load_image(root / file_name, max_pixels, draft_size=resolution)
+    rows, cols = grid_for(width, height, resolution, patch_size)
+    resized = image.resize((cols * patch_size, rows * patch_size), Image.Resampling.BICUBIC)
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return DecodedImage(
+        file_name=file_name,
+        width=width,
+        height=height,
+        pixels=np.ascontiguousarray(array.transpose(2, 0, 1)),
+        grid=(rows, cols),
+        decode_seconds=time.perf_counter() - start,
+    )
+
+
+def prefetch(
+    items: Iterable[T], work: Callable[[T], R], workers: int = 2, depth: int = 8
+) -> Iterator[tuple[T, R | BaseException]]:
+    """Run ``work`` over ``items`` in background threads, yielding results in order.
+
+    At most ``depth`` results are in flight, so memory does not grow with the input.
+    An exception raised by ``work`` is yielded in place of its result.
+    """
+    pending: deque[tuple[T, Future[R]]] = deque()
+    iterator = iter(items)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        for item in iterator:
+            pending.append((item, pool.submit(work, item)))
+            if len(pending) >= depth:
+                yield _settle(*pending.popleft())
+        while pending:
+            yield _settle(*pending.popleft())
+
+
+def _settle(item: T, future: Future[R]) -> tuple[T, R | BaseException]:
+    try:
+        return item, future.result()
+    except Exception as error:  # surfaced to the caller, who records it as a skip
+        return item, error

@@ -1,0 +1,198 @@
+"""The run folder's durable state: an exclusive lock and an append-only journal.
+
+The journal (``journal.jsonl``) holds one header line with the options that decide the
+results, then one line per finished image (its annotations, or the reason it was skipped).
+Lines are flushed as they are made, so a run killed at any point loses at most the image in
+flight; a torn last line is cut off when the journal is reopened. The lock is an ``flock``
+on ``.lock``: the kernel releases it when the process dies, so a killed run never leaves it
+stuck.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.jsonl"
+LOCK_NAME = ".lock"
+
+
+class RunConflict(RuntimeError):
+    """The output folder is busy or holds a run made with different options."""
+
+
+class RunLock:
+    """Exclusive, non-blocking lock on a run folder (released on exit or process death)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self._holder()
+            raise RunConflict(
+                f"another selfment-label process{holder} is writing to {self.path.parent}; "
+                "wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def _holder(self) -> str:
+        try:
+            pid = self.path.read_text().strip()
+        except OSError:
+            return ""
+        return f" (pid {pid})" if pid else ""
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _valid_lines(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+    """Parsed journal lines with their byte offsets, and the length of the valid prefix."""
+    entries = []
+    good_end = 0
+    with open(path, "rb") as fh:
+        offset = 0
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                entries.append((offset, json.loads(raw)))
+            except json.JSONDecodeError:
+                break
+            offset += len(raw)
+            good_end = offset
+    return entries, good_end
+
+
+class Journal:
+    """Append-only record of finished images in a run folder.
+
+    Arguments:
+      folder: the run folder.
+      fingerprint: the options that decide results; must match an existing journal's.
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any]):
+        self.path = folder / JOURNAL_NAME
+        self.fingerprint = fingerprint
+        self.offsets: dict[str, int] = {}
+        self.skipped: dict[str, str] = {}
+        fresh = not self.path.exists()
+        if not fresh:
+            self._reopen()
+        self._fh = open(self.path, "ab")
+        if fresh:
+            self._append({"kind": "header", "fingerprint": fingerprint})
+
+    def _reopen(self) -> None:
+        entries, good_end = _valid_lines(self.path)
+        if not entries or entries[0][1].get("kind") != "header":
+            raise RunConflict(f"{self.path} is not a selfment-label journal; use --overwrite")
+        previous = entries[0][1]["fingerprint"]
+        if previous != self.fingerprint:
+            raise RunConflict(describe_mismatch(previous, self.fingerprint, self.path.parent))
+        if good_end < self.path.stat().st_size:
+            logger.warning("cutting a torn last line off %s", self.path)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+        for offset, entry in entries[1:]:
+            self._index(entry, offset)
+
+    def _index(self, entry: dict[str, Any], offset: int) -> None:
+        name = entry["file_name"]
+        self.offsets[name] = offset
+        if entry["kind"] == "skip":
+            self.skipped[name] = entry["reason"]
+        else:
+            self.skipped.pop(name, None)
+
+    def _append(self, entry: dict[str, Any]) -> int:
+        offset = self._fh.tell()
+        self._fh.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._fh.flush()
+        return offset
+
+    def done(self, file_name: str) -> bool:
+        """Whether ``file_name`` already has a result (labelled or skipped)."""
+        return file_name in self.offsets
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Append one image's result (``kind`` is ``image`` or ``skip``) and flush it."""
+        self._index(entry, self._append(entry))
+
+    def sync(self) -> None:
+        """Force journal lines to disk."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        """Flush, sync and close the journal."""
+        if not self._fh.closed:
+            self.sync()
+            self._fh.close()
+
+    def labelled(self, names: list[str] | None = None) -> JournalRecords:
+        """Re-iterable view of labelled images' records, sorted by file name."""
+        return JournalRecords(self.path, self.offsets, self.skipped, names)
+
+
+class JournalRecords:
+    """Labelled records of a journal in file-name order, read lazily (constant memory)."""
+
+    def __init__(
+        self,
+        path: Path,
+        offsets: dict[str, int],
+        skipped: dict[str, str],
+        names: list[str] | None,
+    ):
+        self.path = path
+        wanted = sorted(offsets) if names is None else sorted(set(names) & offsets.keys())
+        self.names = [n for n in wanted if n not in skipped]
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with open(self.path, "rb") as fh:
+            for name in self.names:
+                fh.seek(self.offsets[name])
+                entry = json.loads(fh.readline())
+                entry.pop("kind", None)
+                entry.pop("timings", None)
+                yield entry
+
+
+def describe_mismatch(previous: dict[str, Any], current: dict[str, Any], folder: Path) -> str:
+    """Human message for a run folder made with other options."""
+    keys = sorted(set(previous) | set(current))
+    changed = [
+        f"{k}: {previous.get(k)!r} -> {current.get(k)!r}"
+        for k in keys
+        if previous.get(k) != current.get(k)
+    ]
+    return (
+        f"{folder} holds a run made with different options ({'; '.join(changed)}). "
+        "Use --overwrite to replace it, or choose another --out."
+    )

@@ -1,0 +1,407 @@
+"""The labelling pipeline: stream images -> patch tokens -> segmenter -> masks -> journal -> COCO.
+
+Images are decoded in background threads while the model runs, grouped into batches that
+share a patch grid, and every finished image is journalled at once, so a killed run resumes
+where it stopped and memory stays flat in the folder size. The final ``annotations.json``
+and ``run.json`` are written atomically from the journal.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .backbone import DEFAULT_BACKBONE, Backbone, build_backbone
+from .coco import annotation_record, atomic_write_json, write_coco_stream
+from .images import DEFAULT_MAX_PIXELS, DecodedImage, find_images, prefetch, prepare_image
+from .journal import JOURNAL_NAME, Journal, RunConflict, RunLock
+from .masks import THRESHOLD, upsample_scores
+from .segment import NcutIpo, PatchMask, Segmenter
+from .timing import StageTimer
+
+logger = logging.getLogger(__name__)
+
+ANNOTATIONS_NAME = "annotations.json"
+RUN_NAME = "run.json"
+SCORES_DIR = "scores"
+DEFAULT_RESOLUTION = 448
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+ProgressCallback = Callable[[int, int, str, "str | None"], None]
+
+
+class NoImages(RuntimeError):
+    """The input folder has no images."""
+
+
+@dataclass
+class RunConfig:
+    """Options of a labelling run.
+
+    Arguments:
+      backbone: preset name.
+      weights: local weights file (else ``$SELFMENT_WEIGHTS``, else the hub).
+      resolution: pixels on the long side of the resized image.
+      tau: affinity threshold of the NCut graph.
+      ipo_iters: IPO rounds (0 disables IPO).
+      device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+      precision: ``fp32``, ``fp16`` or ``bf16`` autocast for the backbone.
+      batch_size: images per backbone batch (images of one patch grid).
+      workers: decoding threads.
+      save_scores: also write the soft score map of each image as an 8-bit PNG.
+      max_pixels: larger images are skipped as decompression bombs.
+      allow_download: whether hub downloads are allowed when no weights file is given.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    resolution: int = DEFAULT_RESOLUTION
+    tau: float = 0.2
+    ipo_iters: int = 20
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 4
+    workers: int = 2
+    save_scores: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_download: bool = True
+
+
+@dataclass
+class RunSummary:
+    """What a run did.
+
+    Arguments:
+      out_dir: the run folder.
+      total: images found.
+      labelled: images labelled by this invocation.
+      resumed: images already done by an earlier invocation.
+      skipped: file name -> reason, for every skipped image in the folder.
+      annotations: annotations written to annotations.json.
+      seconds: wall-clock seconds of this invocation's labelling loop.
+      stages: seconds per stage.
+      new_skips: file name -> reason, for the images this invocation skipped.
+    """
+
+    out_dir: Path
+    total: int
+    labelled: int
+    resumed: int
+    skipped: dict[str, str]
+    annotations: int
+    seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+    new_skips: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of this invocation (labelled or skipped images per second)."""
+        done = self.labelled + len(self.new_skips)
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return resolved
+
+
+def default_out_dir(input_dir: Path) -> Path:
+    """``./<folder name>-selfment`` in the current directory."""
+    return Path.cwd() / f"{input_dir.resolve().name}-selfment"
+
+
+def score_map_path(file_name: str) -> str:
+    """Relative path, inside a run folder, of an image's soft score map."""
+    return f"{SCORES_DIR}/{file_name}.png"
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove a previous run's outputs (journal, annotations, run.json, score maps)."""
+    for name in (JOURNAL_NAME, ANNOTATIONS_NAME, RUN_NAME):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if overwrite:
+        clear_run(out_dir)
+    elif (out_dir / ANNOTATIONS_NAME).exists() and not (out_dir / JOURNAL_NAME).exists():
+        raise RunConflict(
+            f"{out_dir} already holds an annotations.json that this tool did not journal; "
+            "use --overwrite to replace it, or choose another --out"
+        )
+
+
+def batches_by_grid(
+    stream: Iterable[tuple[str, DecodedImage | BaseException]], batch_size: int, window: int
+) -> Iterator[tuple[list[DecodedImage], list[tuple[str, BaseException]]]]:
+    """Group decoded images into batches of one patch grid.
+
+    At most ``window`` images wait in buckets; when the window is full the fullest bucket
+    goes, so memory stays bounded whatever the mix of sizes. Failed decodes are passed
+    through at once as ``(file name, error)``.
+    """
+    buckets: dict[tuple[int, int], list[DecodedImage]] = {}
+    waiting = 0
+    for name, item in stream:
+        if isinstance(item, BaseException):
+            yield [], [(name, item)]
+            continue
+        bucket = buckets.setdefault(item.grid, [])
+        bucket.append(item)
+        waiting += 1
+        if len(bucket) >= batch_size or waiting >= window:
+            grid = item.grid if len(bucket) >= batch_size else max(buckets, key=lambda g: len(buckets[g]))
+            ready = buckets.pop(grid)
+            waiting -= len(ready)
+            yield ready, []
+    for ready in buckets.values():
+        yield ready, []
+
+
+class Labeller:
+    """Runs a backbone and a segmenter over decoded images and makes full-size masks.
+
+    Arguments:
+      backbone: the frozen feature extractor.
+      segmenter: turns patch tokens into patch masks.
+      precision: autocast precision of the backbone (``fp32``, ``fp16``, ``bf16``).
+    """
+
+    def __init__(self, backbone: Backbone, segmenter: Segmenter, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        self.backbone = backbone
+        self.segmenter = segmenter
+        self.autocast = PRECISIONS[precision]
+        self.device = backbone.device
+
+    def patch_masks(self, batch: list[DecodedImage], timer: StageTimer) -> list[list[PatchMask]]:
+        """Patch masks for a batch of images that share one grid."""
+        with timer.stage("backbone"):
+            pixels = torch.from_numpy(np.stack([d.pixels for d in batch])).to(self.device)
+            tokens = self.backbone.patch_tokens(pixels, self.autocast)
+        return self.segmenter(tokens, timer)
+
+    @staticmethod
+    def full_size(patch_mask: PatchMask, width: int, height: int) -> tuple[torch.Tensor, np.ndarray]:
+        """``(soft map [H, W] on device, boolean mask [H, W] on host)`` of one patch mask."""
+        soft = upsample_scores(patch_mask.scores, (height, width))
+        return soft, (soft > THRESHOLD).cpu().numpy()
+
+
+def _write_score_map(out_dir: Path, file_name: str, soft: torch.Tensor) -> str:
+    rel = score_map_path(file_name)
+    target = out_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    array = (soft.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    tmp = target.with_name(f".{target.name}.tmp")
+    Image.fromarray(array, mode="L").save(tmp, format="PNG")
+    tmp.replace(target)
+    return rel
+
+
+def label_folder(
+    input_dir: str | Path,
+    out_dir: str | Path | None = None,
+    config: RunConfig | None = None,
+    *,
+    overwrite: bool = False,
+    backbone: Backbone | None = None,
+    segmenter: Segmenter | None = None,
+    progress: ProgressCallback | None = None,
+    extra_provenance: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Label every image under ``input_dir`` and write a run folder.
+
+    Arguments:
+      input_dir: the image folder (searched recursively).
+      out_dir: the run folder; default ``./<folder name>-selfment``.
+      config: run options (defaults when None).
+      overwrite: replace a run folder made with other options.
+      backbone: a ready backbone (built from ``config`` when None).
+      segmenter: how tokens become masks (NCut+IPO from ``config`` when None).
+      progress: called after every image with ``(done, total, file_name, skip_reason)``.
+      extra_provenance: more keys for run.json (``apply`` records its head here).
+
+    Returns:
+      A ``RunSummary``.
+
+    Raises:
+      FileNotFoundError / NotADirectoryError: the input folder is missing.
+      NoImages: the folder has no images.
+      RunConflict: the output folder is busy or holds a run with other options.
+      BackboneError: the weights cannot be found or loaded.
+    """
+    config = config or RunConfig()
+    input_dir = Path(input_dir)
+    names = find_images(input_dir)
+    if not names:
+        raise NoImages(f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)")
+    out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
+    device = resolve_device(config.device)
+    if backbone is None:
+        backbone = build_backbone(
+            config.backbone, config.weights, device, allow_download=config.allow_download
+        )
+    segmenter = segmenter or NcutIpo(tau=config.tau, ipo_iters=config.ipo_iters)
+    labeller = Labeller(backbone, segmenter, config.precision)
+    identity = backbone.identity()
+    fingerprint = {
+        "backbone": identity["backbone"],
+        "timm_id": identity["timm_id"],
+        "weights_sha256": identity["weights_sha256"],
+        "resolution": config.resolution,
+        "precision": config.precision,
+        "save_scores": config.save_scores,
+        **segmenter.options(),
+    }
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with RunLock(out_dir):
+        _check_out_dir(out_dir, overwrite)
+        journal = Journal(out_dir, fingerprint)
+        try:
+            summary = _label(
+                input_dir, out_dir, names, config, labeller, journal, progress
+            )
+        finally:
+            journal.close()
+        records = journal.labelled(names)
+        info = {
+            "description": f"selfment-label pseudo-labels of {input_dir.resolve().name}",
+            "version": __version__,
+            "date_created": started,
+        }
+        _, summary.annotations = write_coco_stream(out_dir / ANNOTATIONS_NAME, records, info)
+        summary.skipped = {n: journal.skipped[n] for n in names if n in journal.skipped}
+        provenance = {
+            "tool": "selfment-label",
+            "version": __version__,
+            "started": started,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "input_dir": str(input_dir.resolve()),
+            "backbone": identity,
+            "options": {**asdict(config), **segmenter.options()},
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "images_found": summary.total,
+            "images_labelled": len(records),
+            "annotations": summary.annotations,
+            "labelled_this_invocation": summary.labelled,
+            "resumed_from_journal": summary.resumed,
+            "images_skipped": summary.skipped,
+            "stage_seconds": summary.stages,
+            "seconds": round(summary.seconds, 3),
+            "images_per_second": round(summary.images_per_second, 3),
+            **(extra_provenance or {}),
+        }
+        atomic_write_json(out_dir / RUN_NAME, provenance)
+    return summary
+
+
+def _label(
+    input_dir: Path,
+    out_dir: Path,
+    names: list[str],
+    config: RunConfig,
+    labeller: Labeller,
+    journal: Journal,
+    progress: ProgressCallback | None,
+) -> RunSummary:
+    todo = [n for n in names if not journal.done(n)]
+    resumed = len(names) - len(todo)
+    if resumed:
+        logger.info("resuming: %d of %d images already done", resumed, len(names))
+    timer = StageTimer(labeller.device)
+    mean, std = labeller.backbone.mean_std
+    patch = labeller.backbone.patch_size
+
+    def decode(name: str) -> DecodedImage:
+        return prepare_image(
+            input_dir, name, config.resolution, patch, mean, std, config.max_pixels
+        )
+
+    done = resumed
+    labelled = 0
+    new_skips: dict[str, str] = {}
+    start = time.perf_counter()
+    depth = max(4, 2 * config.batch_size)
+    stream = prefetch(todo, decode, workers=config.workers, depth=depth)
+    for batch, failures in batches_by_grid(stream, config.batch_size, window=depth):
+        for name, error in failures:
+            reason = str(error) or type(error).__name__
+            journal.add({"kind": "skip", "file_name": name, "reason": reason})
+            new_skips[name] = reason
+            done += 1
+            logger.warning("skipped %s: %s", name, reason)
+            if progress:
+                progress(done, len(names), name, reason)
+        if not batch:
+            continue
+        for item in batch:
+            timer.add("decode", item.decode_seconds)
+        for item, masks in zip(batch, labeller.patch_masks(batch, timer)):
+            _record_image(out_dir, item, masks, config.save_scores, journal, timer)
+            labelled += 1
+            done += 1
+            if progress:
+                progress(done, len(names), item.file_name, None)
+    seconds = time.perf_counter() - start
+    return RunSummary(
+        out_dir=out_dir,
+        total=len(names),
+        labelled=labelled,
+        resumed=resumed,
+        skipped={},
+        annotations=0,
+        seconds=seconds,
+        stages=timer.as_dict(),
+        new_skips=new_skips,
+    )
+
+
+def _record_image(
+    out_dir: Path,
+    item: DecodedImage,
+    masks: list[PatchMask],
+    save_scores: bool,
+    journal: Journal,
+    timer: StageTimer,
+) -> None:
+    annotations = []
+    entry: dict[str, Any] = {
+        "kind": "image",
+        "file_name": item.file_name,
+        "width": item.width,
+        "height": item.height,
+    }
+    with timer.stage("masks"):
+        union: torch.Tensor | None = None
+        for patch_mask in masks:
+            soft, mask = Labeller.full_size(patch_mask, item.width, item.height)
+            union = soft if union is None else torch.maximum(union, soft)
+            if mask.any():
+                annotations.append(annotation_record(mask, patch_mask.score, patch_mask.extra))
+        if save_scores and union is not None:
+            entry["score_map"] = _write_score_map(out_dir, item.file_name, union)
+    entry["annotations"] = annotations
+    with timer.stage("write"):
+        journal.add(entry)
