@@ -51,21 +51,26 @@ def print_summary(summary: RunSummary) -> None:
 
 def run(
     images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."),
-    backbone: str = typer.Option(
-        DEFAULT_BACKBONE, help=f"Backbone preset: {', '.join(PRESETS)}."
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
     ),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help=f"Backbone preset: {', '.join(PRESETS)}."),
     weights: Path = typer.Option(
-        None, help="Local weights (.safetensors/.pth, timm or official layout). Env: SELFMENT_WEIGHTS."
+        None,
+        help="Local weights (.safetensors/.pth, timm or official layout). Env: SELFMENT_WEIGHTS.",
     ),
-    resolution: int = typer.Option(DEFAULT_RESOLUTION, help="Pixels on the long side fed to the backbone."),
+    resolution: int = typer.Option(
+        DEFAULT_RESOLUTION, help="Pixels on the long side fed to the backbone."
+    ),
     tau: float = typer.Option(0.2, help="Cosine threshold of the NCut affinity graph."),
     ipo_iters: int = typer.Option(20, help="Iterative Patch Optimization rounds (0 disables IPO)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("fp32", help=f"Backbone precision: {', '.join(PRECISIONS)}."),
     batch_size: int = typer.Option(4, min=1, help="Images per backbone batch."),
     workers: int = typer.Option(2, min=1, help="Decoding threads."),
-    save_scores: bool = typer.Option(False, help="Also save soft score maps (for threshold-sweep eval)."),
+    save_scores: bool = typer.Option(
+        False, help="Also save soft score maps (for threshold-sweep eval)."
+    ),
     max_pixels: int = typer.Option(120_000_000, help="Skip larger images (decompression bombs)."),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
@@ -89,7 +94,14 @@ def run(
         max_pixels=max_pixels,
         allow_download=not offline,
     )
-    errors = (NoImages, RunConflict, BackboneError, FileNotFoundError, NotADirectoryError, RuntimeError)
+    errors = (
+        NoImages,
+        RunConflict,
+        BackboneError,
+        FileNotFoundError,
+        NotADirectoryError,
+        RuntimeError,
+    )
     with user_errors(*errors), make_progress() as progress:
         task = progress.add_task("labelling", total=None)
 

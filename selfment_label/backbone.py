@@ -216,7 +216,9 @@ class Backbone:
         }
 
     @torch.inference_mode()
-    def patch_tokens(self, batch: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def patch_tokens(
+        self, batch: torch.Tensor, autocast_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Last-layer patch tokens (after the final norm, prefix tokens dropped).
 
         Arguments:

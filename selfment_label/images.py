@@ -129,9 +129,7 @@ def load_image(
     return image, (width, height)
 
 
-def grid_for(
-    width: int, height: int, resolution: int, patch_size: int
-) -> tuple[int, int]:
+def grid_for(width: int, height: int, resolution: int, patch_size: int) -> tuple[int, int]:
     """Patch grid ``(rows, cols)`` for an image resized so its long side is ``resolution``.
 
     Each side is rounded to the nearest multiple of the patch size (at least one patch, so

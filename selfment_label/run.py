@@ -168,7 +168,11 @@ def batches_by_grid(
         bucket.append(item)
         waiting += 1
         if len(bucket) >= batch_size or waiting >= window:
-            grid = item.grid if len(bucket) >= batch_size else max(buckets, key=lambda g: len(buckets[g]))
+            grid = (
+                item.grid
+                if len(bucket) >= batch_size
+                else max(buckets, key=lambda g: len(buckets[g]))
+            )
             ready = buckets.pop(grid)
             waiting -= len(ready)
             yield ready, []
@@ -201,7 +205,9 @@ class Labeller:
         return self.segmenter(tokens, timer)
 
     @staticmethod
-    def full_size(patch_mask: PatchMask, width: int, height: int) -> tuple[torch.Tensor, np.ndarray]:
+    def full_size(
+        patch_mask: PatchMask, width: int, height: int
+    ) -> tuple[torch.Tensor, np.ndarray]:
         """``(soft map [H, W] on device, boolean mask [H, W] on host)`` of one patch mask."""
         soft = upsample_scores(patch_mask.scores, (height, width))
         return soft, (soft > THRESHOLD).cpu().numpy()
@@ -254,7 +260,9 @@ def label_folder(
     input_dir = Path(input_dir)
     names = find_images(input_dir)
     if not names:
-        raise NoImages(f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)")
+        raise NoImages(
+            f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)"
+        )
     out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
     device = resolve_device(config.device)
     if backbone is None:
@@ -278,9 +286,7 @@ def label_folder(
         _check_out_dir(out_dir, overwrite)
         journal = Journal(out_dir, fingerprint)
         try:
-            summary = _label(
-                input_dir, out_dir, names, config, labeller, journal, progress
-            )
+            summary = _label(input_dir, out_dir, names, config, labeller, journal, progress)
         finally:
             journal.close()
         records = journal.labelled(names)
@@ -358,7 +364,7 @@ def _label(
             continue
         for item in batch:
             timer.add("decode", item.decode_seconds)
-        for item, masks in zip(batch, labeller.patch_masks(batch, timer)):
+        for item, masks in zip(batch, labeller.patch_masks(batch, timer), strict=True):
             _record_image(out_dir, item, masks, config.save_scores, journal, timer)
             labelled += 1
             done += 1
