@@ -246,6 +246,7 @@ def build_backbone(
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
     allow_download: bool = True,
+    random_init: bool = False,
     **timm_kwargs: object,
 ) -> Backbone:
     """Build a frozen backbone from a preset name.
@@ -256,6 +257,7 @@ def build_backbone(
         ``$SELFMENT_WEIGHTS`` is tried, then the hub.
       device: where the model runs.
       allow_download: whether timm may fetch pretrained weights from the hub.
+      random_init: build with random weights and load nothing (plumbing tests only).
       timm_kwargs: extra arguments for ``timm.create_model`` (tests use them for tiny models).
 
     Returns:
@@ -264,9 +266,12 @@ def build_backbone(
     import timm
 
     preset = get_preset(name)
-    path = resolve_weights_path(weights)
     kwargs = {"num_classes": 0, "dynamic_img_size": True, **timm_kwargs}
-    if path is not None:
+    path = None if random_init else resolve_weights_path(weights)
+    if random_init:
+        model = timm.create_model(preset.architecture, pretrained=False, **kwargs)
+        sha = "random-init"
+    elif path is not None:
         model = timm.create_model(preset.architecture, pretrained=False, **kwargs)
         _load_weights_file(model, path)
         sha = file_sha256(path)

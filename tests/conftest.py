@@ -1,0 +1,48 @@
+"""Shared fixtures: the real offline assets in ../shared (skipped when absent) and a tiny ViT."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfment_label.backbone import Backbone, build_backbone
+
+SHARED = Path(
+    os.environ.get("SELFMENT_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")
+)
+WEIGHTS = SHARED / "weights" / "dinov2_vits14.safetensors"
+ECSSD = SHARED / "data" / "ecssd-dev"
+
+
+@pytest.fixture(scope="session")
+def weights_path() -> Path:
+    """The shared DINOv2 ViT-S/14 weights."""
+    if not WEIGHTS.is_file():
+        pytest.skip(f"shared backbone weights not found at {WEIGHTS}")
+    return WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def ecssd_dir() -> Path:
+    """The 200-image ECSSD dev set (images/ and masks/)."""
+    if not (ECSSD / "images").is_dir():
+        pytest.skip(f"ECSSD dev images not found at {ECSSD}")
+    return ECSSD
+
+
+@pytest.fixture(scope="session")
+def real_backbone(weights_path: Path) -> Backbone:
+    """The real DINOv2 ViT-S/14 on the CPU, built once per session."""
+    return build_backbone("dinov2-vits14", weights=weights_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    """A randomly initialised two-block ViT with patch 14 (plumbing tests only)."""
+    torch.manual_seed(0)
+    return build_backbone(
+        "dinov2-vits14", random_init=True, depth=2, embed_dim=64, num_heads=2, img_size=112
+    )
