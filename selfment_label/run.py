@@ -28,7 +28,9 @@ from .coco import annotation_record, atomic_write_json, write_coco_stream
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, find_images, prefetch, prepare_image
 from .journal import JOURNAL_NAME, Journal, RunConflict, RunLock
 from .masks import THRESHOLD, upsample_scores
-from .segment import NcutIpo, PatchMask, Segmenter
+from .modes import make_segmenter
+from .regions import full_size_masks
+from .segment import PatchMask, Segmenter
 from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,12 @@ class RunConfig:
       save_scores: also write the soft score map of each image as an 8-bit PNG.
       max_pixels: larger images are skipped as decompression bombs.
       allow_download: whether hub downloads are allowed when no weights file is given.
+      mode: ``single`` (one object), ``instances`` (several, disjoint) or ``entities``
+        (entities and their parts); see ``modes``.
+      max_instances: most instances per image (``instances``).
+      min_area: smallest instance, entity or part, as a fraction of the image.
+      merge_floor: lowest merge similarity explored (``entities``).
+      persistence: similarity range an entity or part must survive (``entities``).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -77,6 +85,11 @@ class RunConfig:
     save_scores: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_download: bool = True
+    mode: str = "single"
+    max_instances: int = 3
+    min_area: float = 0.01
+    merge_floor: float = 0.3
+    persistence: float = 0.1
 
 
 @dataclass
@@ -243,7 +256,7 @@ def label_folder(
       config: run options (defaults when None).
       overwrite: replace a run folder made with other options.
       backbone: a ready backbone (built from ``config`` when None).
-      segmenter: how tokens become masks (NCut+IPO from ``config`` when None).
+      segmenter: how tokens become masks (``make_segmenter(config)`` when None).
       progress: called after every image with ``(done, total, file_name, skip_reason)``.
       extra_provenance: more keys for run.json (``apply`` records its head here).
 
@@ -269,7 +282,7 @@ def label_folder(
         backbone = build_backbone(
             config.backbone, config.weights, device, allow_download=config.allow_download
         )
-    segmenter = segmenter or NcutIpo(tau=config.tau, ipo_iters=config.ipo_iters)
+    segmenter = segmenter or make_segmenter(config)
     labeller = Labeller(backbone, segmenter, config.precision)
     identity = backbone.identity()
     fingerprint = {
@@ -400,12 +413,9 @@ def _record_image(
         "height": item.height,
     }
     with timer.stage("masks"):
-        union: torch.Tensor | None = None
-        for patch_mask in masks:
-            soft, mask = Labeller.full_size(patch_mask, item.width, item.height)
-            union = soft if union is None else torch.maximum(union, soft)
-            if mask.any():
-                annotations.append(annotation_record(mask, patch_mask.score, patch_mask.extra))
+        kept, union = full_size_masks(masks, item.width, item.height)
+        for region in kept:
+            annotations.append(annotation_record(region.mask, region.score, region.extra))
         if save_scores and union is not None:
             entry["score_map"] = _write_score_map(out_dir, item.file_name, union)
     entry["annotations"] = annotations

@@ -1,0 +1,161 @@
+"""Several objects per image: CutLER's MaskCut with Selfment's IPO on every instance.
+
+The Normalized Cut is repeated on the same patch graph; after each cut the tokens of the
+patches already taken are zeroed, so they lose their strong edges and the next cut finds
+another object among the free patches. A new cut stops the search when its mask overlaps an
+earlier instance by IoU > 0.5 (the cut found the removed object again) or when the refined
+instance covers no more than ``min_area`` of the image. Each instance is refined by IPO over
+the still-free patches only, so instances are disjoint on the patch grid; the pipeline keeps
+them disjoint at full size (``regions.full_size_masks``).
+
+The first cut is exactly single mode's cut. From the second on, CutLER's corner rule is used
+too: a cut whose foreground holds three or four of the grid's corners is the background, so
+the split is flipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .ipo import iterative_patch_optimization, prototype_scores
+from .masks import confidence_score
+from .ncut import affinity, second_eigenvector, seed_component
+from .segment import PatchMask
+from .timing import StageTimer
+
+logger = logging.getLogger(__name__)
+
+OVERLAP_IOU = 0.5
+
+
+def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union > 0 else 0.0
+
+
+def _corner_count(mask: torch.Tensor) -> int:
+    return int(mask[0, 0]) + int(mask[0, -1]) + int(mask[-1, 0]) + int(mask[-1, -1])
+
+
+def split_free_patches(
+    vector: torch.Tensor, free: torch.Tensor, grid: tuple[int, int], corner_rule: bool
+) -> torch.Tensor:
+    """TokenCut's split of one eigenvector, seeded among the free patches.
+
+    Foreground is ``v > mean(v)`` (mean over the free patches); the seed is the free patch
+    with the largest ``|v|``; the split is flipped when the seed falls in the background or,
+    with ``corner_rule``, when the foreground holds at least three grid corners; the
+    4-connected component of the seed is kept. Taken patches may belong to the result (the
+    caller compares it with the earlier instances).
+
+    Arguments:
+      vector: ``[N]`` second eigenvector.
+      free: ``[N]`` boolean mask of patches not yet taken.
+      grid: ``(rows, cols)``.
+      corner_rule: apply CutLER's corner rule.
+
+    Returns:
+      ``[rows, cols]`` boolean mask.
+    """
+    fg = vector > vector[free].mean()
+    seed = torch.where(free, vector.abs(), torch.full_like(vector, -1.0)).argmax()
+    if not bool(fg[seed]) or (corner_rule and _corner_count(fg.view(grid)) >= 3):
+        fg = ~fg
+    if not bool(fg[seed]):
+        seed = torch.where(free & fg, vector.abs(), torch.full_like(vector, -1.0)).argmax()
+    return seed_component(fg.view(1, *grid), seed[None])[0]
+
+
+@dataclass
+class MaskCut:
+    """Label-free multi-instance segmenter (MaskCut + IPO).
+
+    Arguments:
+      tau: affinity threshold of the graph.
+      ipo_iters: IPO rounds per instance (0 keeps the raw cuts).
+      max_instances: most instances per image.
+      min_area: an instance covering no more than this fraction of the image ends the search.
+    """
+
+    tau: float = 0.2
+    ipo_iters: int = 20
+    max_instances: int = 3
+    min_area: float = 0.01
+
+    def options(self) -> dict[str, Any]:
+        """Options that decide the masks."""
+        return {
+            "mode": "instances",
+            "tau": self.tau,
+            "ipo_iters": self.ipo_iters,
+            "max_instances": self.max_instances,
+            "min_area": self.min_area,
+        }
+
+    def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
+        """Up to ``max_instances`` disjoint ``PatchMask`` per image."""
+        return [self.image_instances(image, timer) for image in tokens]
+
+    @staticmethod
+    def _seed_side(
+        labels: torch.Tensor, cut: torch.Tensor, vector: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        # IPO relabels patches by feature alone; keep the refined component that holds the
+        # cut's strongest patch, so one instance is one connected object
+        start = labels & cut
+        if not bool(start.any()):
+            return start
+        seed = torch.where(start, vector.abs(), torch.full_like(vector, -1.0)).argmax()
+        return seed_component(labels.view(1, *grid), seed[None])[0].reshape(-1)
+
+    def image_instances(self, tokens: torch.Tensor, timer: StageTimer) -> list[PatchMask]:
+        """Instances of one image.
+
+        Arguments:
+          tokens: ``[rows, cols, D]`` patch tokens of one image.
+          timer: stage timer (``ncut`` and ``ipo`` stages).
+
+        Returns:
+          The instances, largest-eigenvector-first, each with its own confidence.
+        """
+        rows, cols, dim = tokens.shape
+        flat = tokens.reshape(rows * cols, dim).float()
+        unit = torch.nn.functional.normalize(flat, dim=-1)
+        free = torch.ones(rows * cols, dtype=torch.bool, device=tokens.device)
+        taken: list[torch.Tensor] = []
+        instances: list[PatchMask] = []
+        for index in range(self.max_instances):
+            if int(free.sum()) < 2:
+                break
+            with timer.stage("ncut"):
+                graph = affinity((flat * free[:, None])[None], self.tau)
+                vector = second_eigenvector(graph).vectors[0]
+                cut = split_free_patches(vector, free, (rows, cols), corner_rule=index > 0)
+                cut = cut.reshape(-1)
+            if not bool((cut & free).any()):
+                break
+            if any(_mask_iou(cut, earlier) > OVERLAP_IOU for earlier in taken):
+                logger.debug("instance %d overlaps an earlier one: stop", index)
+                break
+            with timer.stage("ipo"):
+                refined = iterative_patch_optimization(
+                    flat[None], (cut & free)[None], self.ipo_iters, active=free[None]
+                )
+                labels = self._seed_side(refined.labels[0], cut & free, vector, (rows, cols))
+                if labels.sum() <= self.min_area * labels.numel():
+                    logger.debug("instance %d is too small: stop", index)
+                    break
+                if index > 0 and _corner_count(labels.view(rows, cols)) >= 3:
+                    logger.debug("instance %d is the background: stop", index)
+                    break
+                probability = prototype_scores(unit[None], labels[None])[0]
+                confidence = float(confidence_score(probability[free], labels[free]))
+            scores = torch.where(labels, refined.scores[0], refined.scores[0].clamp(max=0.5))
+            instances.append(PatchMask(scores=scores.reshape(rows, cols), score=confidence))
+            taken.append(labels)
+            free = free & ~labels
+        return instances
