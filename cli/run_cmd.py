@@ -9,6 +9,7 @@ from rich.table import Table
 
 from selfment_label.backbone import DEFAULT_BACKBONE, PRESETS, BackboneError
 from selfment_label.journal import RunConflict
+from selfment_label.modes import MODES
 from selfment_label.run import (
     DEFAULT_RESOLUTION,
     PRECISIONS,
@@ -20,7 +21,7 @@ from selfment_label.run import (
 
 from .console import console, make_progress, setup_logging, user_errors
 
-STAGES = ("decode", "backbone", "ncut", "ipo", "masks", "write")
+STAGES = ("decode", "backbone", "ncut", "ipo", "merge", "masks", "write")
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -73,11 +74,24 @@ def run(
     ),
     max_pixels: int = typer.Option(120_000_000, help="Skip larger images (decompression bombs)."),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    mode: str = typer.Option(
+        "single", help=f"{', '.join(MODES)}: one object, several objects, or entities + parts."
+    ),
+    max_instances: int = typer.Option(3, min=1, help="Most instances per image (instances)."),
+    min_area: float = typer.Option(
+        0.01, min=0.0, max=1.0, help="Smallest instance/entity/part, fraction of the image."
+    ),
+    merge_floor: float = typer.Option(0.3, help="Lowest merge similarity explored (entities)."),
+    persistence: float = typer.Option(
+        0.1, min=0.0, help="Similarity range an entity or part must survive (entities)."
+    ),
     overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Find the main object in every image and write annotations.json (COCO) + run.json."""
     setup_logging(verbose)
+    if mode not in MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(MODES)}", param_hint="--mode")
     if precision not in PRECISIONS:
         raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
     config = RunConfig(
@@ -93,6 +107,11 @@ def run(
         save_scores=save_scores,
         max_pixels=max_pixels,
         allow_download=not offline,
+        mode=mode,
+        max_instances=max_instances,
+        min_area=min_area,
+        merge_floor=merge_floor,
+        persistence=persistence,
     )
     errors = (
         NoImages,
