@@ -1,0 +1,183 @@
+"""The distilled head: targets, losses, cache keys, training determinism, apply, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+import selfment_label.head as head_module
+from selfment_label.backbone import Backbone
+from selfment_label.coco import decode_rle
+from selfment_label.features_cache import CacheError, CacheSettings, FeatureCache
+from selfment_label.head import (
+    HeadError,
+    HeadMismatch,
+    TrainConfig,
+    apply_head,
+    distil,
+    load_checkpoint,
+    patch_targets,
+    supervised_contrastive_loss,
+)
+from selfment_label.run import RunConfig, label_folder
+
+FAST = TrainConfig(epochs=2, batch_size=2, seed=3)
+
+
+def _write_images(folder: Path, count: int) -> None:
+    """Synthetic photos: a bright square on a dark noisy background, at varied places."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = rng.integers(0, 60, size=(84, 112, 3), dtype=np.uint8)
+        x, y = 10 + 8 * i, 12 + 4 * i
+        pixels[y : y + 40, x : x + 40] = (230, 200, 40)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+
+
+@pytest.fixture()
+def tiny_run(tmp_path: Path, tiny_backbone: Backbone) -> Path:
+    """A run folder made by the NCut+IPO pipeline with the tiny backbone."""
+    images = tmp_path / "images"
+    _write_images(images, 4)
+    out = tmp_path / "run"
+    label_folder(images, out, RunConfig(resolution=112, workers=1), backbone=tiny_backbone)
+    return out
+
+
+def _no_backbone(*args: object, **kwargs: object) -> Backbone:
+    raise AssertionError("the backbone was built although every feature was cached")
+
+
+def test_patch_targets_are_area_fractions() -> None:
+    mask = np.zeros((28, 56), dtype=bool)
+    mask[:14, :14] = True  # exactly patch (0, 0) of a 2x4 grid of 14-pixel patches
+    mask[14:, 14:21] = True  # half of patch (1, 1)
+    target = patch_targets(mask, (2, 4))
+    expected = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0]])
+    assert torch.allclose(target, expected)
+
+
+def test_contrastive_loss_prefers_label_aligned_embeddings() -> None:
+    labels = torch.tensor([True, True, False, False])
+    aligned = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+    crossed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+    good = supervised_contrastive_loss(aligned, labels, 0.05)
+    bad = supervised_contrastive_loss(crossed, labels, 0.05)
+    assert good < 0.1 < bad
+
+
+def test_cache_never_serves_other_settings_or_files(tmp_path: Path) -> None:
+    base = CacheSettings("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m", "abc", 448, 14)
+    cache = FeatureCache(tmp_path, base)
+    tokens = torch.randn(3, 4, 8)
+    entry = cache.save("a/img.jpg", "f" * 64, 56, 42, tokens)
+    loaded = cache.load(entry, "a/img.jpg")
+    assert loaded is not None and torch.allclose(loaded.tokens, tokens, atol=1e-2)
+    assert cache.lookup("a/img.jpg", "f" * 64) == entry
+    # Same name in another folder, or the same path with other bytes: not served.
+    assert cache.lookup("b/img.jpg", "f" * 64) is None
+    assert cache.lookup("a/img.jpg", "0" * 64) is None
+    assert cache.load(entry, "b/img.jpg") is None
+    for change in ({"resolution": 224}, {"weights_sha256": "other"}, {"backbone": "x"}):
+        other = FeatureCache(tmp_path, dataclasses.replace(base, **change))
+        assert other.folder != cache.folder
+        assert other.lookup("a/img.jpg", "f" * 64) is None
+        assert other.lookup_by_name("a/img.jpg") is None
+        assert other.load(entry, "a/img.jpg") is None  # even when handed the file itself
+
+
+def test_train_is_deterministic_and_runs_from_the_cache(
+    tiny_run: Path, tiny_backbone: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps: list[dict[str, float]] = []
+    first = distil(
+        tiny_run,
+        tmp_path / "a.pt",
+        FAST,
+        backbone=tiny_backbone,
+        train_progress=lambda step, total, losses: steps.append(losses),
+    )
+    assert first.images == 4 and len(steps) == 4  # 2 epochs of 2 steps
+    assert set(first.losses) == {"bce", "dice", "contrastive", "total"}
+    assert all(np.isfinite(v) for v in first.losses.values())
+    cached = sorted(first.cache_dir.glob("*/*.pt"))
+    assert len(cached) == 4 and first.cache_dir == tiny_run / "features"
+
+    # Second time: everything is cached, the backbone is never built, the result is identical.
+    monkeypatch.setattr(head_module, "build_backbone", _no_backbone)
+    second = distil(tiny_run, tmp_path / "b.pt", FAST)
+    a, b = load_checkpoint(first.checkpoint), load_checkpoint(second.checkpoint)
+    for key, value in a.head.state_dict().items():
+        assert torch.equal(value, b.head.state_dict()[key]), key
+    other_seed = distil(tiny_run, tmp_path / "c.pt", dataclasses.replace(FAST, seed=4))
+    c = load_checkpoint(other_seed.checkpoint)
+    assert not torch.equal(a.head.classify.weight, c.head.classify.weight)
+
+    meta = a.meta
+    assert meta["backbone"]["timm_id"] == tiny_backbone.preset.timm_id
+    assert meta["feature_dim"] == tiny_backbone.embed_dim == 64
+    assert meta["resolution"] == 112
+    assert meta["training"]["seed"] == 3 and meta["data"]["images"] == 4
+
+
+def test_apply_writes_a_valid_run_folder(
+    tiny_run: Path, tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    trained = distil(tiny_run, tmp_path / "head.pt", FAST, backbone=tiny_backbone)
+    images = tmp_path / "new"
+    _write_images(images, 3)
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "applied"
+    config = RunConfig(save_scores=True, workers=1)
+    summary = apply_head(trained.checkpoint, images, out, config, backbone=tiny_backbone)
+    assert summary.labelled == 3 and list(summary.skipped) == ["broken.jpg"]
+    coco = COCO(str(out / "annotations.json"))
+    assert len(coco.getImgIds()) == 3
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        image = coco.loadImgs(ann["image_id"])[0]
+        mask = coco.annToMask(ann).astype(bool)
+        assert mask.shape == (image["height"], image["width"]) == (84, 112)
+        assert np.array_equal(mask, decode_rle(ann["segmentation"]))
+        assert 0.5 <= ann["score"] <= 1.0 and ann["iscrowd"] == 0
+    for image in coco.loadImgs(coco.getImgIds()):
+        assert (out / image["score_map"]).is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["mode"] == "head" and run["options"]["resolution"] == 112
+    assert run["head"]["sha256"] == load_checkpoint(trained.checkpoint).sha256
+    # Resumable: a second invocation finds everything done.
+    again = apply_head(trained.checkpoint, images, out, config, backbone=tiny_backbone)
+    assert again.labelled == 0 and again.resumed == 4
+
+
+def test_apply_refuses_a_head_of_another_backbone(
+    tiny_run: Path, tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    trained = distil(tiny_run, tmp_path / "head.pt", FAST, backbone=tiny_backbone)
+    payload = torch.load(trained.checkpoint, weights_only=True)
+    payload["meta"]["backbone"]["weights_sha256"] = "0123abcd" * 8
+    foreign = tmp_path / "foreign.pt"
+    torch.save(payload, foreign)
+    images = tmp_path / "new"
+    _write_images(images, 1)
+    with pytest.raises(HeadMismatch, match="weights_sha256 '0123abcd"):
+        apply_head(foreign, images, tmp_path / "out", backbone=tiny_backbone)
+    assert not (tmp_path / "out" / "annotations.json").exists()
+    with pytest.raises(HeadError, match="not a selfment-label head"):
+        (tmp_path / "junk.pt").write_bytes(b"junk")
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_train_refuses_missing_uncached_images_and_non_runs(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(HeadError, match="not a finished run folder"):
+        distil(tmp_path, tmp_path / "x.pt", FAST)
+    (tmp_path / "images" / "img0.png").unlink()
+    with pytest.raises(CacheError, match="img0.png does not exist"):
+        distil(tiny_run, tmp_path / "x.pt", FAST)
