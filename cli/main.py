@@ -6,7 +6,7 @@ import typer
 
 from selfment_label import __version__
 
-from . import eval_cmd, run_cmd
+from . import eval_cmd, run_cmd, train_cmd
 
 app = typer.Typer(
     name="selfment-label",
@@ -34,3 +34,4 @@ def main(
 
 run_cmd.register(app)
 eval_cmd.register(app)
+train_cmd.register(app)

@@ -21,7 +21,7 @@ from selfment_label.run import (
 
 from .console import console, make_progress, setup_logging, user_errors
 
-STAGES = ("decode", "backbone", "ncut", "ipo", "merge", "masks", "write")
+STAGES = ("decode", "backbone", "ncut", "ipo", "merge", "head", "masks", "write")
 
 
 def print_summary(summary: RunSummary) -> None:

@@ -1,0 +1,140 @@
+"""``selfment-label train`` and ``selfment-label apply``: distil a run into a head, then use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from selfment_label.backbone import BackboneError
+from selfment_label.features_cache import CacheError
+from selfment_label.head import HeadError, TrainConfig, apply_head, distil
+from selfment_label.journal import RunConflict
+from selfment_label.run import NoImages, RunConfig, resolve_device
+
+from .console import console, fail, make_progress, setup_logging, user_errors
+from .run_cmd import print_summary
+
+LOSS_TERMS = ("bce", "dice", "contrastive", "total")
+
+
+def _loss_text(losses: dict[str, float]) -> str:
+    return "  ".join(f"{k} {losses[k]:.4f}" for k in LOSS_TERMS if k in losses)
+
+
+def train(
+    run_dir: Path = typer.Argument(..., help="A run folder made by `selfment-label run`."),
+    out: Path = typer.Option(Path("head.pt"), "--out", "-o", help="Checkpoint file to write."),
+    epochs: int = typer.Option(3, min=1, help="Passes over the run's images."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    weight_decay: float = typer.Option(1e-5, help="Adam weight decay."),
+    batch_size: int = typer.Option(8, min=1, help="Images per optimisation step."),
+    seed: int = typer.Option(0, help="Seed of initialisation, shuffling and subsampling."),
+    cache: Path = typer.Option(None, help="Feature cache folder \\[default: RUN_DIR/features]."),
+    weights: Path = typer.Option(
+        None,
+        help="Backbone weights, if features must be computed \\[default: the run's file, "
+        "then SELFMENT_WEIGHTS].",
+    ),
+    device: str = typer.Option("auto", help="Backbone device for feature extraction."),
+    offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    overwrite: bool = typer.Option(False, help="Replace an existing checkpoint file."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+) -> None:
+    """Train a patch head on a run's masks (features are cached, training is on the CPU)."""
+    setup_logging(verbose)
+    if out.exists() and not overwrite:
+        raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    config = TrainConfig(
+        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
+    )
+    errors = (HeadError, CacheError, BackboneError, FileNotFoundError, RuntimeError)
+    with user_errors(*errors), make_progress() as progress:
+        features = progress.add_task("features", total=None)
+        steps = progress.add_task("training", total=None, start=False)
+
+        def on_feature(done: int, total: int) -> None:
+            progress.update(features, completed=done, total=total)
+
+        def on_step(step: int, total: int, losses: dict[str, float]) -> None:
+            progress.start_task(steps)
+            progress.update(
+                steps, completed=step, total=total, description=f"training {_loss_text(losses)}"
+            )
+
+        result = distil(
+            run_dir,
+            out,
+            config,
+            cache_dir=cache,
+            weights=weights,
+            device=str(resolve_device(device)),
+            allow_download=not offline,
+            feature_progress=on_feature,
+            train_progress=on_step,
+        )
+    table = Table(title=f"head -> {result.checkpoint}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("training images", str(result.images))
+    table.add_row("training patches", str(result.patches))
+    table.add_row("left out", str(len(result.left_out)))
+    table.add_row("feature cache", str(result.cache_dir))
+    for term in LOSS_TERMS:
+        table.add_row(f"final {term} loss", f"{result.losses[term]:.4f}")
+    console.print(table)
+
+
+def apply(
+    head: Path = typer.Argument(..., help="A head checkpoint made by `selfment-label train`."),
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
+    ),
+    weights: Path = typer.Option(
+        None, help="Backbone weights (must be the head's). Env: SELFMENT_WEIGHTS."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(4, min=1, help="Images per backbone batch."),
+    workers: int = typer.Option(2, min=1, help="Decoding threads."),
+    save_scores: bool = typer.Option(
+        False, help="Also save soft probability maps (for threshold-sweep eval)."
+    ),
+    offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+) -> None:
+    """Label a folder with a trained head: same run folder as `run`, one forward pass."""
+    setup_logging(verbose)
+    config = RunConfig(
+        weights=str(weights) if weights else None,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        save_scores=save_scores,
+        allow_download=not offline,
+    )
+    errors = (
+        HeadError,
+        NoImages,
+        RunConflict,
+        BackboneError,
+        FileNotFoundError,
+        NotADirectoryError,
+        RuntimeError,
+    )
+    with user_errors(*errors), make_progress() as progress:
+        task = progress.add_task("labelling", total=None)
+
+        def on_image(done: int, total: int, name: str, reason: str | None) -> None:
+            progress.update(task, completed=done, total=total)
+
+        summary = apply_head(head, images, out, config, overwrite=overwrite, progress=on_image)
+    print_summary(summary)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the commands to the app."""
+    app.command()(train)
+    app.command()(apply)
