@@ -11,6 +11,7 @@ eigendecomposition of the N x N matrix.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,21 +55,29 @@ def second_eigenvector(
     block: int = 8,
     max_iter: int = 300,
     tol: float = 1e-5,
-    check_every: int = 5,
+    check_every: int = 8,
     seed: int = 0,
 ) -> EigenResult:
     """Second-smallest generalized eigenvector of ``(D - A) v = lambda D v`` for a batch.
 
+    Chebyshev-filtered subspace iteration on the deflated normalised affinity: between two
+    Rayleigh-Ritz steps the block is multiplied by a Chebyshev polynomial of degree
+    ``check_every`` that is small on ``[-1, c]`` (``c`` = the block's smallest Ritz value)
+    and grows fast above it, so the wanted eigenvector separates from the rest far faster
+    than with plain powers, while each step still reads the N x N matrix once for the
+    whole block.
+
     Arguments:
       adjacency: ``[B, N, N]`` symmetric non-negative affinities.
       block: subspace size; larger converges in fewer iterations.
-      max_iter: iteration cap.
+      max_iter: cap on block products with the matrix.
       tol: stop when every Ritz residual norm is below this.
-      check_every: residuals are checked every this many iterations.
+      check_every: degree of the Chebyshev filter (block products between residual checks).
       seed: seed of the random start (results are deterministic).
 
     Returns:
-      An ``EigenResult``; vectors are normalised to unit D-norm.
+      An ``EigenResult``; vectors are normalised to unit D-norm; ``iterations`` counts block
+      products with the matrix.
     """
     a = adjacency
     bsz, n, _ = a.shape
@@ -82,33 +91,55 @@ def second_eigenvector(
     q = torch.randn(bsz, n, k, generator=generator, dtype=a.dtype).to(a.device)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        # (M - u u^T + I) x: deflate the known top eigenvector, shift to make it positive definite
+        # M x with the known top eigenvector D^1/2 1 (eigenvalue 1) deflated to 0
         x = x - top[:, :, None] * (top[:, None, :] @ x)
-        return m @ x + x
+        return m @ x
 
     iterations = 0
-    ritz_vec = q[:, :, :1]
-    ritz_val = torch.zeros(bsz, dtype=a.dtype, device=a.device)
-    while iterations < max_iter:
-        for _ in range(check_every):
-            q, _ = torch.linalg.qr(apply(q))
-        iterations += check_every
-        mq = apply(q)
-        small = q.transpose(1, 2) @ mq
-        vals, vecs = torch.linalg.eigh(small)
+    q, _ = torch.linalg.qr(q)
+    mq = apply(q)
+    while True:
+        vals, vecs = torch.linalg.eigh(q.transpose(1, 2) @ mq)
+        q = q @ vecs
+        mq = mq @ vecs
+        iterations += 1
         ritz_val = vals[:, -1]
-        ritz_vec = q @ vecs[:, :, -1:]
-        residual = (apply(ritz_vec) - ritz_val[:, None, None] * ritz_vec).norm(dim=(1, 2))
-        if bool((residual < tol).all()):
+        residual = (mq[:, :, -1] - ritz_val[:, None] * q[:, :, -1]).norm(dim=-1)
+        if iterations >= max_iter or bool((residual < tol).all()):
             break
-        q = mq @ vecs
-    u = ritz_vec[:, :, 0]
+        degree_now = max(1, min(check_every, max_iter - iterations))
+        q, _ = torch.linalg.qr(_chebyshev_filter(apply, q, mq, vals[:, 0], degree_now))
+        iterations += degree_now - 1
+        mq = apply(q)
+    u = q[:, :, -1]
     v = u * inv_sqrt
     v = v / (v.square() * degree).sum(-1, keepdim=True).sqrt()
-    # eigenvalue of M is ritz - 1; generalized eigenvalue lambda = 1 - mu = 2 - ritz
-    values = 2.0 - ritz_val
-    logger.debug("ncut eigensolver: %d iterations", iterations)
+    # eigenvalue of M is mu; generalized eigenvalue lambda = 1 - mu
+    values = 1.0 - ritz_val
+    logger.debug("ncut eigensolver: %d block products", iterations)
     return EigenResult(vectors=v, values=values, iterations=iterations)
+
+
+def _chebyshev_filter(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    ax: torch.Tensor,
+    cut: torch.Tensor,
+    degree: int,
+    lower: float = -1.0,
+) -> torch.Tensor:
+    """``T_degree`` of the operator mapped so that ``[lower, cut]`` -> ``[-1, 1]``, on ``x``.
+
+    The spectrum of the normalised affinity lies in ``[-1, 1]``; eigenvalues above ``cut``
+    are amplified by ``T_degree`` (exponentially in the degree), the others stay bounded.
+    ``ax`` is ``apply(x)``, already known; ``cut`` is ``[B]``.
+    """
+    half = ((cut - lower) / 2).clamp_min(1e-3)[:, None, None]
+    centre = ((cut + lower) / 2)[:, None, None]
+    previous, current = x, (ax - centre * x) / half
+    for _ in range(degree - 1):
+        previous, current = current, 2 * (apply(current) - centre * current) / half - previous
+    return current
 
 
 def seed_component(mask: torch.Tensor, seed: torch.Tensor, check_every: int = 8) -> torch.Tensor:
