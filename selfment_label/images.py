@@ -66,7 +66,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array, mode="L")
+        image = Image.fromarray(array)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -121,7 +121,7 @@ def load_image(
     except UnidentifiedImageError:
         raise ImageSkip("not an image (unrecognised or corrupt file)") from None
     except Image.DecompressionBombError as error:
-        raise ImageSkip(f"decompression bomb: {error}") from None
+        raise ImageSkip(f"too large (decompression bomb guard): {error}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageSkip(f"cannot decode: {error}") from None
     if min(width, height) < MIN_SIDE:

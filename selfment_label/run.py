@@ -232,7 +232,7 @@ def _write_score_map(out_dir: Path, file_name: str, soft: torch.Tensor) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     array = (soft.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     tmp = target.with_name(f".{target.name}.tmp")
-    Image.fromarray(array, mode="L").save(tmp, format="PNG")
+    Image.fromarray(array).save(tmp, format="PNG")
     tmp.replace(target)
     return rel
 

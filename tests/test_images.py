@@ -1,0 +1,141 @@
+"""Decoding every kind of bad or unusual image file: labelled correctly or skipped with a reason."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selfment_label.images import ImageSkip, find_images, grid_for, load_image, prefetch
+
+
+def _photo(size=(64, 48)) -> Image.Image:
+    """A small RGB image with a bright square on a dark background."""
+    array = np.full((size[1], size[0], 3), 30, dtype=np.uint8)
+    array[10:30, 20:44] = (220, 200, 40)
+    return Image.fromarray(array)
+
+
+def test_find_images_recurses_filters_and_sorts(tmp_path: Path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for rel in ["z.JPG", "a.png", "b/c.webp", "b/a.png", "notes.txt", ".hidden/x.jpg", "d.tiff"]:
+        (tmp_path / rel).write_bytes(b"x")
+    assert find_images(tmp_path) == ["a.png", "b/a.png", "b/c.webp", "d.tiff", "z.JPG"]
+
+
+def test_find_images_errors_on_missing_folder(tmp_path: Path):
+    with pytest.raises(FileNotFoundError):
+        find_images(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"],
+)
+def test_every_mode_decodes_to_rgb(tmp_path: Path, mode: str):
+    source = _photo()
+    if mode == "I;16":
+        gray = np.asarray(source.convert("L"), dtype=np.uint16) * 257
+        image = Image.fromarray(gray)
+        assert image.mode.startswith("I;16")
+        path = tmp_path / "x.png"
+    else:
+        image = source.convert(mode)
+        path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    image.save(path)
+    decoded, size = load_image(path)
+    assert decoded.mode == "RGB"
+    assert size == (64, 48) == decoded.size
+    # the bright square stays brighter than the background whatever the mode
+    array = np.asarray(decoded.convert("L"), dtype=float)
+    assert array[15:25, 25:40].mean() > array[40:, :10].mean() + 50 or mode == "CMYK"
+
+
+def test_exif_rotation_gives_displayed_size_and_content(tmp_path: Path):
+    upright = _photo((64, 48))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a camera would store
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, exif=exif, quality=95)
+    decoded, size = load_image(path)
+    assert size == decoded.size == (64, 48)
+    diff = np.abs(np.asarray(decoded, dtype=float) - np.asarray(upright, dtype=float)).mean()
+    assert diff < 8
+
+
+def test_jpeg_draft_decodes_small_but_reports_full_size(tmp_path: Path):
+    path = tmp_path / "big.jpg"
+    _photo((2000, 1500)).save(path, quality=90)
+    decoded, size = load_image(path, draft_size=448)
+    assert size == (2000, 1500)
+    assert 448 <= min(decoded.size) < 1500
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "reason"),
+    [
+        ("empty.jpg", b"", "empty file"),
+        ("text.jpg", b"this is not an image at all\n" * 20, "not an image"),
+        ("garbage.png", os.urandom(4096), "not an image"),
+    ],
+)
+def test_unusable_files_are_skipped_with_reason(tmp_path: Path, name, payload, reason):
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(ImageSkip, match=reason):
+        load_image(path)
+
+
+def test_truncated_jpeg_is_skipped(tmp_path: Path):
+    path = tmp_path / "cut.jpg"
+    _photo((256, 256)).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageSkip, match="cannot decode|truncated"):
+        load_image(path)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 M pixels, a few KB on disk
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(ImageSkip, match="too large"):
+        load_image(path)
+
+
+def test_permission_denied_is_skipped(tmp_path: Path, monkeypatch):
+    path = tmp_path / "locked.png"
+    _photo().save(path)
+    if os.geteuid() != 0:
+        path.chmod(0)
+    else:  # root reads anything: make the open fail as it would for a normal user
+
+        def deny(*_args, **_kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(Image, "open", deny)
+    with pytest.raises(ImageSkip, match="permission denied"):
+        load_image(path)
+
+
+def test_tiny_images_get_a_usable_grid():
+    assert grid_for(5, 5, 448, 14) == (32, 32)
+    rows, cols = grid_for(1000, 3, 448, 14)
+    assert rows >= 2 and cols == 32
+
+
+def test_prefetch_keeps_order_and_returns_errors():
+    def work(x: int) -> int:
+        if x == 3:
+            raise ValueError("three")
+        return x * 10
+
+    results = list(prefetch(range(6), work, workers=2, depth=2))
+    assert [item for item, _ in results] == list(range(6))
+    assert [r for _, r in results if not isinstance(r, BaseException)] == [0, 10, 20, 40, 50]
+    assert isinstance(results[3][1], ValueError)

@@ -1,0 +1,116 @@
+"""NCut eigensolver against scipy on real features; IPO and the split on planted clusters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from selfment_label.images import prepare_image
+from selfment_label.ipo import iterative_patch_optimization
+from selfment_label.ncut import affinity, bipartition, second_eigenvector, seed_component
+
+
+def planted_tokens(grid=(12, 16), box=(3, 9, 4, 12), dim=32, noise=0.3, seed=0):
+    """Tokens with an object block (one cluster) on a background (another cluster)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = grid
+    fg_dir, bg_dir = torch.randn(2, dim, generator=gen)
+    truth = torch.zeros(rows, cols, dtype=torch.bool)
+    r0, r1, c0, c1 = box
+    truth[r0:r1, c0:c1] = True
+    base = torch.where(truth[..., None], fg_dir, bg_dir)
+    tokens = base + noise * torch.randn(rows, cols, dim, generator=gen)
+    return tokens.reshape(1, rows * cols, dim), truth
+
+
+@pytest.mark.parametrize("stem", ["0001", "0042"])
+def test_eigenvector_matches_scipy_on_real_features(real_backbone, ecssd_dir, stem):
+    mean, std = real_backbone.mean_std
+    item = prepare_image(ecssd_dir / "images", f"{stem}.jpg", 448, 14, mean, std)
+    tokens = real_backbone.patch_tokens(torch.from_numpy(item.pixels)[None])
+    flat = tokens.reshape(1, -1, tokens.shape[-1])
+    adjacency = affinity(flat)
+    ours = second_eigenvector(adjacency)
+    a = adjacency[0].double().numpy()
+    d = np.diag(a.sum(1))
+    values, vectors = scipy.linalg.eigh(d - a, d, subset_by_index=[1, 2])
+    ref = vectors[:, 0]
+    v = ours.vectors[0].double().numpy()
+    cos = abs(v @ ref) / np.linalg.norm(v) / np.linalg.norm(ref)
+    assert cos >= 0.999
+    assert ours.values[0].item() == pytest.approx(values[0], rel=1e-3)
+    ref_split = bipartition(torch.from_numpy(ref)[None], item.grid)
+    our_split = bipartition(ours.vectors.double(), item.grid)
+    assert torch.equal(ref_split, our_split)
+
+
+def test_cut_finds_planted_object():
+    tokens, truth = planted_tokens()
+    result = second_eigenvector(affinity(tokens))
+    mask = bipartition(result.vectors, truth.shape)[0]
+    agreement = (mask == truth).float().mean().item()
+    assert agreement > 0.97 or (~mask == truth).float().mean().item() > 0.97
+
+
+def test_seed_component_keeps_only_the_seed_region():
+    mask = torch.zeros(1, 6, 8, dtype=torch.bool)
+    mask[0, 0:2, 0:2] = True
+    mask[0, 3:6, 4:8] = True
+    mask[0, 2, 7] = True  # 4-connected to the second block through (3, 7)
+    seed = torch.tensor([3 * 8 + 5])
+    region = seed_component(mask, seed)[0]
+    assert region[3:6, 4:8].all() and region[2, 7]
+    assert not region[0:2, 0:2].any()
+
+
+def test_ipo_repairs_a_damaged_cut():
+    tokens, truth = planted_tokens(noise=0.4, seed=3)
+    damaged = truth.clone()
+    damaged[3:9, 4:7] = False  # a third of the object missing
+    damaged[0:2, 0:3] = True  # and some background taken
+    result = iterative_patch_optimization(tokens, damaged.reshape(1, -1), iterations=20)
+    labels = result.labels.reshape(truth.shape)
+    assert (labels == truth).float().mean().item() > 0.98
+    assert ((result.scores[0] > 0.5) == result.labels[0]).float().mean().item() > 0.98
+    assert result.rounds.item() >= 1
+
+
+def test_ipo_zero_rounds_returns_the_cut():
+    tokens, truth = planted_tokens()
+    labels = truth.reshape(1, -1)
+    result = iterative_patch_optimization(tokens, labels, iterations=0)
+    assert torch.equal(result.labels, labels)
+    assert torch.equal(result.scores, labels.float())
+
+
+def test_ipo_stops_when_a_side_gets_too_small():
+    tokens, truth = planted_tokens(box=(0, 2, 0, 2))  # 4-patch object: below 10 patches
+    result = iterative_patch_optimization(tokens, truth.reshape(1, -1), iterations=20)
+    assert result.rounds.item() == 0
+    assert torch.equal(result.labels, truth.reshape(1, -1))
+
+
+def test_ipo_is_batched_with_independent_stopping():
+    big, truth_big = planted_tokens(seed=1)
+    small, truth_small = planted_tokens(box=(0, 2, 0, 2), seed=2)
+    tokens = torch.cat([big, small])
+    labels = torch.stack([truth_big.reshape(-1), truth_small.reshape(-1)])
+    result = iterative_patch_optimization(tokens, labels, iterations=20)
+    single = iterative_patch_optimization(big, labels[:1], iterations=20)
+    assert torch.equal(result.labels[0], single.labels[0])
+    assert result.rounds[1].item() == 0
+
+
+def test_full_image_flow_on_real_image_is_deterministic(real_backbone, ecssd_dir):
+    mean, std = real_backbone.mean_std
+    item = prepare_image(ecssd_dir / "images", "0003.jpg", 448, 14, mean, std)
+    with Image.open(ecssd_dir / "images" / "0003.jpg") as im:
+        assert (item.width, item.height) == im.size
+    tokens = real_backbone.patch_tokens(torch.from_numpy(item.pixels)[None])
+    flat = tokens.reshape(1, -1, tokens.shape[-1])
+    first = second_eigenvector(affinity(flat)).vectors
+    second = second_eigenvector(affinity(flat)).vectors
+    assert torch.allclose(first, second)
