@@ -1,0 +1,124 @@
+"""Quality bar: label ecssd-dev with NCut only and with NCut+IPO, then evaluate both.
+
+Runs the library's ``label_folder`` (the same code as ``selfment-label run``, with
+``--save-scores`` so the threshold-sweep metrics see the soft maps) on every image of
+``../shared/data/ecssd-dev/images`` with the shared DINOv2 ViT-S/14 weights, evaluates each
+run against ``masks/`` with ``selfment_label.evaluate`` and prints the metrics side by side,
+then the seconds per image of every stage (from each run's ``run.json``).
+
+    .venv/bin/python benchmarks/eval_ecssd.py                    # all 200 images, defaults
+    .venv/bin/python benchmarks/eval_ecssd.py --limit 40 --resolution 518 --tau 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from selfment_label.backbone import build_backbone
+from selfment_label.evaluate import METRIC_NAMES, evaluate_run
+from selfment_label.run import RUN_NAME, RunConfig, label_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STAGES = ("decode", "backbone", "ncut", "ipo", "masks", "write")
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    defaults = RunConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
+    parser.add_argument(
+        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
+    )
+    parser.add_argument("--resolution", type=int, default=defaults.resolution)
+    parser.add_argument("--tau", type=float, default=defaults.tau)
+    parser.add_argument("--ipo-iters", type=int, default=defaults.ipo_iters)
+    parser.add_argument("--limit", type=int, default=0, help="Use only the first N images.")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default).")
+    parser.add_argument("--work", type=Path, default=None, help="Keep the run folders here.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write results here.")
+    return parser.parse_args()
+
+
+def subset(data: Path, limit: int, work: Path) -> tuple[Path, Path]:
+    """``(images, masks)`` folders: the dataset's, or symlinks to its first ``limit`` pairs."""
+    images, masks = data / "images", data / "masks"
+    if not limit:
+        return images, masks
+    for folder in ("images", "masks"):
+        (work / folder).mkdir(parents=True, exist_ok=True)
+    for path in sorted(images.iterdir())[:limit]:
+        for source in (path, *masks.glob(f"{path.stem}.*")):
+            link = work / source.parent.name / source.name
+            if not link.exists():
+                link.symlink_to(source.resolve())
+    return work / "images", work / "masks"
+
+
+def main() -> None:
+    """Label, evaluate and print."""
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.data / "images").is_dir() or not args.weights.is_file():
+        raise SystemExit(f"needs {args.data}/images and {args.weights} (see ../shared/README.md)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="eval-ecssd-"))
+    images, masks = subset(args.data, args.limit, work)
+    backbone = build_backbone("dinov2-vits14", weights=args.weights, device="cpu")
+    variants = {"NCut only": 0, "NCut+IPO": args.ipo_iters}
+    results = {}
+    for name, iters in variants.items():
+        config = RunConfig(
+            resolution=args.resolution, tau=args.tau, ipo_iters=iters, save_scores=True
+        )
+        out = work / f"run-ipo{iters}"
+        label_folder(images, out, config, overwrite=True, backbone=backbone)
+        report = evaluate_run(out, masks)
+        run = json.loads((out / RUN_NAME).read_text())
+        labelled = max(run["images_labelled"], 1)
+        results[name] = {
+            **report.as_dict(),
+            "seconds_per_image": {
+                s: run["stage_seconds"][s] / labelled for s in STAGES if s in run["stage_seconds"]
+            },
+            "wall_seconds_per_image": run["seconds"] / labelled,
+            "options": run["options"],
+        }
+    print_results(results, images)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_results(results: dict[str, dict], images: Path) -> None:
+    """The metrics and the per-stage timings, one column per variant."""
+    console = Console()
+    table = Table(title=f"ecssd-dev quality ({images})")
+    table.add_column("metric", style="bold")
+    for name in results:
+        table.add_column(name, justify="right")
+    for metric in METRIC_NAMES:
+        table.add_row(metric, *(f"{r['metrics'][metric]:.4f}" for r in results.values()))
+    table.add_row("images evaluated", *(str(r["images_evaluated"]) for r in results.values()))
+    for stage in (*STAGES, "wall"):
+        key = "wall_seconds_per_image" if stage == "wall" else None
+        cells = [
+            f"{r[key] if key else r['seconds_per_image'].get(stage, 0.0):.3f}"
+            for r in results.values()
+        ]
+        table.add_row(f"{stage} s/image", *cells)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
