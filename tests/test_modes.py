@@ -1,0 +1,143 @@
+"""`instances` and `entities` modes: planted-cluster algorithm tests, layout rules, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from typer.testing import CliRunner
+
+from selfment_label.entities import Entities
+from selfment_label.instances import MaskCut
+from selfment_label.modes import make_segmenter
+from selfment_label.regions import full_size_masks
+from selfment_label.run import RunConfig
+from selfment_label.segment import PatchMask
+from selfment_label.timing import StageTimer
+
+ROWS, COLS, DIM = 20, 24, 32
+
+
+def planted_tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens of a planted scene: background 0, object 1, object 2 holding part 3."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(4, DIM, generator=generator)
+    centres[3] = centres[2] + 1.2 * torch.randn(DIM, generator=generator)
+    labels = torch.zeros(ROWS, COLS, dtype=torch.long)
+    labels[3:9, 3:9] = 1
+    labels[11:18, 14:22] = 2
+    labels[12:16, 16:20] = 3
+    noise = 0.3 * torch.randn(ROWS, COLS, DIM, generator=generator)
+    return centres[labels] + noise, labels
+
+
+def timer() -> StageTimer:
+    return StageTimer(torch.device("cpu"))
+
+
+def test_instances_find_two_separate_objects():
+    tokens, labels = planted_tokens()
+    found = MaskCut(max_instances=5)(tokens[None], timer())[0]
+    assert len(found) == 2
+    masks = [(m.scores > 0.5) for m in found]
+    objects = [labels == 1, labels >= 2]
+    for truth in objects:
+        best = max(float((truth & m).sum() / (truth | m).sum()) for m in masks)
+        assert best > 0.95
+    kept, _ = full_size_masks(found, COLS * 10, ROWS * 10)
+    assert len(kept) == 2
+    assert not (kept[0].mask & kept[1].mask).any()
+    assert all(0.5 < k.score <= 1.0 for k in kept)
+
+
+def test_entities_hierarchy_parts_inside_their_entity():
+    tokens, labels = planted_tokens()
+    found = Entities()(tokens[None], timer())[0]
+    entities = [m for m in found if m.extra["level"] == 0]
+    parts = [m for m in found if m.extra["level"] == 1]
+    assert len(entities) == 3
+    entity_masks = [(m.scores > 0.5) for m in entities]
+    for value in (0, 1):
+        assert any(torch.equal(m, labels == value) for m in entity_masks)
+    assert any(torch.equal(m, labels >= 2) for m in entity_masks)
+    part_masks = sorted((m.scores > 0.5 for m in parts), key=lambda m: int(m.sum()))
+    assert len(part_masks) == 2
+    assert torch.equal(part_masks[0], labels == 3)
+    assert torch.equal(part_masks[1], labels == 2)
+    for part in parts:
+        assert torch.equal(found[part.extra["parent"]].scores > 0.5, labels >= 2)
+
+
+def square(rows: slice, cols: slice, extra: dict | None = None) -> PatchMask:
+    scores = torch.zeros(4, 4)
+    scores[rows, cols] = 1.0
+    return PatchMask(scores=scores, score=0.9, extra=extra or {})
+
+
+def test_layout_drops_empty_masks_and_renumbers_parents():
+    masks = [
+        PatchMask(scores=torch.zeros(4, 4), score=0.5, extra={"level": 0}),
+        square(slice(0, 4), slice(0, 2), {"level": 0}),
+        square(slice(0, 2), slice(0, 3), {"level": 1, "parent": 1}),
+        square(slice(0, 2), slice(0, 2), {"level": 1, "parent": 0}),
+    ]
+    kept, union = full_size_masks(masks, 40, 40)
+    assert [k.extra for k in kept] == [{"level": 0}, {"level": 1, "parent": 0}]
+    assert not (kept[1].mask & ~kept[0].mask).any()
+    assert kept[1].mask.sum() == 20 * 20
+    assert union is not None and union.shape == (40, 40)
+
+
+def test_layout_siblings_never_overlap():
+    left = square(slice(0, 4), slice(0, 3))
+    right = square(slice(0, 4), slice(1, 4))
+    right.scores[:, 1:3] = 0.8
+    kept, _ = full_size_masks([left, right], 40, 40)
+    assert not (kept[0].mask & kept[1].mask).any()
+    assert kept[0].mask[:, 15].all()
+
+
+def test_make_segmenter_by_mode():
+    assert make_segmenter(RunConfig(mode="instances", max_instances=4)).max_instances == 4
+    assert make_segmenter(RunConfig(mode="entities")).options()["mode"] == "entities"
+    with pytest.raises(ValueError, match="unknown mode"):
+        make_segmenter(RunConfig(mode="panoptic"))
+
+
+@pytest.mark.parametrize("mode", ["instances", "entities"])
+def test_cli_run_on_real_images(mode, tmp_path: Path, weights_path: Path, ecssd_dir: Path):
+    from selfment_label_cli.main import app
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for stem in ("0001", "0002", "0003"):
+        shutil.copy(ecssd_dir / "images" / f"{stem}.jpg", images)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        ["run", str(images), "--out", str(out), "--weights", str(weights_path)]
+        + ["--mode", mode, "--resolution", "224", "--offline"],
+    )
+    assert result.exit_code == 0, result.output
+    coco = COCO(str(out / "annotations.json"))
+    assert len(coco.getImgIds()) == 3
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert options["mode"] == mode
+    for image_id in coco.getImgIds():
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        assert anns, f"no {mode} found in image {image_id}"
+        by_id = {a["id"]: a for a in anns}
+        masks = {a["id"]: coco.annToMask(a).astype(bool) for a in anns}
+        top = [a["id"] for a in anns if "parent_id" not in a]
+        total = np.sum([masks[i] for i in top], axis=0)
+        assert total.max() == 1, "top-level masks overlap"
+        for ann in anns:
+            assert 0.0 <= ann["score"] <= 1.0 and ann["area"] == masks[ann["id"]].sum()
+            if "parent_id" in ann:
+                assert ann["level"] == 1 and by_id[ann["parent_id"]]["level"] == 0
+                assert not (masks[ann["id"]] & ~masks[ann["parent_id"]]).any()
