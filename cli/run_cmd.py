@@ -81,7 +81,7 @@ def run(
     min_area: float = typer.Option(
         0.01, min=0.0, max=1.0, help="Smallest instance/entity/part, fraction of the image."
     ),
-    merge_floor: float = typer.Option(0.3, help="Lowest merge similarity explored (entities)."),
+    merge_floor: float = typer.Option(0.4, help="Lowest merge similarity explored (entities)."),
     persistence: float = typer.Option(
         0.1, min=0.0, help="Similarity range an entity or part must survive (entities)."
     ),

@@ -180,7 +180,7 @@ class Entities:
       min_area: fewest patches of an entity or a part, as a fraction of the image.
     """
 
-    merge_floor: float = 0.3
+    merge_floor: float = 0.4
     persistence: float = 0.1
     min_area: float = 0.01
 

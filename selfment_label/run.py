@@ -88,7 +88,7 @@ class RunConfig:
     mode: str = "single"
     max_instances: int = 3
     min_area: float = 0.01
-    merge_floor: float = 0.3
+    merge_floor: float = 0.4
     persistence: float = 0.1
 
 
