@@ -61,6 +61,7 @@ class BenchConfig:
       limit: images used for the throughput rounds (the first ones in name order).
       rounds: interleaved bare/end-to-end rounds per resolution (best kept).
       ncut: whether to run the eigensolver check.
+      ncut_grid: patch grid of the eigensolver check (48 x 48 = 2304 patches).
       rss_counts: folder sizes of the memory check (empty: skip it).
       rss_resolution: resolution of the memory check (lower keeps it affordable on a CPU).
     """
@@ -76,6 +77,7 @@ class BenchConfig:
     limit: int = 24
     rounds: int = 2
     ncut: bool = True
+    ncut_grid: tuple[int, int] = NCUT_GRID
     rss_counts: tuple[int, ...] = DEFAULT_RSS_COUNTS
     rss_resolution: int = DEFAULT_RSS_RESOLUTION
 
@@ -435,7 +437,7 @@ def run_bench(config: BenchConfig, backbone: Backbone | None = None) -> BenchRep
                 )
             )
         if config.ncut:
-            report.ncut = ncut_speedup(backbone, config.images)
+            report.ncut = ncut_speedup(backbone, config.images, config.ncut_grid)
             report.targets.append(
                 Target(
                     f"NCut speedup vs scipy eigh at {report.ncut['patches']} patches",

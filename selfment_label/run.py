@@ -31,6 +31,7 @@ from .masks import THRESHOLD, upsample_scores
 from .modes import make_segmenter
 from .regions import full_size_masks
 from .segment import PatchMask, Segmenter
+from .threads import small_kernel_threads
 from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ class Labeller:
         with timer.stage("backbone"):
             pixels = torch.from_numpy(np.stack([d.pixels for d in batch])).to(self.device)
             tokens = self.backbone.patch_tokens(pixels, self.autocast)
-        return self.segmenter(tokens, timer)
+        with small_kernel_threads(self.device):
+            return self.segmenter(tokens, timer)
 
     @staticmethod
     def full_size(
@@ -377,12 +379,14 @@ def _label(
             continue
         for item in batch:
             timer.add("decode", item.decode_seconds)
-        for item, masks in zip(batch, labeller.patch_masks(batch, timer), strict=True):
-            _record_image(out_dir, item, masks, config.save_scores, journal, timer)
-            labelled += 1
-            done += 1
-            if progress:
-                progress(done, len(names), item.file_name, None)
+        patch_masks = labeller.patch_masks(batch, timer)
+        with small_kernel_threads(labeller.device):
+            for item, masks in zip(batch, patch_masks, strict=True):
+                _record_image(out_dir, item, masks, config.save_scores, journal, timer)
+                labelled += 1
+                done += 1
+                if progress:
+                    progress(done, len(names), item.file_name, None)
     seconds = time.perf_counter() - start
     return RunSummary(
         out_dir=out_dir,

@@ -1,0 +1,89 @@
+"""The speed benchmark's plumbing (tiny random ViT, a few synthetic images; nothing timed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfment_label.bench import (
+    BenchConfig,
+    Target,
+    ncut_speedup,
+    peak_rss_of_run,
+    run_bench,
+)
+from selfment_label.run import RunConfig
+from selfment_label.threads import small_kernel_threads
+
+
+@pytest.fixture()
+def scenes(tmp_path: Path) -> Path:
+    """Five small images with a bright block on a dark background."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        array = rng.integers(0, 60, (70, 90, 3), dtype=np.uint8)
+        array[10:50, 20:70] = rng.integers(150, 255, 3, dtype=np.uint8)
+        Image.fromarray(array).save(folder / f"{i}.png")
+    return folder
+
+
+def test_target_direction():
+    assert Target("speed", 0.9, 0.85).passed
+    assert not Target("speed", 0.8, 0.85).passed
+    assert Target("memory", 1.1, 1.2, higher_is_better=False).passed
+    assert not Target("memory", 1.3, 1.2, higher_is_better=False).passed
+
+
+def test_run_bench_reports_every_stage_and_target(scenes, tiny_backbone):
+    config = BenchConfig(
+        images=scenes,
+        device="cpu",
+        resolutions=(56, 84),
+        batch_size=2,
+        limit=4,
+        rounds=1,
+        ncut_grid=(6, 7),
+        rss_counts=(),
+    )
+    report = run_bench(config, backbone=tiny_backbone)
+    assert [t.resolution for t in report.throughput] == [56, 84]
+    for row in report.throughput:
+        assert row.images == 4
+        assert row.bare_ips > 0 and row.end_to_end_ips > 0
+        assert row.ratio == pytest.approx(row.end_to_end_ips / row.bare_ips)
+        assert {"backbone", "ncut", "ipo", "masks", "write"} <= set(row.stage_ms)
+    assert report.ncut is not None and report.ncut["patches"] == 42
+    names = [t.name for t in report.targets]
+    assert len(names) == 4 and "NCut eigenvector |cos| vs scipy" in names
+    assert report.machine["torch_threads"] == torch.get_num_threads()
+    assert report.as_dict()["throughput"][0]["resolution"] == 56
+
+
+def test_ncut_check_agrees_with_scipy(scenes, tiny_backbone):
+    result = ncut_speedup(tiny_backbone, scenes, grid=(8, 8), repeats=1)
+    assert result["patches"] == 64
+    assert result["cos"] >= 0.999
+
+
+def test_small_kernel_threads_restores_the_setting():
+    before = torch.get_num_threads()
+    with small_kernel_threads(torch.device("cpu"), threads=1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_peak_rss_child_labels_the_repeated_folder(scenes, weights_path, tmp_path):
+    config = RunConfig(weights=str(weights_path), resolution=56, device="cpu", batch_size=2)
+    work = tmp_path / "work"
+    work.mkdir()
+    names = sorted(p.name for p in scenes.iterdir())[:2]
+    result = peak_rss_of_run(scenes, names, 3, config, work)
+    assert result["images"] == 3
+    assert result["peak_rss_mb"] > 50
+    assert len(list((work / "rss-3").iterdir())) == 3
