@@ -176,7 +176,33 @@ def prepare_image(
       ImageSkip: with the reason, for any file that cannot be used.
     """
     start = time.perf_counter()
-    image, (width, height) = load_image(root / file_name, max_pixels, draft_size=resolution)
+    image, size = load_image(root / file_name, max_pixels, draft_size=resolution)
+    return decoded_image(image, file_name, size, resolution, patch_size, mean, std, start)
+
+
+def decoded_image(
+    image: Image.Image,
+    file_name: str,
+    size: tuple[int, int],
+    resolution: int,
+    patch_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    start: float | None = None,
+) -> DecodedImage:
+    """Resize an RGB image to its patch grid and normalise it.
+
+    Arguments:
+      image: the RGB image (possibly decoded at a reduced draft scale).
+      file_name: its name, carried along.
+      size: ``(width, height)`` of the full image as displayed.
+      resolution: pixels on the long side after resizing.
+      patch_size: the backbone's patch size.
+      mean, std: the backbone's normalisation.
+      start: ``time.perf_counter()`` when decoding began (decode time counted from there).
+    """
+    start = time.perf_counter() if start is None else start
+    width, height = size
     rows, cols = grid_for(width, height, resolution, patch_size)
     resized = image.resize((cols * patch_size, rows * patch_size), Image.Resampling.BICUBIC)
     array = np.asarray(resized, dtype=np.float32) / 255.0
