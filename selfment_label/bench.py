@@ -190,16 +190,25 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _subset_folder(source: Path, names: list[str], folder: Path) -> None:
-    """Fill ``folder`` with symlinks to ``names`` under ``source`` (repeated to any count)."""
+def link_images(source: Path, names: list[str], folder: Path, numbered: bool = False) -> None:
+    """Fill ``folder`` with symlinks to ``names`` (relative to ``source``).
+
+    Arguments:
+      source: the real image folder.
+      names: relative image paths; may repeat when ``numbered``.
+      folder: an existing, empty folder.
+      numbered: prefix each link with its index, so repeated images get distinct names.
+    """
     for i, name in enumerate(names):
-        link = folder / f"{i:06d}_{Path(name).name}"
+        link = folder / (f"{i:06d}_{Path(name).name}" if numbered else name)
+        link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to((source / name).resolve())
 
 
-def _decode_all(
+def decode_all(
     root: Path, names: list[str], resolution: int, backbone: Backbone
 ) -> list[DecodedImage]:
+    """Decode and resize ``names`` under ``root`` for ``backbone`` at ``resolution``."""
     mean, std = backbone.mean_std
     return [prepare_image(root, n, resolution, backbone.patch_size, mean, std) for n in names]
 
@@ -245,8 +254,8 @@ def measure_throughput(
         raise FileNotFoundError(f"no images under {config.images}")
     subset = work_dir / f"images-{resolution}"
     subset.mkdir()
-    _subset_folder(config.images, names, subset)
-    decoded = _decode_all(config.images, names, resolution, backbone)
+    link_images(config.images, names, subset)
+    decoded = decode_all(config.images, names, resolution, backbone)
     run_config = RunConfig(
         backbone=config.backbone,
         resolution=resolution,
@@ -375,7 +384,7 @@ def peak_rss_of_run(
     """
     folder = work_dir / f"rss-{count}"
     folder.mkdir()
-    _subset_folder(source, [names[i % len(names)] for i in range(count)], folder)
+    link_images(source, [names[i % len(names)] for i in range(count)], folder, numbered=True)
     payload = json.dumps(
         {"folder": str(folder), "out": str(work_dir / f"rss-run-{count}"), "config": vars(config)}
     )
