@@ -27,7 +27,6 @@ from .backbone import DEFAULT_BACKBONE, Backbone, build_backbone
 from .coco import annotation_record, atomic_write_json, write_coco_stream
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, find_images, prefetch, prepare_image
 from .journal import JOURNAL_NAME, Journal, RunConflict, RunLock
-from .masks import THRESHOLD, upsample_scores
 from .modes import make_segmenter
 from .regions import full_size_masks
 from .segment import PatchMask, Segmenter
@@ -218,14 +217,6 @@ class Labeller:
             tokens = self.backbone.patch_tokens(pixels, self.autocast)
         with small_kernel_threads(self.device):
             return self.segmenter(tokens, timer)
-
-    @staticmethod
-    def full_size(
-        patch_mask: PatchMask, width: int, height: int
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """``(soft map [H, W] on device, boolean mask [H, W] on host)`` of one patch mask."""
-        soft = upsample_scores(patch_mask.scores, (height, width))
-        return soft, (soft > THRESHOLD).cpu().numpy()
 
 
 def _write_score_map(out_dir: Path, file_name: str, soft: torch.Tensor) -> str:

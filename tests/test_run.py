@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from selfment_label.coco import decode_rle
 from selfment_label.images import prepare_image
 from selfment_label.journal import RunConflict, RunLock
+from selfment_label.regions import full_size_masks
 from selfment_label.run import Labeller, NoImages, RunConfig, label_folder
 from selfment_label.segment import NcutIpo
 from selfment_label.timing import StageTimer
@@ -104,8 +105,9 @@ def test_annotations_give_back_exactly_the_engine_masks(mixed_folder, tmp_path, 
     mean, std = tiny_backbone.mean_std
     for img in coco.dataset["images"]:
         item = prepare_image(mixed_folder, img["file_name"], 112, 14, mean, std)
-        (patch_mask,) = labeller.patch_masks([item], StageTimer())[0]
-        _, expected = Labeller.full_size(patch_mask, item.width, item.height)
+        patch_masks = labeller.patch_masks([item], StageTimer())[0]
+        (kept,), _ = full_size_masks(patch_masks, item.width, item.height)
+        expected = kept.mask
         anns = coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))
         got = coco.annToMask(anns[0]).astype(bool) if anns else np.zeros_like(expected)
         assert np.array_equal(got, expected), img["file_name"]
