@@ -1,0 +1,105 @@
+"""``selfment-label review`` (FiftyOne dataset + App) and ``selfment-label export``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from selfment_label.export import FORMATS, MEDIA, ExportError, export_dataset
+from selfment_label.review import (
+    ReviewError,
+    app_url,
+    build_dataset,
+    launch_app,
+    load_run_dataset,
+)
+
+from .console import console, fail, setup_logging, user_errors
+
+
+def review(
+    run_dir: Path = typer.Argument(..., help="Run folder (annotations.json and run.json)."),
+    name: str = typer.Option(
+        None, "--name", help="Dataset name (default: derived from the run folder)."
+    ),
+    gt: Path = typer.Option(None, "--gt", help="Folder of ground-truth masks to compare with."),
+    port: int = typer.Option(5151, "--port", help="Port of the FiftyOne App."),
+    address: str = typer.Option(
+        "127.0.0.1", "--address", help="Address the App listens on (0.0.0.0: all interfaces)."
+    ),
+    no_launch: bool = typer.Option(False, "--no-launch", help="Only build the dataset."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+) -> None:
+    """Build (or update) the run's FiftyOne dataset and open it in the FiftyOne App."""
+    setup_logging(verbose)
+    if gt is not None and not gt.is_dir():
+        raise fail(f"--gt {gt} is not a folder")
+    with user_errors(ReviewError), console.status("building the FiftyOne dataset"):
+        dataset = build_dataset(run_dir, name, gt)
+    fields = ", ".join(dataset.info["selfment"]["label_fields"])
+    console.print(
+        f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
+    )
+    if no_launch:
+        return
+    with console.status("starting the FiftyOne App"):
+        session = launch_app(dataset, port=port, address=address)
+    typer.echo(app_url(session, dataset))
+    console.print("Tag samples (e.g. approved / rejected) in the App; Ctrl-C to stop.")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("closing the App")
+    finally:
+        session.close()
+
+
+def export(
+    run_dir: Path = typer.Argument(..., help="Run folder whose dataset was reviewed."),
+    target: Path = typer.Argument(..., help="Folder to write the dataset into."),
+    fmt: str = typer.Option("coco", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
+    tags: list[str] = typer.Option(
+        None, "--tags", help="Keep only samples with any of these tags (repeatable)."
+    ),
+    exclude_tags: list[str] = typer.Option(
+        None, "--exclude-tags", help="Drop samples with any of these tags (repeatable)."
+    ),
+    polygons: bool = typer.Option(
+        False, "--polygons", help="COCO polygons instead of exact compressed RLE."
+    ),
+    media: str = typer.Option(
+        "copy", "--media", help=f"How images go with the labels: {', '.join(MEDIA)}."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty target."),
+    name: str = typer.Option(
+        None, "--name", help="Dataset name (default: derived from the run folder)."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+) -> None:
+    """Export the reviewed labels (tags, deletions and edits honoured) as a training set."""
+    setup_logging(verbose)
+    with user_errors(ReviewError, ExportError), console.status("exporting"):
+        dataset = load_run_dataset(run_dir, name)
+        summary = export_dataset(
+            dataset,
+            target,
+            fmt,
+            tags=tags,
+            exclude_tags=exclude_tags,
+            polygons=polygons,
+            media=media,
+            overwrite=overwrite,
+        )
+    console.print(
+        f"exported {summary.images} images and {summary.annotations} masks "
+        f"({summary.format}) to [bold]{summary.target}[/]"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the commands to the app."""
+    app.command("review")(review)
+    app.command("export")(export)
