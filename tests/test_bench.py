@@ -78,6 +78,7 @@ def test_small_kernel_threads_restores_the_setting():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow
 def test_peak_rss_child_labels_the_repeated_folder(scenes, weights_path, tmp_path):
     config = RunConfig(weights=str(weights_path), resolution=56, device="cpu", batch_size=2)
     work = tmp_path / "work"
