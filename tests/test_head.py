@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
+from selfment_label_cli.main import app
+from typer.testing import CliRunner
 
 import selfment_label.head as head_module
 from selfment_label.backbone import Backbone
@@ -181,6 +183,37 @@ def test_train_refuses_missing_uncached_images_and_non_runs(tiny_run: Path, tmp_
     (tmp_path / "images" / "img0.png").unlink()
     with pytest.raises(CacheError, match="img0.png does not exist"):
         distil(tiny_run, tmp_path / "x.pt", FAST)
+
+
+def test_cli_train_from_cache_and_apply_refusal(
+    tiny_run: Path, tiny_backbone: Backbone, tmp_path: Path, weights_path: Path
+) -> None:
+    distil(tiny_run, tmp_path / "api.pt", FAST, backbone=tiny_backbone)  # fills the cache
+    out = tmp_path / "cli.pt"
+    args = ["train", str(tiny_run), "--out", str(out), "--epochs", "2", "--batch-size", "2"]
+    result = CliRunner().invoke(app, [*args, "--seed", "3", "--offline"])
+    assert result.exit_code == 0, result.output
+    assert "final total loss" in result.output and out.is_file()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    images = tmp_path / "new"
+    _write_images(images, 1)
+    # The head learnt on the random tiny ViT; the real DINOv2 weights are another backbone.
+    refused = CliRunner().invoke(
+        app,
+        [
+            "apply",
+            str(out),
+            str(images),
+            "--out",
+            str(tmp_path / "o"),
+            "--weights",
+            str(weights_path),
+        ],
+    )
+    assert refused.exit_code == 1
+    assert "trained on another backbone" in refused.output
+    assert not (tmp_path / "o" / "annotations.json").exists()
 
 
 @pytest.mark.slow
