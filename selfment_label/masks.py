@@ -8,23 +8,30 @@ import numpy as np
 import torch
 
 THRESHOLD = 0.5
+LOGIT_EPS = 1e-6
 
 
 def upsample_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly upsample patch-grid scores to full image size.
+    """Upsample patch-grid scores to full image size, bilinearly in logit space.
+
+    The scores are probabilities (a sigmoid or softmax of a margin), so their logits are
+    interpolated and mapped back through the sigmoid: the 0.5 boundary then falls where the
+    interpolated margin crosses zero, between patch centres, instead of being snapped to the
+    patch grid by a saturated sigmoid (+0.019 IoU, +0.019 maxF on ecssd-dev; README, Quality).
+    Hard 0/1 scores come out as a sharp step half way between patch centres.
 
     Arguments:
       scores: ``[rows, cols]`` or ``[B, rows, cols]`` soft scores in [0, 1].
       size: ``(height, width)`` of the output.
 
     Returns:
-      Scores at ``size`` with the input's leading shape, on the input's device.
+      Scores in [0, 1] at ``size`` with the input's leading shape, on the input's device.
     """
     squeeze = scores.dim() == 2
     grid = scores[None] if squeeze else scores
-    up = torch.nn.functional.interpolate(
-        grid[:, None].float(), size=size, mode="bilinear", align_corners=False
-    )[:, 0]
+    logits = torch.logit(grid[:, None].float(), eps=LOGIT_EPS)
+    up = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    up = torch.sigmoid(up[:, 0])
     return up[0] if squeeze else up
 
 
@@ -55,6 +62,30 @@ def confidence_score(patch_probability: torch.Tensor, labels: torch.Tensor) -> t
     """
     agree = torch.where(labels, patch_probability, 1.0 - patch_probability)
     return agree.mean(-1)
+
+
+def stability_score(cut: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mask score in [0, 1]: how much the cut and the refinement agree, off the frame border.
+
+    ``IoU(cut, labels) x (1 - fraction of the grid's border patches inside labels)``. A cut
+    that IPO confirms, and that does not run along the image frame (the usual sign of a
+    background/foreground swap), is most often right: on ecssd-dev its Spearman correlation
+    with the mask's IoU against ground truth is 0.48, against 0.24 for the mean prototype
+    agreement (``confidence_score``). With IPO off the first factor is 1.
+
+    Arguments:
+      cut: ``[B, rows, cols]`` boolean NCut foreground.
+      labels: ``[B, rows, cols]`` boolean refined foreground.
+
+    Returns:
+      ``[B]`` scores.
+    """
+    inter = (cut & labels).flatten(1).sum(-1).float()
+    union = (cut | labels).flatten(1).sum(-1).float().clamp_min(1.0)
+    border = torch.cat(
+        [labels[:, 0], labels[:, -1], labels[:, 1:-1, 0], labels[:, 1:-1, -1]], dim=-1
+    )
+    return inter / union * (1.0 - border.float().mean(-1))
 
 
 @dataclass

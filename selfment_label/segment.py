@@ -13,10 +13,12 @@ from typing import Any, Protocol
 
 import torch
 
-from .ipo import iterative_patch_optimization, prototype_scores
-from .masks import confidence_score
+from .ipo import iterative_patch_optimization
+from .masks import stability_score
 from .ncut import normalized_cut
 from .timing import StageTimer
+
+SCORE_TEMPERATURE = 0.1
 
 
 @dataclass
@@ -54,14 +56,22 @@ class NcutIpo:
     Arguments:
       tau: affinity threshold of the graph.
       ipo_iters: IPO rounds (0 keeps the raw cut).
+      temperature: softness of the prototype scores ``sigmoid(margin / temperature)``; it
+        shapes the soft map (threshold sweeps, MAE), not the 0.5 mask.
     """
 
     tau: float = 0.2
     ipo_iters: int = 20
+    temperature: float = SCORE_TEMPERATURE
 
     def options(self) -> dict[str, Any]:
         """Options that decide the masks."""
-        return {"mode": "single", "tau": self.tau, "ipo_iters": self.ipo_iters}
+        return {
+            "mode": "single",
+            "tau": self.tau,
+            "ipo_iters": self.ipo_iters,
+            "temperature": self.temperature,
+        }
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """One ``PatchMask`` per image."""
@@ -70,10 +80,11 @@ class NcutIpo:
         with timer.stage("ncut"):
             cut, _ = normalized_cut(flat, (rows, cols), tau=self.tau)
         with timer.stage("ipo"):
-            refined = iterative_patch_optimization(flat, cut.reshape(b, -1), self.ipo_iters)
-            unit = torch.nn.functional.normalize(flat, dim=-1)
-            probability = prototype_scores(unit, refined.labels)
-            confidence = confidence_score(probability, refined.labels).tolist()
+            refined = iterative_patch_optimization(
+                flat, cut.reshape(b, -1), self.ipo_iters, temperature=self.temperature
+            )
+            labels = refined.labels.reshape(b, rows, cols)
+            confidence = stability_score(cut, labels).tolist()
         return [
             [PatchMask(scores=refined.scores[i].reshape(rows, cols), score=confidence[i])]
             for i in range(b)

@@ -1,0 +1,44 @@
+"""Logit-space upsampling of patch scores and the stability score of single-object masks."""
+
+from __future__ import annotations
+
+import torch
+
+from selfment_label.masks import THRESHOLD, stability_score, upsample_scores
+
+
+def test_upsampling_interpolates_margins_not_saturated_probabilities() -> None:
+    # two patches side by side, margins +3 and -1: the boundary lies where the linear
+    # interpolation of the margin crosses zero, 3/4 of the way from the first centre
+    margins = torch.tensor([[3.0, -1.0]])
+    up = upsample_scores(torch.sigmoid(margins), (1, 80))
+    centres = torch.arange(80) + 0.5
+    inside = up[0] > THRESHOLD
+    first_centre, second_centre = 20.0, 60.0
+    crossing = first_centre + 0.75 * (second_centre - first_centre)
+    assert torch.equal(inside, centres < crossing)
+    # interpolating the probabilities (0.95 -> 0.27) instead would cut at pixel 46.5
+    assert inside[40:50].all()
+
+
+def test_hard_labels_step_half_way_and_stay_in_range() -> None:
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    up = upsample_scores(labels, (4, 40))
+    assert up.min() >= 0.0 and up.max() <= 1.0
+    assert torch.equal(up > THRESHOLD, (torch.arange(40) < 20).expand(4, 40))
+    batched = upsample_scores(torch.stack([labels, 1 - labels]), (4, 40))
+    assert batched.shape == (2, 4, 40)
+    assert torch.allclose(batched[0], up)
+
+
+def test_stability_score_hand_computed() -> None:
+    cut = torch.zeros(1, 4, 4, dtype=torch.bool)
+    cut[0, 1:3, 1:3] = True  # 4 interior patches
+    same = stability_score(cut, cut.clone())
+    assert same.tolist() == [1.0]
+    grown = cut.clone()
+    grown[0, 0, 1:3] = True  # 2 more patches, both on the border row
+    # IoU 4/6; the border has 12 patches, 2 of them inside -> 1 - 2/12
+    assert torch.allclose(stability_score(cut, grown), torch.tensor([4 / 6 * (1 - 2 / 12)]))
+    swapped = ~cut
+    assert stability_score(cut, swapped).tolist() == [0.0]
