@@ -6,7 +6,11 @@ another object among the free patches. A new cut stops the search when its mask 
 earlier instance by IoU > 0.5 (the cut found the removed object again) or when the refined
 instance covers no more than ``min_area`` of the image. Each instance is refined by IPO over
 the still-free patches only, so instances are disjoint on the patch grid; the pipeline keeps
-them disjoint at full size (``regions.full_size_masks``).
+them disjoint at full size (``regions.full_size_masks``). The refined labels of one cut are
+split into 4-connected components: the one holding the cut's strongest patch is the cut's
+instance, and every other component larger than ``min_area`` that holds fewer than three grid
+corners is an instance too (IPO gathers look-alike objects that lie apart, such as a second
+animal of the same kind, which later cuts on a graph of mostly background rarely find).
 
 The first cut is exactly single mode's cut. From the second on, CutLER's corner rule is used
 too: a cut whose foreground holds three or four of the grid's corners is the background, so
@@ -39,6 +43,31 @@ def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _corner_count(mask: torch.Tensor) -> int:
     return int(mask[0, 0]) + int(mask[0, -1]) + int(mask[-1, 0]) + int(mask[-1, -1])
+
+
+def split_components(
+    labels: torch.Tensor, vector: torch.Tensor, grid: tuple[int, int], min_area: float
+) -> list[torch.Tensor]:
+    """4-connected components of ``labels`` larger than ``min_area`` of the grid.
+
+    Arguments:
+      labels: ``[N]`` boolean patch labels.
+      vector: ``[N]`` eigenvector; components come in the order of their largest ``|v|``.
+      grid: ``(rows, cols)``.
+      min_area: smallest component kept, as a fraction of the grid.
+
+    Returns:
+      ``[N]`` boolean masks, one per kept component.
+    """
+    rest = labels.clone()
+    kept = []
+    while bool(rest.any()):
+        seed = torch.where(rest, vector.abs(), torch.full_like(vector, -1.0)).argmax()
+        component = seed_component(rest.view(1, *grid), seed[None])[0].reshape(-1)
+        rest &= ~component
+        if component.sum() > min_area * component.numel():
+            kept.append(component)
+    return kept
 
 
 def split_free_patches(
@@ -152,10 +181,21 @@ class MaskCut:
                 if index > 0 and _corner_count(labels.view(rows, cols)) >= 3:
                     logger.debug("instance %d is the background: stop", index)
                     break
-                probability = prototype_scores(unit[None], labels[None])[0]
-                confidence = float(confidence_score(probability[free], labels[free]))
-            scores = torch.where(labels, refined.scores[0], refined.scores[0].clamp(max=0.5))
-            instances.append(PatchMask(scores=scores.reshape(rows, cols), score=confidence))
-            taken.append(labels)
-            free = free & ~labels
+                others = [
+                    component
+                    for component in split_components(
+                        refined.labels[0] & ~labels, vector, (rows, cols), self.min_area
+                    )
+                    if _corner_count(component.view(rows, cols)) < 3
+                ]
+                for found in [labels, *others][: self.max_instances - len(instances)]:
+                    probability = prototype_scores(unit[None], found[None])[0]
+                    confidence = float(confidence_score(probability[free], found[free]))
+                    scores = refined.scores[0]
+                    scores = torch.where(found, scores, scores.clamp(max=0.5))
+                    instances.append(PatchMask(scores=scores.reshape(rows, cols), score=confidence))
+                    taken.append(found)
+                    free = free & ~found
+            if len(instances) >= self.max_instances:
+                break
         return instances

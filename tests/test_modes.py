@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from selfment_label.entities import Entities
-from selfment_label.instances import MaskCut
+from selfment_label.instances import MaskCut, split_components
 from selfment_label.modes import make_segmenter
 from selfment_label.regions import full_size_masks
 from selfment_label.run import RunConfig
@@ -141,3 +141,33 @@ def test_cli_run_on_real_images(mode, tmp_path: Path, weights_path: Path, ecssd_
             if "parent_id" in ann:
                 assert ann["level"] == 1 and by_id[ann["parent_id"]]["level"] == 0
                 assert not (masks[ann["id"]] & ~masks[ann["parent_id"]]).any()
+
+
+def test_instances_split_one_cut_into_its_separate_components():
+    # a scene where the second cut on the remaining graph misses the second object
+    generator = torch.Generator().manual_seed(2)
+    centres = torch.randn(3, DIM, generator=generator)
+    labels = torch.zeros(ROWS, COLS, dtype=torch.long)
+    labels[2:8, 2:8] = 1
+    labels[12:18, 15:21] = 1
+    tokens = centres[labels] + 0.3 * torch.randn(ROWS, COLS, DIM, generator=generator)
+    found = MaskCut(max_instances=3)(tokens[None], timer())[0]
+    masks = sorted((m.scores > 0.5 for m in found), key=lambda m: int(m.nonzero()[0, 0]))
+    assert len(masks) == 2
+    assert torch.equal(masks[0], (labels == 1) & (torch.arange(ROWS)[:, None] < 10))
+    assert torch.equal(masks[1], (labels == 1) & (torch.arange(ROWS)[:, None] >= 10))
+
+
+def test_components_ordered_by_eigenvector_and_small_ones_dropped():
+    grid = (4, 6)
+    labels = torch.zeros(grid, dtype=torch.bool)
+    labels[0:2, 0:2] = True
+    labels[2:4, 4:6] = True
+    labels[3, 2] = True
+    vector = torch.zeros(grid)
+    vector[3, 5] = -2.0
+    vector[0, 0] = 1.0
+    vector[3, 2] = 3.0
+    found = split_components(labels.reshape(-1), vector.reshape(-1), grid, min_area=1 / 24)
+    assert [int(c.view(grid)[3, 5]) for c in found] == [1, 0]
+    assert all(int(c.sum()) == 4 for c in found)
