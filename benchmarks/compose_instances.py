@@ -2,15 +2,17 @@
 
 There is no multi-instance ground truth in ECSSD, so this script makes some: it pastes two or
 three ECSSD objects (cut out with their ground-truth masks, scaled down) onto other ECSSD
-images used as backgrounds, with a fixed seed, and keeps each object's visible mask as one
-ground-truth instance. Every mode is then scored per ground-truth instance by its best IoU
+images used as backgrounds, with a fixed seed, away from the background's own salient object
+and from each other where the image leaves room. The ground-truth instances are each pasted
+object's visible mask and the background's salient object (minus the pasted pixels). Every
+mode is then scored per ground-truth instance by its best IoU
 with any predicted region (for entities: any entity or part): instance recall at IoU 0.5 and
 mean best IoU. Predicted regions per image are reported too, since more regions make a match
 easier.
 
     .venv/bin/python benchmarks/compose_instances.py ../shared/data/ecssd-dev \\
         --weights ../shared/weights/dinov2_vits14.safetensors --images 40 \\
-        --montage docs/instances.png
+        --cache /tmp/composed_tokens.pt --montage docs/instances.png
 
 ``--sweep`` also scores a grid of entity thresholds (cheap: the features are computed once).
 """
