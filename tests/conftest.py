@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from selfment_label.backbone import Backbone, build_backbone
+
+# FiftyOne: a private database folder per test session and no usage tracking, set before any
+# test imports fiftyone (subprocesses inherit them).
+FIFTYONE_DB_DIR = tempfile.mkdtemp(prefix="selfment-test-fiftyone-db-")
+os.environ["FIFTYONE_DATABASE_DIR"] = FIFTYONE_DB_DIR
+os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the FiftyOne database a test started, then delete its folder."""
+    database = sys.modules.get("fiftyone.core.odm.database")
+    service = getattr(database, "_db_service", None)
+    if service is not None:
+        import psutil
+
+        # FiftyOne attaches to a database service already running on the machine; only one
+        # this session started is ours to stop.
+        child = None if service.attached else service.child
+        service.stop()
+        if child is not None:
+            processes = [child, *child.children(recursive=True)]
+            _, alive = psutil.wait_procs(processes, timeout=10)
+            for process in alive:
+                process.terminate()
+            psutil.wait_procs(alive, timeout=10)
+    shutil.rmtree(FIFTYONE_DB_DIR, ignore_errors=True)
 
 SHARED = Path(
     os.environ.get("SELFMENT_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")
