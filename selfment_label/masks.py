@@ -82,10 +82,22 @@ def stability_score(cut: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     inter = (cut & labels).flatten(1).sum(-1).float()
     union = (cut | labels).flatten(1).sum(-1).float().clamp_min(1.0)
+    return inter / union * (1.0 - border_fraction(labels))
+
+
+def border_fraction(labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of the grid's border patches (each counted once) that are foreground.
+
+    Arguments:
+      labels: ``[B, rows, cols]`` boolean masks.
+
+    Returns:
+      ``[B]`` fractions in [0, 1].
+    """
     border = torch.cat(
         [labels[:, 0], labels[:, -1], labels[:, 1:-1, 0], labels[:, 1:-1, -1]], dim=-1
     )
-    return inter / union * (1.0 - border.float().mean(-1))
+    return border.float().mean(-1)
 
 
 @dataclass

@@ -14,11 +14,12 @@ from typing import Any, Protocol
 import torch
 
 from .ipo import iterative_patch_optimization
-from .masks import stability_score
+from .masks import border_fraction, stability_score
 from .ncut import normalized_cut
 from .timing import StageTimer
 
 SCORE_TEMPERATURE = 0.1
+MAX_BORDER = 0.5
 
 
 @dataclass
@@ -58,11 +59,14 @@ class NcutIpo:
       ipo_iters: IPO rounds (0 keeps the raw cut).
       temperature: softness of the prototype scores ``sigmoid(margin / temperature)``; it
         shapes the soft map (threshold sweeps, MAE), not the 0.5 mask.
+      max_border: a mask that covers more than this fraction of the image's border patches
+        is taken for the background and swapped with its complement (1 disables).
     """
 
     tau: float = 0.2
     ipo_iters: int = 20
     temperature: float = SCORE_TEMPERATURE
+    max_border: float = MAX_BORDER
 
     def options(self) -> dict[str, Any]:
         """Options that decide the masks."""
@@ -71,6 +75,7 @@ class NcutIpo:
             "tau": self.tau,
             "ipo_iters": self.ipo_iters,
             "temperature": self.temperature,
+            "max_border": self.max_border,
         }
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
@@ -84,8 +89,9 @@ class NcutIpo:
                 flat, cut.reshape(b, -1), self.ipo_iters, temperature=self.temperature
             )
             labels = refined.labels.reshape(b, rows, cols)
-            confidence = stability_score(cut, labels).tolist()
-        return [
-            [PatchMask(scores=refined.scores[i].reshape(rows, cols), score=confidence[i])]
-            for i in range(b)
-        ]
+            scores = refined.scores.reshape(b, rows, cols)
+            swapped = (border_fraction(labels) > self.max_border)[:, None, None]
+            labels = torch.where(swapped, ~labels, labels)
+            scores = torch.where(swapped, 1.0 - scores, scores)
+            confidence = stability_score(torch.where(swapped, ~cut, cut), labels).tolist()
+        return [[PatchMask(scores=scores[i], score=confidence[i])] for i in range(b)]
