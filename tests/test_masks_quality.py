@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from selfment_label.masks import THRESHOLD, stability_score, upsample_scores
+from selfment_label import segment
+from selfment_label.masks import THRESHOLD, border_fraction, stability_score, upsample_scores
+from selfment_label.segment import NcutIpo
+from selfment_label.timing import StageTimer
 
 
 def test_upsampling_interpolates_margins_not_saturated_probabilities() -> None:
@@ -42,3 +46,32 @@ def test_stability_score_hand_computed() -> None:
     assert torch.allclose(stability_score(cut, grown), torch.tensor([4 / 6 * (1 - 2 / 12)]))
     swapped = ~cut
     assert stability_score(cut, swapped).tolist() == [0.0]
+
+
+def test_border_fraction_counts_each_border_patch_once() -> None:
+    labels = torch.zeros(1, 4, 5, dtype=torch.bool)
+    labels[0, 0, :] = True  # top row: 5 of the 14 border patches
+    labels[0, 1:3, 1:4] = True  # interior: not counted
+    assert torch.allclose(border_fraction(labels), torch.tensor([5 / 14]))
+
+
+def test_ncut_ipo_swaps_a_mask_that_holds_the_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    # planted features: a 3x3 object in an 8x8 frame; the cut is forced onto the frame (as a
+    # wrong seed does on real images), IPO keeps it, and the border rule swaps it back
+    torch.manual_seed(0)
+    rows = cols = 8
+    inside = torch.zeros(rows, cols, dtype=torch.bool)
+    inside[3:6, 3:6] = True
+    tokens = torch.eye(16)[inside.long().flatten()] * 4 + 0.1 * torch.randn(rows * cols, 16)
+    tokens = tokens.reshape(1, rows, cols, 16)
+
+    def frame_cut(flat: torch.Tensor, grid: tuple[int, int], tau: float) -> tuple:
+        return (~inside)[None], None
+
+    monkeypatch.setattr(segment, "normalized_cut", frame_cut)
+    ((swapped,),) = NcutIpo()(tokens, StageTimer())
+    assert torch.equal(swapped.scores > THRESHOLD, inside)
+    assert swapped.score == pytest.approx(1.0)  # IPO confirmed the (swapped) cut, no border
+    ((kept,),) = NcutIpo(max_border=1.0)(tokens, StageTimer())
+    assert torch.equal(kept.scores > THRESHOLD, ~inside)
+    assert kept.score == 0.0  # the whole border is in the mask
