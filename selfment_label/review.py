@@ -410,7 +410,8 @@ def _model_class() -> type:
 
         @property
         def ragged_batches(self) -> bool:
-            return True
+            # Batches are lists of arrays; predict_all groups them by patch grid itself.
+            return False
 
         @property
         def transforms(self) -> None:

@@ -39,6 +39,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             psutil.wait_procs(alive, timeout=10)
     shutil.rmtree(FIFTYONE_DB_DIR, ignore_errors=True)
 
+
 SHARED = Path(
     os.environ.get("SELFMENT_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")
 )

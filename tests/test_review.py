@@ -242,7 +242,7 @@ def test_model_for_apply_model(run_dir: Path, tiny_backbone: Backbone) -> None:
     dataset = fo.Dataset()
     dataset.add_samples([fo.Sample(filepath=str(p)) for p in sorted(images.glob("img*.png"))])
     model = selfment_model(RunConfig(resolution=112, mode="instances"), backbone=tiny_backbone)
-    dataset.apply_model(model, label_field="selfment", progress=False)
+    dataset.apply_model(model, label_field="selfment", batch_size=2, progress=False)
     dataset.compute_metadata()
     for sample in dataset:
         detections = sample.selfment.detections
