@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfment_label.coco import atomic_write_text
+from selfment_label.atomic import atomic_write_text
 from selfment_label.evaluate import (
     EvalError,
     EvalReport,

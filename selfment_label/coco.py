@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from .atomic import atomic_path
 
 FOREGROUND_CATEGORY = {"id": 1, "name": "foreground", "supercategory": "object"}
 
@@ -38,27 +39,6 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> None:
-    """Write ``data`` as JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
-
-
 def write_coco_stream(
     path: str | Path,
     images: Iterable[dict[str, Any]],
@@ -77,34 +57,25 @@ def write_coco_stream(
     Returns:
       ``(number of images, number of annotations)``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n_images = n_annotations = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write('{"info": ' + json.dumps(info or {}, ensure_ascii=False))
-            fh.write(',\n"licenses": [],\n"categories": ')
-            fh.write(json.dumps(categories or [FOREGROUND_CATEGORY]))
-            fh.write(',\n"images": [')
-            for n_images, record in enumerate(images, start=1):
-                entry = {k: v for k, v in record.items() if k != "annotations"}
-                entry = {"id": n_images, **entry}
-                fh.write(("\n" if n_images == 1 else ",\n") + json.dumps(entry, ensure_ascii=False))
-            fh.write('\n],\n"annotations": [')
-            for image_id, record in enumerate(images, start=1):
-                first_id = n_annotations + 1
-                for ann in record.get("annotations", []):
-                    n_annotations += 1
-                    entry = _annotation_entry(ann, n_annotations, image_id, first_id)
-                    fh.write(("\n" if n_annotations == 1 else ",\n") + json.dumps(entry))
-            fh.write("\n]}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write('{"info": ' + json.dumps(info or {}, ensure_ascii=False))
+        fh.write(',\n"licenses": [],\n"categories": ')
+        fh.write(json.dumps(categories or [FOREGROUND_CATEGORY]))
+        fh.write(',\n"images": [')
+        for n_images, record in enumerate(images, start=1):
+            entry = {"id": n_images, **{k: v for k, v in record.items() if k != "annotations"}}
+            fh.write(("\n" if n_images == 1 else ",\n") + json.dumps(entry, ensure_ascii=False))
+        fh.write('\n],\n"annotations": [')
+        for image_id, record in enumerate(images, start=1):
+            first_id = n_annotations + 1
+            for ann in record.get("annotations", []):
+                n_annotations += 1
+                entry = _annotation_entry(ann, n_annotations, image_id, first_id)
+                fh.write(("\n" if n_annotations == 1 else ",\n") + json.dumps(entry))
+        fh.write("\n]}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     return n_images, n_annotations
 
 

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from .atomic import atomic_path
 from .coco import annotation_record, write_coco_stream
 from .review import INFO_KEY, LABEL, PARTS_FIELD, PSEUDO_FIELD, ReviewError, detection_to_mask
 
@@ -197,21 +197,13 @@ def _place_media(source: str, dest: Path, media: str) -> None:
     if media == "symlink":
         os.symlink(os.path.abspath(source), dest)
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         shutil.copy2(source, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_png(array: np.ndarray, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def _relative_names(view: Any) -> dict[str, str]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_path, atomic_write_json
 from .backbone import Backbone, file_sha256
-from .coco import atomic_write_json
 from .images import DecodedImage, prefetch, prepare_image
 from .run import batches_by_grid
 
@@ -181,14 +179,8 @@ class FeatureCache:
             "height": int(height),
             "tokens": tokens.detach().to("cpu", torch.float16).contiguous(),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
 

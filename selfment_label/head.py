@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import __version__
+from .atomic import atomic_path
 from .backbone import Backbone, build_backbone, file_sha256, get_preset
 from .coco import decode_rle, load_coco, masks_by_image
 from .features_cache import CacheSettings, FeatureCache, FeatureProgress, ensure_features
@@ -42,8 +41,8 @@ from .run import (
     ProgressCallback,
     RunConfig,
     RunSummary,
+    backbone_for,
     label_folder,
-    resolve_device,
 )
 from .segment import PatchMask
 from .timing import StageTimer
@@ -505,15 +504,8 @@ def _check_identity(expected: dict[str, Any], backbone: Backbone, what: str) -> 
 
 def save_checkpoint(path: Path, head: PatchHead, meta: dict[str, Any]) -> None:
     """Write the head's weights and metadata atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"meta": meta, "state_dict": head.state_dict()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -629,12 +621,7 @@ def apply_head(
         resolution=int(meta["resolution"]),
     )
     if backbone is None:
-        backbone = build_backbone(
-            config.backbone,
-            config.weights,
-            resolve_device(config.device),
-            allow_download=config.allow_download,
-        )
+        backbone = backbone_for(config)
     loaded.check_backbone(backbone)
     segmenter = HeadSegmenter(loaded.head.to(backbone.device), loaded.sha256)
     provenance = {

@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from .backbone import Backbone, build_backbone
+from .backbone import Backbone
 from .coco import decode_rle, load_coco, masks_by_image
 from .evaluate import load_gt_mask, load_predictions, match
 from .images import decoded_image, find_images
 from .masks import box_xywh
 from .modes import make_segmenter
 from .regions import full_size_masks
-from .run import ANNOTATIONS_NAME, RUN_NAME, Labeller, RunConfig, resolve_device
+from .run import ANNOTATIONS_NAME, RUN_NAME, Labeller, RunConfig, backbone_for
 from .timing import StageTimer
 
 if TYPE_CHECKING:
@@ -394,12 +394,7 @@ def _model_class() -> type:
 
         def __init__(self, config: RunConfig, backbone: Backbone | None):
             if backbone is None:
-                backbone = build_backbone(
-                    config.backbone,
-                    config.weights,
-                    resolve_device(config.device),
-                    allow_download=config.allow_download,
-                )
+                backbone = backbone_for(config)
             self.config = config
             self.labeller = Labeller(backbone, make_segmenter(config), config.precision)
             self.timer = StageTimer(backbone.device)

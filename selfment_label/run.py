@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .atomic import atomic_path, atomic_write_json
 from .backbone import DEFAULT_BACKBONE, Backbone, build_backbone
-from .coco import annotation_record, atomic_write_json, write_coco_stream
+from .coco import annotation_record, write_coco_stream
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, find_images, prefetch, prepare_image
 from .journal import JOURNAL_NAME, Journal, RunConflict, RunLock
 from .modes import make_segmenter
@@ -135,6 +136,16 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def backbone_for(config: RunConfig) -> Backbone:
+    """Build the backbone (preset, weights, device, download policy) a run config asks for."""
+    return build_backbone(
+        config.backbone,
+        config.weights,
+        resolve_device(config.device),
+        allow_download=config.allow_download,
+    )
+
+
 def default_out_dir(input_dir: Path) -> Path:
     """``./<folder name>-selfment`` in the current directory."""
     return Path.cwd() / f"{input_dir.resolve().name}-selfment"
@@ -222,11 +233,9 @@ class Labeller:
 def _write_score_map(out_dir: Path, file_name: str, soft: torch.Tensor) -> str:
     rel = score_map_path(file_name)
     target = out_dir / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
     array = (soft.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    tmp = target.with_name(f".{target.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(target)
+    with atomic_path(target) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
     return rel
 
 
@@ -270,11 +279,8 @@ def label_folder(
             f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)"
         )
     out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
-    device = resolve_device(config.device)
     if backbone is None:
-        backbone = build_backbone(
-            config.backbone, config.weights, device, allow_download=config.allow_download
-        )
+        backbone = backbone_for(config)
     segmenter = segmenter or make_segmenter(config)
     labeller = Labeller(backbone, segmenter, config.precision)
     identity = backbone.identity()
@@ -311,7 +317,7 @@ def label_folder(
             "input_dir": str(input_dir.resolve()),
             "backbone": identity,
             "options": {**asdict(config), **segmenter.options()},
-            "device": str(device),
+            "device": str(backbone.device),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "images_found": summary.total,
