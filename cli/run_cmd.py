@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -14,6 +15,7 @@ from selfment_label.run import (
     DEFAULT_RESOLUTION,
     PRECISIONS,
     NoImages,
+    ProgressCallback,
     RunConfig,
     RunSummary,
     label_folder,
@@ -48,6 +50,36 @@ def print_summary(summary: RunSummary) -> None:
         for name, reason in summary.skipped.items():
             skipped.add_row(name, reason)
         console.print(skipped)
+
+
+LABEL_ERRORS = (
+    NoImages,
+    RunConflict,
+    BackboneError,
+    FileNotFoundError,
+    NotADirectoryError,
+    RuntimeError,
+)
+
+
+def label_with_progress(
+    label: Callable[[ProgressCallback], RunSummary], *errors: type[BaseException]
+) -> None:
+    """Run a labelling call under a progress bar, then print its summary.
+
+    Arguments:
+      label: called with the progress callback; returns the run's summary.
+      errors: more library exceptions to report as clean errors (the labelling ones are
+        always reported).
+    """
+    with user_errors(*LABEL_ERRORS, *errors), make_progress() as progress:
+        task = progress.add_task("labelling", total=None)
+
+        def on_image(done: int, total: int, name: str, reason: str | None) -> None:
+            progress.update(task, completed=done, total=total)
+
+        summary = label(on_image)
+    print_summary(summary)
 
 
 def run(
@@ -113,22 +145,9 @@ def run(
         merge_floor=merge_floor,
         persistence=persistence,
     )
-    errors = (
-        NoImages,
-        RunConflict,
-        BackboneError,
-        FileNotFoundError,
-        NotADirectoryError,
-        RuntimeError,
+    label_with_progress(
+        lambda progress: label_folder(images, out, config, overwrite=overwrite, progress=progress)
     )
-    with user_errors(*errors), make_progress() as progress:
-        task = progress.add_task("labelling", total=None)
-
-        def on_image(done: int, total: int, name: str, reason: str | None) -> None:
-            progress.update(task, completed=done, total=total)
-
-        summary = label_folder(images, out, config, overwrite=overwrite, progress=on_image)
-    print_summary(summary)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,11 +10,10 @@ from rich.table import Table
 from selfment_label.backbone import BackboneError
 from selfment_label.features_cache import CacheError
 from selfment_label.head import HeadError, TrainConfig, apply_head, distil
-from selfment_label.journal import RunConflict
-from selfment_label.run import NoImages, RunConfig, resolve_device
+from selfment_label.run import RunConfig, resolve_device
 
 from .console import console, fail, make_progress, setup_logging, user_errors
-from .run_cmd import print_summary
+from .run_cmd import label_with_progress
 
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
 
@@ -115,23 +114,12 @@ def apply(
         save_scores=save_scores,
         allow_download=not offline,
     )
-    errors = (
+    label_with_progress(
+        lambda progress: apply_head(
+            head, images, out, config, overwrite=overwrite, progress=progress
+        ),
         HeadError,
-        NoImages,
-        RunConflict,
-        BackboneError,
-        FileNotFoundError,
-        NotADirectoryError,
-        RuntimeError,
     )
-    with user_errors(*errors), make_progress() as progress:
-        task = progress.add_task("labelling", total=None)
-
-        def on_image(done: int, total: int, name: str, reason: str | None) -> None:
-            progress.update(task, completed=done, total=total)
-
-        summary = apply_head(head, images, out, config, overwrite=overwrite, progress=on_image)
-    print_summary(summary)
 
 
 def register(app: typer.Typer) -> None:
