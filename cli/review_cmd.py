@@ -46,9 +46,9 @@ def review(
         return
     with console.status("starting the FiftyOne App"):
         session = launch_app(dataset, port=port, address=address)
-    typer.echo(app_url(session, dataset))
-    console.print("Tag samples (e.g. approved / rejected) in the App; Ctrl-C to stop.")
     try:
+        typer.echo(app_url(session, dataset))
+        console.print("Tag samples (e.g. approved / rejected) in the App; Ctrl-C to stop.")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
