@@ -242,11 +242,12 @@ def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def test_real_backbone_masks_match_ground_truth(tmp_path, ecssd_dir, real_backbone):
-    """Mean IoU over 16 ECSSD images must reach 0.70 with IPO and IPO must not lose to NCut.
+    """Mean IoU over 16 ECSSD images must reach 0.72 with IPO, and IPO must beat NCut alone.
 
-    The bar: the published TokenCut IoU on ECSSD is 0.712 (DINO ViT-S/16); our full-set
-    figure is well above it, so 0.70 on a 16-image sample leaves room for sample noise
-    while still failing on any real regression (a broken cut or flipped split gives < 0.4).
+    The bar: the published TokenCut IoU on ECSSD is 0.712 (DINO ViT-S/16). On these 16
+    images the default engine measures 0.759 with IPO and 0.733 without (0.807 / 0.744 on all
+    200), so 0.72 leaves room for numeric noise across machines while failing on any real
+    regression (a broken cut, a lost border swap or a flipped split costs far more).
     """
     stems = [f"{i:04d}" for i in range(1, 200, 12)][:16]
     images = _ecssd_subset(ecssd_dir, tmp_path / "images", stems)
@@ -270,8 +271,8 @@ def test_real_backbone_masks_match_ground_truth(tmp_path, ecssd_dir, real_backbo
             pred = decode_rle(ann["segmentation"]) if ann else np.zeros_like(gt)
             scores.append(_iou(pred, gt))
         ious[iters] = float(np.mean(scores))
-    assert ious[20] >= 0.65, ious
-    assert ious[20] >= ious[0] - 0.01, ious
+    assert ious[20] >= 0.72, ious
+    assert ious[20] > ious[0], ious
 
 
 def test_exif_rotated_image_gets_the_mask_of_the_displayed_image(
