@@ -34,11 +34,11 @@ class IpoResult:
 
 
 def _side_means(unit: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # one [B, 2, N] @ [B, N, D] product instead of two broadcast [B, N, D] temporaries
     fg = labels.to(unit.dtype)
-    bg = 1.0 - fg
-    mean_fg = (fg[:, :, None] * unit).sum(1) / fg.sum(1, keepdim=True).clamp_min(1.0)
-    mean_bg = (bg[:, :, None] * unit).sum(1) / bg.sum(1, keepdim=True).clamp_min(1.0)
-    return mean_fg, mean_bg
+    sides = torch.stack([fg, 1.0 - fg], dim=1)
+    means = (sides @ unit) / sides.sum(-1, keepdim=True).clamp_min(1.0)
+    return means[:, 0], means[:, 1]
 
 
 def prototype_scores(

@@ -1,10 +1,12 @@
 """CPU thread placement of the pipeline's stages.
 
 The backbone's big matrix products use every torch intra-op thread well. The stages after
-it (graph, eigensolver, IPO, upsampling) are hundreds of small kernels; spread over several
-threads each kernel ends in a barrier, and on a busy or small machine (decode threads,
-other processes) one descheduled thread stalls them all. Run single-threaded they are
-several times faster there, and the other cores stay free for decoding.
+it (graph, eigensolver, IPO, upsampling) are many small kernels that each end in a barrier;
+past a couple of threads they gain nothing and one descheduled thread stalls them all. They
+run with at most ``SMALL_KERNEL_THREADS`` threads: on a quiet 2-core machine 2 threads
+halve their cost against 1 (NCut 24 -> 13 ms, IPO 13 -> 7 ms per image at 448 px;
+benchmarks/NOTES.md), while on a machine crowded by other processes 1 thread was the
+safer choice (set it with ``small_kernel_threads(device, threads=1)``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-SMALL_KERNEL_THREADS = 1
+SMALL_KERNEL_THREADS = 2
 
 
 @contextmanager
