@@ -582,11 +582,7 @@ class HeadSegmenter:
             count = inside.flatten(1).sum(1)
             total = (probability * inside).flatten(1).sum(1)
             score = torch.where(count > 0, total / count.clamp(min=1), 0.0).tolist()
-        # the head's masks are its softmax probabilities upsampled bilinearly as they are
-        return [
-            [PatchMask(scores=probability[i], score=score[i], logit_space=False)]
-            for i in range(len(score))
-        ]
+        return [[PatchMask(scores=probability[i], score=score[i])] for i in range(len(score))]
 
 
 def apply_head(

@@ -11,10 +11,8 @@ THRESHOLD = 0.5
 LOGIT_EPS = 1e-6
 
 
-def upsample_scores(
-    scores: torch.Tensor, size: tuple[int, int], logit_space: bool = True
-) -> torch.Tensor:
-    """Upsample patch-grid scores to full image size, bilinearly (in logit space by default).
+def upsample_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Upsample patch-grid scores to full image size, bilinearly in logit space.
 
     The scores are probabilities (a sigmoid or softmax of a margin), so their logits are
     interpolated and mapped back through the sigmoid: the 0.5 boundary then falls where the
@@ -25,16 +23,15 @@ def upsample_scores(
     Arguments:
       scores: ``[rows, cols]`` or ``[B, rows, cols]`` soft scores in [0, 1].
       size: ``(height, width)`` of the output.
-      logit_space: interpolate logits (default) or the probabilities themselves.
 
     Returns:
       Scores in [0, 1] at ``size`` with the input's leading shape, on the input's device.
     """
     squeeze = scores.dim() == 2
     grid = scores[None, None] if squeeze else scores[:, None]
-    grid = torch.logit(grid.float(), eps=LOGIT_EPS) if logit_space else grid.float()
-    up = torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    up = torch.sigmoid(up[:, 0]) if logit_space else up[:, 0]
+    logits = torch.logit(grid.float(), eps=LOGIT_EPS)
+    up = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    up = torch.sigmoid(up[:, 0])
     return up[0] if squeeze else up
 
 

@@ -66,7 +66,6 @@ def full_size_masks(
         soft = upsample_scores(
             torch.stack([patch_masks[i].scores.float() for i in members]),
             (height, width),
-            logit_space=patch_masks[members[0]].logit_space,
         )
         top = soft.max(0).values
         union = top if union is None else torch.maximum(union, top)

@@ -31,13 +31,11 @@ class PatchMask:
         upsampling thresholded at 0.5.
       score: the mask's confidence in [0, 1].
       extra: extra annotation keys (``level``, ``parent``) for hierarchical modes.
-      logit_space: upsample the scores' logits (True) or the probabilities themselves.
     """
 
     scores: torch.Tensor
     score: float
     extra: dict[str, Any] = field(default_factory=dict)
-    logit_space: bool = True
 
 
 class Segmenter(Protocol):

@@ -75,13 +75,3 @@ def test_ncut_ipo_swaps_a_mask_that_holds_the_frame(monkeypatch: pytest.MonkeyPa
     ((kept,),) = NcutIpo(max_border=1.0)(tokens, StageTimer())
     assert torch.equal(kept.scores > THRESHOLD, ~inside)
     assert kept.score == 0.0  # the whole border is in the mask
-
-
-def test_probability_space_upsampling_is_plain_bilinear():
-    grid = torch.tensor([[0.2, 0.9], [0.4, 0.6]])
-    up = upsample_scores(grid, (4, 4), logit_space=False)
-    expected = torch.nn.functional.interpolate(
-        grid[None, None], size=(4, 4), mode="bilinear", align_corners=False
-    )[0, 0]
-    assert torch.allclose(up, expected)
-    assert not torch.allclose(upsample_scores(grid, (4, 4)), expected)
