@@ -17,7 +17,7 @@ from selfment_label.bench import (
 )
 from selfment_label.run import DEFAULT_RESOLUTION, PRECISIONS
 
-from .console import console, setup_logging, user_errors
+from .console import console, require_choice, setup_logging, user_errors
 
 STAGES = ("decode", "backbone", "ncut", "ipo", "masks", "write")
 
@@ -102,8 +102,7 @@ def bench(
 ) -> None:
     """Time each stage, compare end-to-end labelling with a bare backbone, check targets."""
     setup_logging(verbose)
-    if precision not in PRECISIONS:
-        raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    require_choice(precision, PRECISIONS, "--precision")
     config = BenchConfig(
         images=images,
         weights=str(weights) if weights else None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import typer
@@ -63,6 +63,13 @@ def make_progress(unit: str = "img") -> Progress:
         console=console,
         transient=False,
     )
+
+
+def require_choice(value: str, choices: Iterable[str], option: str) -> None:
+    """Raise a usage error naming ``option`` when ``value`` is not one of ``choices``."""
+    choices = list(choices)
+    if value not in choices:
+        raise typer.BadParameter(f"choose one of {', '.join(choices)}", param_hint=option)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

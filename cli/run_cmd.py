@@ -21,7 +21,7 @@ from selfment_label.run import (
     label_folder,
 )
 
-from .console import console, make_progress, setup_logging, user_errors
+from .console import console, make_progress, require_choice, setup_logging, user_errors
 
 STAGES = ("decode", "backbone", "ncut", "ipo", "merge", "head", "masks", "write")
 
@@ -122,10 +122,8 @@ def run(
 ) -> None:
     """Find the main object in every image and write annotations.json (COCO) + run.json."""
     setup_logging(verbose)
-    if mode not in MODES:
-        raise typer.BadParameter(f"choose one of {', '.join(MODES)}", param_hint="--mode")
-    if precision not in PRECISIONS:
-        raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    require_choice(mode, MODES, "--mode")
+    require_choice(precision, PRECISIONS, "--precision")
     config = RunConfig(
         backbone=backbone,
         weights=str(weights) if weights else None,
