@@ -27,7 +27,7 @@ import torch
 
 from .ipo import prototype_scores
 from .masks import confidence_score
-from .segment import PatchMask
+from .segment import PatchMask, dataclass_options
 from .timing import StageTimer
 
 NO_EDGE = -np.inf
@@ -186,12 +186,7 @@ class Entities:
 
     def options(self) -> dict[str, Any]:
         """Options that decide the masks."""
-        return {
-            "mode": "entities",
-            "merge_floor": self.merge_floor,
-            "persistence": self.persistence,
-            "min_area": self.min_area,
-        }
+        return dataclass_options("entities", self)
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """Entities (level 0) then parts (level 1, with ``parent``) for each image."""

@@ -28,7 +28,7 @@ import torch
 from .ipo import iterative_patch_optimization, prototype_scores
 from .masks import confidence_score
 from .ncut import affinity, second_eigenvector, seed_component
-from .segment import PatchMask
+from .segment import PatchMask, dataclass_options
 from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -117,13 +117,7 @@ class MaskCut:
 
     def options(self) -> dict[str, Any]:
         """Options that decide the masks."""
-        return {
-            "mode": "instances",
-            "tau": self.tau,
-            "ipo_iters": self.ipo_iters,
-            "max_instances": self.max_instances,
-            "min_area": self.min_area,
-        }
+        return dataclass_options("instances", self)
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """Up to ``max_instances`` disjoint ``PatchMask`` per image."""

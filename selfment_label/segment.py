@@ -8,7 +8,7 @@ Selfment's Iterative Patch Optimization).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -36,6 +36,15 @@ class PatchMask:
     scores: torch.Tensor
     score: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def dataclass_options(mode: str, segmenter: Any) -> dict[str, Any]:
+    """A dataclass segmenter's options: its mode and every one of its fields.
+
+    Deriving them from the fields keeps every option in the fingerprint that a resumed run
+    is compared by.
+    """
+    return {"mode": mode, **asdict(segmenter)}
 
 
 class Segmenter(Protocol):
@@ -70,13 +79,7 @@ class NcutIpo:
 
     def options(self) -> dict[str, Any]:
         """Options that decide the masks."""
-        return {
-            "mode": "single",
-            "tau": self.tau,
-            "ipo_iters": self.ipo_iters,
-            "temperature": self.temperature,
-            "max_border": self.max_border,
-        }
+        return dataclass_options("single", self)
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """One ``PatchMask`` per image."""
