@@ -16,11 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfment_label.backbone import build_backbone
-from selfment_label.bench import bare_backbone_seconds, decode_all, link_images
+from benchmarks.speed import bare_backbone_seconds, decode_all, link_images
+from selfment_label.config import DEFAULT_RESOLUTION, RunConfig
+from selfment_label.data.images import find_images
 from selfment_label.evaluate import evaluate_run
-from selfment_label.images import find_images
-from selfment_label.run import DEFAULT_RESOLUTION, RunConfig, label_folder
+from selfment_label.features.backbone import build_backbone
+from selfment_label.runfolder.pipeline import label_folder
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 

@@ -24,18 +24,25 @@ import hashlib
 import json
 import random
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from selfment_label.backbone import build_backbone
-from selfment_label.images import prepare_image
-from selfment_label.modes import MODES, make_segmenter
-from selfment_label.regions import full_size_masks
-from selfment_label.run import RunConfig
+from selfment_label.config import (
+    DEFAULT_RESOLUTION,
+    MODES,
+    EntitiesConfig,
+    InstancesConfig,
+    ModeConfig,
+    mode_config,
+)
+from selfment_label.data.images import prepare_image
+from selfment_label.features.backbone import build_backbone
+from selfment_label.masks import full_size_masks
+from selfment_label.segment.registry import make_segmenter
 from selfment_label.timing import StageTimer
 
 BACKGROUND_MIN_AREA = 0.01
@@ -158,7 +165,7 @@ def best_ious(instances: list[np.ndarray], regions: list[np.ndarray]) -> list[fl
     return scores
 
 
-def predict(config: RunConfig, tokens: list[torch.Tensor], sizes: list[tuple[int, int]]):
+def predict(config: ModeConfig, tokens: list[torch.Tensor], sizes: list[tuple[int, int]]):
     """Full-size regions of every image for one configuration."""
     segmenter = make_segmenter(config)
     timer = StageTimer(torch.device("cpu"))
@@ -254,7 +261,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=RunConfig().resolution)
+    parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--cache", type=Path, help="keep the patch tokens in this .pt file")
     parser.add_argument("--montage", type=Path)
@@ -265,21 +272,16 @@ def main() -> None:
         folder = Path(tmp)
         composites = compose(args.ecssd, folder, args.images, args.seed)
         tokens, sizes = patch_tokens(folder, composites, args.weights, args.resolution, args.cache)
-        base = RunConfig(resolution=args.resolution)
-        predictions = {
-            mode: predict(replace(base, mode=mode), tokens, sizes) for mode in args.modes
-        }
+        predictions = {mode: predict(mode_config(mode), tokens, sizes) for mode in args.modes}
         report = {mode: score(composites, found) for mode, found in predictions.items()}
         if args.sweep:
             for floor in (0.2, 0.3, 0.4, 0.5):
                 for persistence in (0.05, 0.1, 0.15, 0.2):
-                    config = replace(
-                        base, mode="entities", merge_floor=floor, persistence=persistence
-                    )
+                    config = EntitiesConfig(merge_floor=floor, persistence=persistence)
                     key = f"entities floor={floor} persistence={persistence}"
                     report[key] = score(composites, predict(config, tokens, sizes))
             for count in (2, 3, 5):
-                config = replace(base, mode="instances", max_instances=count)
+                config = InstancesConfig(max_instances=count)
                 report[f"instances max={count}"] = score(composites, predict(config, tokens, sizes))
         if args.montage:
             montage(folder, composites, predictions, args.montage)

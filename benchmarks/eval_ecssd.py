@@ -22,9 +22,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from selfment_label.backbone import build_backbone
+from selfment_label.config import RunConfig, SingleConfig
 from selfment_label.evaluate import METRIC_NAMES, evaluate_run
-from selfment_label.run import RUN_NAME, RunConfig, label_folder
+from selfment_label.features.backbone import build_backbone
+from selfment_label.runfolder.layout import RUN_NAME
+from selfment_label.runfolder.pipeline import label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -40,8 +42,8 @@ def parse_args() -> argparse.Namespace:
         "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
     )
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
-    parser.add_argument("--tau", type=float, default=defaults.tau)
-    parser.add_argument("--ipo-iters", type=int, default=defaults.ipo_iters)
+    parser.add_argument("--tau", type=float, default=SingleConfig.tau)
+    parser.add_argument("--ipo-iters", type=int, default=SingleConfig.ipo_iters)
     parser.add_argument("--limit", type=int, default=0, help="Use only the first N images.")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default).")
     parser.add_argument("--work", type=Path, default=None, help="Keep the run folders here.")
@@ -78,7 +80,9 @@ def main() -> None:
     results = {}
     for name, iters in variants.items():
         config = RunConfig(
-            resolution=args.resolution, tau=args.tau, ipo_iters=iters, save_scores=True
+            resolution=args.resolution,
+            segment=SingleConfig(tau=args.tau, ipo_iters=iters),
+            save_scores=True,
         )
         out = work / f"run-ipo{iters}"
         label_folder(images, out, config, overwrite=True, backbone=backbone)

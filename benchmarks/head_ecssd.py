@@ -20,14 +20,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from selfment_label.backbone import Backbone, build_backbone
+from selfment_label.config import DEFAULT_RESOLUTION, RunConfig, TrainConfig
+from selfment_label.data.batching import batches_by_grid, prefetch, stack_pixels
+from selfment_label.data.images import DecodedImage, find_images, prepare_image
 from selfment_label.evaluate import evaluate_run
-from selfment_label.head import TrainConfig, apply_head, distil
-from selfment_label.images import DecodedImage, find_images, prefetch, prepare_image
-from selfment_label.run import DEFAULT_RESOLUTION, RunConfig, batches_by_grid, label_folder
+from selfment_label.features.backbone import Backbone, build_backbone
+from selfment_label.head.apply import apply_head
+from selfment_label.head.train import distil
+from selfment_label.runfolder.pipeline import label_folder
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 SHOWN = ("max_f", "iou", "accuracy", "mae", "s_measure", "max_e")
@@ -63,7 +63,7 @@ def bare_forward_seconds(
     depth = max(4, 2 * batch_size)
     for batch, _ in batches_by_grid(prefetch(names, decode, 2, depth), batch_size, depth):
         if batch:
-            pixels = torch.from_numpy(np.stack([d.pixels for d in batch]))
+            pixels = stack_pixels(batch)
             backbone.patch_tokens(pixels)
     return time.perf_counter() - start
 

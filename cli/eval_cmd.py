@@ -16,6 +16,7 @@ from selfment_label.evaluate import (
     evaluate_run,
     per_image_csv,
 )
+from selfment_label.runfolder.layout import RunFolderError
 
 from .console import console, fail, make_progress, setup_logging, user_errors
 
@@ -88,7 +89,7 @@ def evaluate(
 ) -> None:
     """Score a run's masks against ground truth (maxF, IoU, S-measure, E-measure, MAE...)."""
     setup_logging(verbose)
-    with user_errors(EvalError), make_progress() as progress:
+    with user_errors(EvalError, RunFolderError), make_progress() as progress:
         task = progress.add_task("evaluating", total=None)
 
         def on_image(done: int, total: int, result: ImageResult) -> None:

@@ -6,7 +6,7 @@ import typer
 
 from selfment_label import __version__
 
-from . import bench_cmd, eval_cmd, review_cmd, run_cmd, train_cmd
+from . import eval_cmd, review_cmd, run_cmd, train_cmd
 
 app = typer.Typer(
     name="selfment-label",
@@ -35,5 +35,4 @@ def main(
 run_cmd.register(app)
 eval_cmd.register(app)
 train_cmd.register(app)
-bench_cmd.register(app)
 review_cmd.register(app)

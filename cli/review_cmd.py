@@ -7,14 +7,11 @@ from pathlib import Path
 
 import typer
 
-from selfment_label.export import FORMATS, MEDIA, ExportError, export_dataset
-from selfment_label.review import (
-    ReviewError,
-    app_url,
-    build_dataset,
-    launch_app,
-    load_run_dataset,
-)
+from selfment_label.review.app import app_url, launch_app
+from selfment_label.review.dataset import build_dataset, load_run_dataset
+from selfment_label.review.db import ReviewError
+from selfment_label.review.export import FORMATS, MEDIA, ExportError, export_dataset
+from selfment_label.runfolder.layout import RunFolderError
 
 from .console import console, fail, setup_logging, user_errors
 
@@ -36,7 +33,7 @@ def review(
     setup_logging(verbose)
     if gt is not None and not gt.is_dir():
         raise fail(f"--gt {gt} is not a folder")
-    with user_errors(ReviewError), console.status("building the FiftyOne dataset"):
+    with user_errors(ReviewError, RunFolderError), console.status("building the FiftyOne dataset"):
         dataset = build_dataset(run_dir, name, gt)
     fields = ", ".join(dataset.info["selfment"]["label_fields"])
     console.print(
@@ -81,7 +78,7 @@ def export(
 ) -> None:
     """Export the reviewed labels (tags, deletions and edits honoured) as a training set."""
     setup_logging(verbose)
-    with user_errors(ReviewError, ExportError), console.status("exporting"):
+    with user_errors(ReviewError, ExportError, RunFolderError), console.status("exporting"):
         dataset = load_run_dataset(run_dir, name)
         summary = export_dataset(
             dataset,

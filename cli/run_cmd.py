@@ -8,22 +8,22 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfment_label.backbone import DEFAULT_BACKBONE, PRESETS, BackboneError
-from selfment_label.journal import RunConflict
-from selfment_label.modes import MODES
-from selfment_label.run import (
-    DEFAULT_RESOLUTION,
-    PRECISIONS,
-    NoImages,
-    ProgressCallback,
+from selfment_label.config import (
+    DEVICE_HELP,
+    MODES,
+    PRECISION_NAMES,
+    EntitiesConfig,
+    InstancesConfig,
     RunConfig,
-    RunSummary,
-    label_folder,
+    SingleConfig,
+    mode_config,
 )
+from selfment_label.features.presets import PRESETS, BackboneError
+from selfment_label.runfolder.journal import RunConflict
+from selfment_label.runfolder.layout import RunFolderError
+from selfment_label.runfolder.pipeline import NoImages, ProgressCallback, RunSummary, label_folder
 
 from .console import console, make_progress, require_choice, setup_logging, user_errors
-
-STAGES = ("decode", "backbone", "ncut", "ipo", "merge", "head", "masks", "write")
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -37,9 +37,8 @@ def print_summary(summary: RunSummary) -> None:
         table.add_row("already done (resumed)", str(summary.resumed))
     table.add_row("skipped", str(len(summary.skipped)))
     table.add_row("annotations", str(summary.annotations))
-    for stage in STAGES:
-        if stage in summary.stages:
-            table.add_row(f"{stage} s", f"{summary.stages[stage]:.2f}")
+    for stage, seconds in summary.stages.items():
+        table.add_row(f"{stage} s", f"{seconds:.2f}")
     table.add_row("wall s", f"{summary.seconds:.2f}")
     table.add_row("images/s", f"{summary.images_per_second:.2f}")
     console.print(table)
@@ -55,6 +54,7 @@ def print_summary(summary: RunSummary) -> None:
 LABEL_ERRORS = (
     NoImages,
     RunConflict,
+    RunFolderError,
     BackboneError,
     FileNotFoundError,
     NotADirectoryError,
@@ -87,35 +87,55 @@ def run(
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
     ),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, help=f"Backbone preset: {', '.join(PRESETS)}."),
+    backbone: str = typer.Option(
+        RunConfig.backbone, help=f"Backbone preset: {', '.join(PRESETS)}."
+    ),
     weights: Path = typer.Option(
         None,
         help="Local weights (.safetensors/.pth, timm or official layout). Env: SELFMENT_WEIGHTS.",
     ),
     resolution: int = typer.Option(
-        DEFAULT_RESOLUTION, help="Pixels on the long side fed to the backbone."
+        RunConfig.resolution, help="Pixels on the long side fed to the backbone."
     ),
-    tau: float = typer.Option(0.2, help="Cosine threshold of the NCut affinity graph."),
-    ipo_iters: int = typer.Option(20, help="Iterative Patch Optimization rounds (0 disables IPO)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", help=f"Backbone precision: {', '.join(PRECISIONS)}."),
-    batch_size: int = typer.Option(4, min=1, help="Images per backbone batch."),
-    workers: int = typer.Option(2, min=1, help="Decoding threads."),
+    tau: float = typer.Option(
+        SingleConfig.tau, help="Cosine threshold of the NCut affinity graph."
+    ),
+    ipo_iters: int = typer.Option(
+        SingleConfig.ipo_iters, help="Iterative Patch Optimization rounds (0 disables IPO)."
+    ),
+    device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
+    precision: str = typer.Option(
+        RunConfig.precision, help=f"Backbone precision: {', '.join(PRECISION_NAMES)}."
+    ),
+    batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),
+    workers: int = typer.Option(RunConfig.workers, min=1, help="Decoding threads."),
     save_scores: bool = typer.Option(
-        False, help="Also save soft score maps (for threshold-sweep eval)."
+        RunConfig.save_scores, help="Also save soft score maps (for threshold-sweep eval)."
     ),
-    max_pixels: int = typer.Option(120_000_000, help="Skip larger images (decompression bombs)."),
+    max_pixels: int = typer.Option(
+        RunConfig.max_pixels, help="Skip larger images (decompression bombs)."
+    ),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     mode: str = typer.Option(
-        "single", help=f"{', '.join(MODES)}: one object, several objects, or entities + parts."
+        SingleConfig.mode,
+        help=f"{', '.join(MODES)}: one object, several objects, or entities + parts.",
     ),
-    max_instances: int = typer.Option(3, min=1, help="Most instances per image (instances)."),
+    max_instances: int = typer.Option(
+        InstancesConfig.max_instances, min=1, help="Most instances per image (instances)."
+    ),
     min_area: float = typer.Option(
-        0.01, min=0.0, max=1.0, help="Smallest instance/entity/part, fraction of the image."
+        InstancesConfig.min_area,
+        min=0.0,
+        max=1.0,
+        help="Smallest instance/entity/part, fraction of the image.",
     ),
-    merge_floor: float = typer.Option(0.4, help="Lowest merge similarity explored (entities)."),
+    merge_floor: float = typer.Option(
+        EntitiesConfig.merge_floor, help="Lowest merge similarity explored (entities)."
+    ),
     persistence: float = typer.Option(
-        0.1, min=0.0, help="Similarity range an entity or part must survive (entities)."
+        EntitiesConfig.persistence,
+        min=0.0,
+        help="Similarity range an entity or part must survive (entities).",
     ),
     overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
@@ -123,13 +143,20 @@ def run(
     """Find the main object in every image and write annotations.json (COCO) + run.json."""
     setup_logging(verbose)
     require_choice(mode, MODES, "--mode")
-    require_choice(precision, PRECISIONS, "--precision")
+    require_choice(precision, PRECISION_NAMES, "--precision")
+    segment = mode_config(
+        mode,
+        tau=tau,
+        ipo_iters=ipo_iters,
+        max_instances=max_instances,
+        min_area=min_area,
+        merge_floor=merge_floor,
+        persistence=persistence,
+    )
     config = RunConfig(
         backbone=backbone,
         weights=str(weights) if weights else None,
         resolution=resolution,
-        tau=tau,
-        ipo_iters=ipo_iters,
         device=device,
         precision=precision,
         batch_size=batch_size,
@@ -137,11 +164,7 @@ def run(
         save_scores=save_scores,
         max_pixels=max_pixels,
         allow_download=not offline,
-        mode=mode,
-        max_instances=max_instances,
-        min_area=min_area,
-        merge_floor=merge_floor,
-        persistence=persistence,
+        segment=segment,
     )
     label_with_progress(
         lambda progress: label_folder(images, out, config, overwrite=overwrite, progress=progress)

@@ -7,10 +7,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfment_label.backbone import BackboneError
-from selfment_label.features_cache import CacheError
-from selfment_label.head import HeadError, TrainConfig, apply_head, distil
-from selfment_label.run import RunConfig, resolve_device
+from selfment_label.config import DEVICE_HELP, RunConfig, TrainConfig
+from selfment_label.device import resolve_device
+from selfment_label.features.cache import CacheError
+from selfment_label.features.presets import BackboneError
+from selfment_label.head.apply import apply_head
+from selfment_label.head.checkpoint import HeadError
+from selfment_label.head.train import distil
+from selfment_label.runfolder.layout import RunFolderError
 
 from .console import console, fail, make_progress, setup_logging, user_errors
 from .run_cmd import label_with_progress
@@ -25,18 +29,24 @@ def _loss_text(losses: dict[str, float]) -> str:
 def train(
     run_dir: Path = typer.Argument(..., help="A run folder made by `selfment-label run`."),
     out: Path = typer.Option(Path("head.pt"), "--out", "-o", help="Checkpoint file to write."),
-    epochs: int = typer.Option(3, min=1, help="Passes over the run's images."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    weight_decay: float = typer.Option(1e-5, help="Adam weight decay."),
-    batch_size: int = typer.Option(8, min=1, help="Images per optimisation step."),
-    seed: int = typer.Option(0, help="Seed of initialisation, shuffling and subsampling."),
+    epochs: int = typer.Option(TrainConfig.epochs, min=1, help="Passes over the run's images."),
+    lr: float = typer.Option(TrainConfig.lr, help="Adam learning rate."),
+    weight_decay: float = typer.Option(TrainConfig.weight_decay, help="Adam weight decay."),
+    batch_size: int = typer.Option(
+        TrainConfig.batch_size, min=1, help="Images per optimisation step."
+    ),
+    seed: int = typer.Option(
+        TrainConfig.seed, help="Seed of initialisation, shuffling and subsampling."
+    ),
     cache: Path = typer.Option(None, help="Feature cache folder \\[default: RUN_DIR/features]."),
     weights: Path = typer.Option(
         None,
         help="Backbone weights, if features must be computed \\[default: the run's file, "
         "then SELFMENT_WEIGHTS].",
     ),
-    device: str = typer.Option("auto", help="Backbone device for feature extraction."),
+    device: str = typer.Option(
+        RunConfig.device, help=f"Backbone device for feature extraction: {DEVICE_HELP}."
+    ),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     overwrite: bool = typer.Option(False, help="Replace an existing checkpoint file."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
@@ -48,7 +58,7 @@ def train(
     config = TrainConfig(
         epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
     )
-    errors = (HeadError, CacheError, BackboneError, FileNotFoundError, RuntimeError)
+    errors = (HeadError, RunFolderError, CacheError, BackboneError, FileNotFoundError, RuntimeError)
     with user_errors(*errors), make_progress() as progress:
         features = progress.add_task("features", total=None)
         steps = progress.add_task("training", total=None, start=False)
@@ -94,11 +104,11 @@ def apply(
     weights: Path = typer.Option(
         None, help="Backbone weights (must be the head's). Env: SELFMENT_WEIGHTS."
     ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(4, min=1, help="Images per backbone batch."),
-    workers: int = typer.Option(2, min=1, help="Decoding threads."),
+    device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
+    batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),
+    workers: int = typer.Option(RunConfig.workers, min=1, help="Decoding threads."),
     save_scores: bool = typer.Option(
-        False, help="Also save soft probability maps (for threshold-sweep eval)."
+        RunConfig.save_scores, help="Also save soft probability maps (for threshold-sweep eval)."
     ),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from selfment_label.coco import load_coco
-from selfment_label.run import RunConfig, label_folder
+from selfment_label import RunConfig, label_folder, read_run
 
 
 def main() -> None:
@@ -27,14 +26,14 @@ def main() -> None:
         f"labelled {summary.labelled}, skipped {len(summary.skipped)}, "
         f"{summary.images_per_second:.2f} images/s"
     )
-    coco = load_coco(summary.out_dir / "annotations.json")
-    names = {image["id"]: image["file_name"] for image in coco["images"]}
-    for ann in coco["annotations"]:
-        x, y, w, h = ann["bbox"]
-        print(
-            f"{names[ann['image_id']]}: box ({x:.0f}, {y:.0f}, {w:.0f}, {h:.0f}), "
-            f"area {ann['area']}, score {ann['score']:.3f}"
-        )
+    run = read_run(summary.out_dir)
+    for image, image_annotations in run.images():
+        for ann in image_annotations:
+            x, y, w, h = ann["bbox"]
+            print(
+                f"{image['file_name']}: box ({x:.0f}, {y:.0f}, {w:.0f}, {h:.0f}), "
+                f"area {ann['area']}, score {ann['score']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,11 @@ import numpy as np
 import py_sod_metrics as sod
 from PIL import Image
 
-from .coco import decode_rle, load_coco, masks_by_image
-from .images import IMAGE_EXTENSIONS, find_images
+from .data.images import IMAGE_EXTENSIONS, find_images
+from .runfolder.layout import RunFolderError, read_run, union_mask
 
 logger = logging.getLogger(__name__)
 
-ANNOTATIONS_NAME = "annotations.json"
 GT_THRESHOLD = 127
 BETA2 = 0.3
 METRIC_NAMES = (
@@ -83,9 +82,10 @@ class Prediction:
           ValueError: the score map is missing, unreadable or of the wrong size.
         """
         if self.score_map is None:
-            union = np.zeros((self.height, self.width), dtype=bool)
-            for ann in self.annotations:
-                union |= decode_rle(ann["segmentation"])
+            try:
+                union = union_mask(self.width, self.height, self.annotations, self.file_name)
+            except RunFolderError as error:
+                raise ValueError(str(error)) from None
             return union.astype(np.float64)
         try:
             with Image.open(self.score_map) as image:
@@ -160,15 +160,15 @@ class SodMetrics:
     """Accumulates the salient-object-detection metrics of ``pysodmetrics`` image by image."""
 
     def __init__(self) -> None:
-        self.binary = sod.FmeasureV2(
-            {
-                "f": sod.FmeasureHandler(with_dynamic=True, with_adaptive=True, beta=BETA2),
-                "iou": sod.IOUHandler(with_dynamic=False, with_adaptive=False, with_binary=True),
-                "accuracy": sod.OverallAccuracyHandler(
-                    with_dynamic=False, with_adaptive=False, with_binary=True
-                ),
-            }
-        )
+        # the handlers are kept here too: their per-image results are read after each step
+        self.handlers = {
+            "f": sod.FmeasureHandler(with_dynamic=True, with_adaptive=True, beta=BETA2),
+            "iou": sod.IOUHandler(with_dynamic=False, with_adaptive=False, with_binary=True),
+            "accuracy": sod.OverallAccuracyHandler(
+                with_dynamic=False, with_adaptive=False, with_binary=True
+            ),
+        }
+        self.binary = sod.FmeasureV2(self.handlers)
         self.s_measure = sod.Smeasure()
         self.e_measure = sod.Emeasure()
         self.weighted_f = sod.WeightedFmeasure()
@@ -191,7 +191,7 @@ class SodMetrics:
         for metric in (self.s_measure, self.e_measure, self.weighted_f, self.mae):
             metric.step(prediction, gt, normalize=False)
         self.count += 1
-        handlers = self.binary._metric_handlers
+        handlers = self.handlers
         return {
             "iou": float(handlers["iou"].binary_results[-1]),
             "accuracy": float(handlers["accuracy"].binary_results[-1]),
@@ -256,25 +256,17 @@ def load_predictions(run_dir: str | Path, use_score_maps: bool = True) -> list[P
       use_score_maps: use the soft score maps the run saved (else the binary masks).
 
     Raises:
-      EvalError: the folder or its annotations.json is missing or not COCO.
+      RunFolderError: the folder or its annotations.json is missing or not COCO.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / ANNOTATIONS_NAME
-    if not path.is_file():
-        raise EvalError(f"{run_dir} is not a run folder: {ANNOTATIONS_NAME} not found")
-    try:
-        data = load_coco(path)
-    except (ValueError, OSError) as error:
-        raise EvalError(f"cannot read {path}: {error}") from None
+    run = read_run(run_dir, require_provenance=False)
     predictions = []
-    for image, anns in masks_by_image(data):
-        score_map = image.get("score_map") if use_score_maps else None
+    for image, anns in run.images():
         predictions.append(
             Prediction(
                 file_name=image["file_name"],
                 width=int(image["width"]),
                 height=int(image["height"]),
-                score_map=run_dir / score_map if score_map else None,
+                score_map=run.score_map(image) if use_score_maps else None,
                 annotations=anns,
             )
         )

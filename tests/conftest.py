@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfment_label.backbone import Backbone, build_backbone
+from selfment_label.features.backbone import Backbone, build_backbone
 
 # FiftyOne: a private database folder per test session and no usage tracking, set before any
 # test imports fiftyone (subprocesses inherit them).

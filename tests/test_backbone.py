@@ -7,14 +7,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from selfment_label.backbone import (
-    PRESETS,
-    WEIGHTS_ENV,
-    BackboneError,
-    build_backbone,
-    get_preset,
-    resolve_weights_path,
-)
+from selfment_label.features.backbone import build_backbone, resolve_weights_path
+from selfment_label.features.presets import PRESETS, WEIGHTS_ENV, BackboneError, get_preset
 
 SMALL = [name for name in PRESETS if "-vits" in name]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from selfment_label.bench import (
+from benchmarks.speed import (
     BenchConfig,
     Target,
     ncut_speedup,
     peak_rss_of_run,
     run_bench,
 )
-from selfment_label.run import RunConfig
-from selfment_label.threads import small_kernel_threads
+from selfment_label.config import RunConfig
+from selfment_label.device import small_kernel_threads
 
 
 @pytest.fixture()
@@ -88,3 +90,12 @@ def test_peak_rss_child_labels_the_repeated_folder(scenes, weights_path, tmp_pat
     assert result["images"] == 3
     assert result["peak_rss_mb"] > 50
     assert len(list((work / "rss-3").iterdir())) == 3
+
+
+def test_bench_script_help():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--resolution" in done.stdout and "--rss-counts" in done.stdout

@@ -12,7 +12,6 @@ from PIL import Image
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
-from selfment_label.coco import annotation_record, write_coco_stream
 from selfment_label.evaluate import (
     EvalError,
     evaluate_run,
@@ -21,6 +20,8 @@ from selfment_label.evaluate import (
     match,
     per_image_csv,
 )
+from selfment_label.runfolder.coco import annotation_record, write_coco_stream
+from selfment_label.runfolder.layout import RunFolderError
 
 TOP_LEFT = np.zeros((4, 4), dtype=bool)
 TOP_LEFT[:2, :2] = True
@@ -169,7 +170,7 @@ def test_match_by_relative_path_then_stem(tmp_path: Path) -> None:
 
 def test_bad_folders_are_clear_errors(tmp_path: Path) -> None:
     gt = write_gt(tmp_path / "gt", {"a.png": TOP_LEFT})
-    with pytest.raises(EvalError, match="annotations.json not found"):
+    with pytest.raises(RunFolderError, match="annotations.json not found"):
         evaluate_run(tmp_path / "nope", gt)
     run = write_run(tmp_path / "run", {"a.jpg": TOP_LEFT})
     with pytest.raises(EvalError, match="ground-truth folder not found"):

@@ -14,21 +14,17 @@ from pycocotools.coco import COCO
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
-import selfment_label.head as head_module
-from selfment_label.backbone import Backbone
-from selfment_label.coco import decode_rle
-from selfment_label.features_cache import CacheError, CacheSettings, FeatureCache
-from selfment_label.head import (
-    HeadError,
-    HeadMismatch,
-    TrainConfig,
-    apply_head,
-    distil,
-    load_checkpoint,
-    patch_targets,
-    supervised_contrastive_loss,
-)
-from selfment_label.run import RunConfig, label_folder
+import selfment_label.head.train as head_module
+from selfment_label.config import RunConfig, TrainConfig
+from selfment_label.features.backbone import Backbone
+from selfment_label.features.cache import CacheError, CacheSettings, FeatureCache
+from selfment_label.head.apply import apply_head
+from selfment_label.head.checkpoint import HeadError, HeadMismatch, load_checkpoint
+from selfment_label.head.model import patch_targets, supervised_contrastive_loss
+from selfment_label.head.train import distil
+from selfment_label.runfolder.coco import decode_rle
+from selfment_label.runfolder.layout import RunFolderError
+from selfment_label.runfolder.pipeline import label_folder
 
 FAST = TrainConfig(epochs=2, batch_size=2, seed=3)
 
@@ -178,7 +174,7 @@ def test_apply_refuses_a_head_of_another_backbone(
 
 
 def test_train_refuses_missing_uncached_images_and_non_runs(tiny_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(HeadError, match="not a finished run folder"):
+    with pytest.raises(RunFolderError, match="not a finished run folder"):
         distil(tmp_path, tmp_path / "x.pt", FAST)
     (tmp_path / "images" / "img0.png").unlink()
     with pytest.raises(CacheError, match="img0.png does not exist"):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfment_label.images import ImageSkip, find_images, grid_for, load_image, prefetch
+from selfment_label.data.batching import prefetch
+from selfment_label.data.images import ImageSkip, find_images, grid_for, load_image
 
 
 def _photo(size=(64, 48)) -> Image.Image:

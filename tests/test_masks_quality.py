@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfment_label import segment
-from selfment_label.masks import THRESHOLD, border_fraction, stability_score, upsample_scores
-from selfment_label.segment import NcutIpo
+from selfment_label.masks import THRESHOLD, upsample_scores
+from selfment_label.segment import single
+from selfment_label.segment.scores import border_fraction, stability_score
+from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 
 
@@ -68,7 +69,7 @@ def test_ncut_ipo_swaps_a_mask_that_holds_the_frame(monkeypatch: pytest.MonkeyPa
     def frame_cut(flat: torch.Tensor, grid: tuple[int, int], tau: float) -> tuple:
         return (~inside)[None], None
 
-    monkeypatch.setattr(segment, "normalized_cut", frame_cut)
+    monkeypatch.setattr(single, "normalized_cut", frame_cut)
     ((swapped,),) = NcutIpo()(tokens, StageTimer())
     assert torch.equal(swapped.scores > THRESHOLD, inside)
     assert swapped.score == pytest.approx(1.0)  # IPO confirmed the (swapped) cut, no border

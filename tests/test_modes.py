@@ -12,12 +12,12 @@ import torch
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from selfment_label.entities import Entities
-from selfment_label.instances import MaskCut, split_components
-from selfment_label.modes import make_segmenter
-from selfment_label.regions import full_size_masks
-from selfment_label.run import RunConfig
-from selfment_label.segment import PatchMask
+from selfment_label.config import EntitiesConfig, InstancesConfig, mode_config
+from selfment_label.masks import full_size_masks
+from selfment_label.segment.base import PatchMask
+from selfment_label.segment.entities import Entities
+from selfment_label.segment.instances import MaskCut, split_components
+from selfment_label.segment.registry import make_segmenter
 from selfment_label.timing import StageTimer
 
 ROWS, COLS, DIM = 20, 24, 32
@@ -103,10 +103,10 @@ def test_layout_siblings_never_overlap():
 
 
 def test_make_segmenter_by_mode():
-    assert make_segmenter(RunConfig(mode="instances", max_instances=4)).max_instances == 4
-    assert make_segmenter(RunConfig(mode="entities")).options()["mode"] == "entities"
+    assert make_segmenter(InstancesConfig(max_instances=4)).max_instances == 4
+    assert make_segmenter(EntitiesConfig()).options()["mode"] == "entities"
     with pytest.raises(ValueError, match="unknown mode"):
-        make_segmenter(RunConfig(mode="panoptic"))
+        mode_config("panoptic")
 
 
 @pytest.mark.parametrize("mode", ["instances", "entities"])

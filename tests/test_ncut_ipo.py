@@ -8,9 +8,9 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from selfment_label.images import prepare_image
-from selfment_label.ipo import iterative_patch_optimization
-from selfment_label.ncut import affinity, bipartition, second_eigenvector, seed_component
+from selfment_label.data.images import prepare_image
+from selfment_label.segment.ipo import iterative_patch_optimization
+from selfment_label.segment.ncut import affinity, bipartition, second_eigenvector, seed_component
 
 
 def planted_tokens(grid=(12, 16), box=(3, 9, 4, 12), dim=32, noise=0.3, seed=0):

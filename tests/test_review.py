@@ -25,17 +25,15 @@ from PIL import Image
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
-from selfment_label.backbone import Backbone
-from selfment_label.coco import decode_rle, load_coco
-from selfment_label.export import export_dataset, safe_relative_path
-from selfment_label.review import (
-    ReviewError,
-    build_dataset,
-    dataset_name,
-    launch_app,
-    selfment_model,
-)
-from selfment_label.run import RunConfig, label_folder
+from selfment_label.config import RunConfig, mode_config
+from selfment_label.features.backbone import Backbone
+from selfment_label.review.app import launch_app
+from selfment_label.review.dataset import build_dataset, dataset_name
+from selfment_label.review.db import ReviewError
+from selfment_label.review.export import export_dataset, safe_relative_path
+from selfment_label.review.model import selfment_model
+from selfment_label.runfolder.coco import decode_rle, load_coco
+from selfment_label.runfolder.pipeline import label_folder
 
 fo = pytest.importorskip("fiftyone")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -65,7 +63,9 @@ def _make_images(folder: Path, count: int, start: int = 0) -> None:
 
 
 def _label(images: Path, out: Path, backbone: Backbone, mode: str = "instances") -> None:
-    label_folder(images, out, RunConfig(resolution=112, mode=mode), backbone=backbone)
+    label_folder(
+        images, out, RunConfig(resolution=112, segment=mode_config(mode)), backbone=backbone
+    )
 
 
 def _run_masks(run: Path) -> dict[str, list[np.ndarray]]:
@@ -241,7 +241,9 @@ def test_model_for_apply_model(run_dir: Path, tiny_backbone: Backbone) -> None:
     images = Path(json.loads((run_dir / "run.json").read_text())["input_dir"])
     dataset = fo.Dataset()
     dataset.add_samples([fo.Sample(filepath=str(p)) for p in sorted(images.glob("img*.png"))])
-    model = selfment_model(RunConfig(resolution=112, mode="instances"), backbone=tiny_backbone)
+    model = selfment_model(
+        RunConfig(resolution=112, segment=mode_config("instances")), backbone=tiny_backbone
+    )
     dataset.apply_model(model, label_field="selfment", batch_size=2, progress=False)
     dataset.compute_metadata()
     for sample in dataset:

@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from selfment_label.coco import decode_rle
-from selfment_label.images import prepare_image
-from selfment_label.journal import RunConflict, RunLock
-from selfment_label.regions import full_size_masks
-from selfment_label.run import Labeller, NoImages, RunConfig, label_folder
-from selfment_label.segment import NcutIpo
+from selfment_label.config import RunConfig, SingleConfig
+from selfment_label.data.images import prepare_image
+from selfment_label.masks import full_size_masks
+from selfment_label.runfolder.coco import decode_rle
+from selfment_label.runfolder.journal import RunConflict, RunLock
+from selfment_label.runfolder.pipeline import Labeller, NoImages, label_folder
+from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 
 CLI = [sys.executable, "-m", "selfment_label_cli"]
@@ -134,11 +135,16 @@ def test_other_options_refuse_without_overwrite(mixed_folder, tmp_path, tiny_bac
     out = tmp_path / "run"
     label_folder(mixed_folder, out, RunConfig(resolution=112), backbone=tiny_backbone)
     with pytest.raises(RunConflict, match="tau"):
-        label_folder(mixed_folder, out, RunConfig(resolution=112, tau=0.3), backbone=tiny_backbone)
+        label_folder(
+            mixed_folder,
+            out,
+            RunConfig(resolution=112, segment=SingleConfig(tau=0.3)),
+            backbone=tiny_backbone,
+        )
     summary = label_folder(
         mixed_folder,
         out,
-        RunConfig(resolution=112, tau=0.3),
+        RunConfig(resolution=112, segment=SingleConfig(tau=0.3)),
         backbone=tiny_backbone,
         overwrite=True,
     )
@@ -177,7 +183,7 @@ def test_cli_help_and_version():
     version = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("selfment-label ")
     commands = sorted(typer.main.get_command(app).commands)
-    assert {"run", "eval", "review", "export", "train", "apply", "bench"} <= set(commands)
+    assert {"run", "eval", "review", "export", "train", "apply"} <= set(commands)
     runner = CliRunner()
     for command in commands:
         result = runner.invoke(app, [command, "--help"])
@@ -254,7 +260,9 @@ def test_real_backbone_masks_match_ground_truth(tmp_path, ecssd_dir, real_backbo
     ious = {}
     for iters in (0, 20):
         out = tmp_path / f"run{iters}"
-        label_folder(images, out, RunConfig(ipo_iters=iters), backbone=real_backbone)
+        label_folder(
+            images, out, RunConfig(segment=SingleConfig(ipo_iters=iters)), backbone=real_backbone
+        )
         data = json.loads((out / "annotations.json").read_text())
         by_image = {a["image_id"]: a for a in data["annotations"]}
         scores = []

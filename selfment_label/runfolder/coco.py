@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 FOREGROUND_CATEGORY = {"id": 1, "name": "foreground", "supercategory": "object"}
 
@@ -102,13 +102,16 @@ def _annotation_entry(
 def annotation_record(
     mask: np.ndarray, score: float, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The per-image annotation record (before ids) for one boolean mask."""
-    from .masks import box_xywh
+    """The per-image annotation record (before ids) for one boolean mask.
 
+    ``area`` and ``bbox`` come from pycocotools on the encoded RLE, as COCO tools compute them.
+    """
+    rle = encode_rle(mask)
+    binary = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
     record = {
-        "segmentation": encode_rle(mask),
-        "area": int(mask.sum()),
-        "bbox": box_xywh(mask),
+        "segmentation": rle,
+        "area": int(mask_utils.area(binary)),
+        "bbox": [float(v) for v in mask_utils.toBbox(binary)],
         "score": round(float(score), 6),
     }
     if extra:

@@ -1,9 +1,8 @@
-"""Self-supervised ViT backbones: named presets -> timm models, weight resolution, patch features.
+"""Self-supervised ViT backbones: a preset -> a frozen timm model -> last-layer patch tokens.
 
-A preset name (``dinov2-vits14``) maps to a timm model id, its patch size and a default
-input resolution, in the spirit of timm's own registry. Weights come, in this order, from an
-explicit file (``--weights``), from the ``SELFMENT_WEIGHTS`` environment variable, or from the
-model hub through timm when downloads are allowed.
+Weights come, in this order, from an explicit file (``--weights``), from the
+``SELFMENT_WEIGHTS`` environment variable, or from the model hub through timm when downloads
+are allowed.
 """
 
 from __future__ import annotations
@@ -16,73 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import DEFAULT_BACKBONE
+from .presets import WEIGHTS_ENV, BackboneError, BackbonePreset, get_preset
+
 logger = logging.getLogger(__name__)
-
-WEIGHTS_ENV = "SELFMENT_WEIGHTS"
-DEFAULT_BACKBONE = "dinov2-vits14"
-
-
-@dataclass(frozen=True)
-class BackbonePreset:
-    """A named backbone.
-
-    Arguments:
-      name: the preset name users type (``dinov2-vits14``).
-      timm_id: the timm model id with its pretrained tag (``vit_small_patch14_dinov2.lvd142m``).
-      patch_size: side of a patch in pixels.
-      family: ``dino``, ``dinov2`` or ``dinov3``.
-    """
-
-    name: str
-    timm_id: str
-    patch_size: int
-    family: str
-
-    @property
-    def architecture(self) -> str:
-        """The timm architecture name, without the pretrained tag."""
-        return self.timm_id.split(".")[0]
-
-
-def _presets() -> dict[str, BackbonePreset]:
-    table = [
-        ("dino-vits16", "vit_small_patch16_224.dino", 16, "dino"),
-        ("dino-vits8", "vit_small_patch8_224.dino", 8, "dino"),
-        ("dino-vitb16", "vit_base_patch16_224.dino", 16, "dino"),
-        ("dino-vitb8", "vit_base_patch8_224.dino", 8, "dino"),
-        ("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m", 14, "dinov2"),
-        ("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m", 14, "dinov2"),
-        ("dinov2-vitl14", "vit_large_patch14_dinov2.lvd142m", 14, "dinov2"),
-        ("dinov2-vitg14", "vit_giant_patch14_dinov2.lvd142m", 14, "dinov2"),
-        ("dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2.lvd142m", 14, "dinov2"),
-        ("dinov2-vitb14-reg", "vit_base_patch14_reg4_dinov2.lvd142m", 14, "dinov2"),
-        ("dinov2-vitl14-reg", "vit_large_patch14_reg4_dinov2.lvd142m", 14, "dinov2"),
-        ("dinov2-vitg14-reg", "vit_giant_patch14_reg4_dinov2.lvd142m", 14, "dinov2"),
-        ("dinov3-vits16", "vit_small_patch16_dinov3.lvd1689m", 16, "dinov3"),
-        ("dinov3-vits16plus", "vit_small_plus_patch16_dinov3.lvd1689m", 16, "dinov3"),
-        ("dinov3-vitb16", "vit_base_patch16_dinov3.lvd1689m", 16, "dinov3"),
-        ("dinov3-vitl16", "vit_large_patch16_dinov3.lvd1689m", 16, "dinov3"),
-        ("dinov3-vith16plus", "vit_huge_plus_patch16_dinov3.lvd1689m", 16, "dinov3"),
-        ("dinov3-vit7b16", "vit_7b_patch16_dinov3.lvd1689m", 16, "dinov3"),
-    ]
-    return {name: BackbonePreset(name, tid, p, fam) for name, tid, p, fam in table}
-
-
-PRESETS: dict[str, BackbonePreset] = _presets()
-
-
-class BackboneError(RuntimeError):
-    """Raised when a backbone cannot be built or its weights cannot be found or loaded."""
-
-
-def get_preset(name: str) -> BackbonePreset:
-    """Return the preset called ``name``; raise ``BackboneError`` listing the valid names."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise BackboneError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(PRESETS)}"
-        ) from None
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

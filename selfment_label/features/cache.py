@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .atomic import atomic_path, atomic_write_json
+from ..atomic import atomic_path, atomic_write_json
+from ..data.batching import batches_by_grid, prefetch, stack_pixels
+from ..data.images import DecodedImage, prepare_image
 from .backbone import Backbone, file_sha256
-from .images import DecodedImage, prefetch, prepare_image
-from .run import batches_by_grid
 
 logger = logging.getLogger(__name__)
 
@@ -257,8 +256,7 @@ def ensure_features(
             logger.warning("no features for %s: %s", name, error)
         if not batch:
             continue
-        pixels = torch.from_numpy(np.stack([d.pixels for d in batch])).to(backbone.device)
-        tokens = backbone.patch_tokens(pixels)
+        tokens = backbone.patch_tokens(stack_pixels(batch, backbone.device))
         for item, item_tokens in zip(batch, tokens, strict=True):
             name = item.file_name
             entries[name] = cache.save(name, missing[name], item.width, item.height, item_tokens)

@@ -12,85 +12,37 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
-from .atomic import atomic_path, atomic_write_json
-from .backbone import DEFAULT_BACKBONE, Backbone, build_backbone
+from .. import __version__
+from ..atomic import atomic_path, atomic_write_json
+from ..config import RunConfig
+from ..data.batching import batches_by_grid, prefetch, stack_pixels
+from ..data.images import DecodedImage, find_images, prepare_image
+from ..device import PRECISIONS, resolve_device, small_kernel_threads
+from ..features.backbone import Backbone, build_backbone
+from ..masks import full_size_masks
+from ..segment.base import PatchMask, Segmenter
+from ..segment.registry import make_segmenter
+from ..timing import StageTimer
 from .coco import annotation_record, write_coco_stream
-from .images import DEFAULT_MAX_PIXELS, DecodedImage, find_images, prefetch, prepare_image
-from .journal import JOURNAL_NAME, Journal, RunConflict, RunLock
-from .modes import make_segmenter
-from .regions import full_size_masks
-from .segment import PatchMask, Segmenter
-from .threads import small_kernel_threads
-from .timing import StageTimer
+from .journal import Journal, RunConflict, RunLock
+from .layout import ANNOTATIONS_NAME, JOURNAL_NAME, RUN_NAME, SCORES_DIR, score_map_path
 
 logger = logging.getLogger(__name__)
-
-ANNOTATIONS_NAME = "annotations.json"
-RUN_NAME = "run.json"
-SCORES_DIR = "scores"
-DEFAULT_RESOLUTION = 448
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 ProgressCallback = Callable[[int, int, str, "str | None"], None]
 
 
 class NoImages(RuntimeError):
     """The input folder has no images."""
-
-
-@dataclass
-class RunConfig:
-    """Options of a labelling run.
-
-    Arguments:
-      backbone: preset name.
-      weights: local weights file (else ``$SELFMENT_WEIGHTS``, else the hub).
-      resolution: pixels on the long side of the resized image.
-      tau: affinity threshold of the NCut graph.
-      ipo_iters: IPO rounds (0 disables IPO).
-      device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-      precision: ``fp32``, ``fp16`` or ``bf16`` autocast for the backbone.
-      batch_size: images per backbone batch (images of one patch grid).
-      workers: decoding threads.
-      save_scores: also write the soft score map of each image as an 8-bit PNG.
-      max_pixels: larger images are skipped as decompression bombs.
-      allow_download: whether hub downloads are allowed when no weights file is given.
-      mode: ``single`` (one object), ``instances`` (several, disjoint) or ``entities``
-        (entities and their parts); see ``modes``.
-      max_instances: most instances per image (``instances``).
-      min_area: smallest instance, entity or part, as a fraction of the image.
-      merge_floor: lowest merge similarity explored (``entities``).
-      persistence: similarity range an entity or part must survive (``entities``).
-    """
-
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    resolution: int = DEFAULT_RESOLUTION
-    tau: float = 0.2
-    ipo_iters: int = 20
-    device: str = "auto"
-    precision: str = "fp32"
-    batch_size: int = 4
-    workers: int = 2
-    save_scores: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    allow_download: bool = True
-    mode: str = "single"
-    max_instances: int = 3
-    min_area: float = 0.01
-    merge_floor: float = 0.4
-    persistence: float = 0.1
 
 
 @dataclass
@@ -126,16 +78,6 @@ class RunSummary:
         return done / self.seconds if self.seconds > 0 else 0.0
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
-    return resolved
-
-
 def backbone_for(config: RunConfig) -> Backbone:
     """Build the backbone (preset, weights, device, download policy) a run config asks for."""
     return build_backbone(
@@ -149,11 +91,6 @@ def backbone_for(config: RunConfig) -> Backbone:
 def default_out_dir(input_dir: Path) -> Path:
     """``./<folder name>-selfment`` in the current directory."""
     return Path.cwd() / f"{input_dir.resolve().name}-selfment"
-
-
-def score_map_path(file_name: str) -> str:
-    """Relative path, inside a run folder, of an image's soft score map."""
-    return f"{SCORES_DIR}/{file_name}.png"
 
 
 def clear_run(out_dir: Path) -> None:
@@ -171,37 +108,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} already holds an annotations.json that this tool did not journal; "
             "use --overwrite to replace it, or choose another --out"
         )
-
-
-def batches_by_grid(
-    stream: Iterable[tuple[str, DecodedImage | BaseException]], batch_size: int, window: int
-) -> Iterator[tuple[list[DecodedImage], list[tuple[str, BaseException]]]]:
-    """Group decoded images into batches of one patch grid.
-
-    At most ``window`` images wait in buckets; when the window is full the fullest bucket
-    goes, so memory stays bounded whatever the mix of sizes. Failed decodes are passed
-    through at once as ``(file name, error)``.
-    """
-    buckets: dict[tuple[int, int], list[DecodedImage]] = {}
-    waiting = 0
-    for name, item in stream:
-        if isinstance(item, BaseException):
-            yield [], [(name, item)]
-            continue
-        bucket = buckets.setdefault(item.grid, [])
-        bucket.append(item)
-        waiting += 1
-        if len(bucket) >= batch_size or waiting >= window:
-            grid = (
-                item.grid
-                if len(bucket) >= batch_size
-                else max(buckets, key=lambda g: len(buckets[g]))
-            )
-            ready = buckets.pop(grid)
-            waiting -= len(ready)
-            yield ready, []
-    for ready in buckets.values():
-        yield ready, []
 
 
 class Labeller:
@@ -224,8 +130,7 @@ class Labeller:
     def patch_masks(self, batch: list[DecodedImage], timer: StageTimer) -> list[list[PatchMask]]:
         """Patch masks for a batch of images that share one grid."""
         with timer.stage("backbone"):
-            pixels = torch.from_numpy(np.stack([d.pixels for d in batch])).to(self.device)
-            tokens = self.backbone.patch_tokens(pixels, self.autocast)
+            tokens = self.backbone.patch_tokens(stack_pixels(batch, self.device), self.autocast)
         with small_kernel_threads(self.device):
             return self.segmenter(tokens, timer)
 
@@ -258,7 +163,7 @@ def label_folder(
       config: run options (defaults when None).
       overwrite: replace a run folder made with other options.
       backbone: a ready backbone (built from ``config`` when None).
-      segmenter: how tokens become masks (``make_segmenter(config)`` when None).
+      segmenter: how tokens become masks (``make_segmenter(config.segment)`` when None).
       progress: called after every image with ``(done, total, file_name, skip_reason)``.
       extra_provenance: more keys for run.json (``apply`` records its head here).
 
@@ -281,7 +186,7 @@ def label_folder(
     out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
     if backbone is None:
         backbone = backbone_for(config)
-    segmenter = segmenter or make_segmenter(config)
+    segmenter = segmenter or make_segmenter(config.segment)
     labeller = Labeller(backbone, segmenter, config.precision)
     identity = backbone.identity()
     fingerprint = {
@@ -316,7 +221,7 @@ def label_folder(
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "input_dir": str(input_dir.resolve()),
             "backbone": identity,
-            "options": {**asdict(config), **segmenter.options()},
+            "options": {**config.shared_options(), **segmenter.options()},
             "device": str(backbone.device),
             "torch": torch.__version__,
             "python": platform.python_version(),

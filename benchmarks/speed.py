@@ -29,10 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import DEFAULT_BACKBONE, Backbone, build_backbone
-from .images import DecodedImage, find_images, prepare_image
-from .ncut import affinity, second_eigenvector
-from .run import DEFAULT_RESOLUTION, PRECISIONS, RunConfig, batches_by_grid, label_folder
+from selfment_label.config import DEFAULT_BACKBONE, DEFAULT_RESOLUTION, RunConfig
+from selfment_label.data.batching import batches_by_grid, stack_pixels
+from selfment_label.data.images import DecodedImage, find_images, prepare_image
+from selfment_label.device import PRECISIONS
+from selfment_label.features.backbone import Backbone, build_backbone
+from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.segment.ncut import affinity, second_eigenvector
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +234,7 @@ def bare_backbone_seconds(
     batches = [b for b, _ in batches_by_grid(stream, batch_size, window=2 * batch_size) if b]
     start = time.perf_counter()
     for batch in batches:
-        pixels = torch.from_numpy(np.stack([d.pixels for d in batch])).to(backbone.device)
-        backbone.patch_tokens(pixels, PRECISIONS[precision])
+        backbone.patch_tokens(stack_pixels(batch, backbone.device), PRECISIONS[precision])
     if backbone.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -314,7 +316,7 @@ def ncut_speedup(
     import scipy.linalg
     from PIL import Image
 
-    from .images import load_image
+    from selfment_label.data.images import load_image
 
     name = find_images(image_root)[0]
     image, _ = load_image(image_root / name)
@@ -386,10 +388,14 @@ def peak_rss_of_run(
     folder.mkdir()
     link_images(source, [names[i % len(names)] for i in range(count)], folder, numbered=True)
     payload = json.dumps(
-        {"folder": str(folder), "out": str(work_dir / f"rss-run-{count}"), "config": vars(config)}
+        {
+            "folder": str(folder),
+            "out": str(work_dir / f"rss-run-{count}"),
+            "config": config.shared_options(),
+        }
     )
     done = subprocess.run(
-        [sys.executable, "-m", "selfment_label.bench", payload],
+        [sys.executable, str(Path(__file__).resolve()), payload],
         capture_output=True,
         text=True,
         check=False,
@@ -426,7 +432,7 @@ def run_bench(config: BenchConfig, backbone: Backbone | None = None) -> BenchRep
       config: benchmark options.
       backbone: a ready model (built from ``config`` when None).
     """
-    from .run import resolve_device
+    from selfment_label.device import resolve_device
 
     device = resolve_device(config.device)
     if backbone is None:

@@ -1,4 +1,4 @@
-"""CPU thread placement of the pipeline's stages.
+"""Where the work runs: device choice, backbone precision, CPU threads of the small stages.
 
 The backbone's big matrix products use every torch intra-op thread well. The stages after
 it (graph, eigensolver, IPO, upsampling) are many small kernels that each end in a barrier;
@@ -16,14 +16,33 @@ from contextlib import contextmanager
 
 import torch
 
+from .config import PRECISION_NAMES
+
 SMALL_KERNEL_THREADS = 2
+PRECISIONS: dict[str, torch.dtype | None] = dict(
+    zip(PRECISION_NAMES, (None, torch.float16, torch.bfloat16), strict=True)
+)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return resolved
 
 
 @contextmanager
 def small_kernel_threads(
     device: torch.device, threads: int = SMALL_KERNEL_THREADS
 ) -> Iterator[None]:
-    """Limit torch's CPU intra-op threads inside the block (no effect for CUDA work).
+    """Limit torch's CPU intra-op threads inside the block, and restore them after it.
+
+    torch's thread count is process-wide: the block changes it for every thread of the
+    process while it runs, and puts back the caller's count when it ends (also on error).
+    No effect for CUDA work.
 
     Arguments:
       device: where the block's tensors live; only ``cpu`` is limited.

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import EntitiesConfig, config_options
+from ..timing import StageTimer
+from .base import PatchMask
 from .ipo import prototype_scores
-from .masks import confidence_score
-from .segment import PatchMask, dataclass_options
-from .timing import StageTimer
+from .scores import confidence_score
 
 NO_EDGE = -np.inf
 
@@ -171,22 +172,12 @@ def persistent_regions(
 
 
 @dataclass
-class Entities:
-    """Label-free entity + part segmenter.
-
-    Arguments:
-      merge_floor: lowest merge similarity explored (regions made below it are not entities).
-      persistence: similarity range a region must survive to be an entity or a part.
-      min_area: fewest patches of an entity or a part, as a fraction of the image.
-    """
-
-    merge_floor: float = 0.4
-    persistence: float = 0.1
-    min_area: float = 0.01
+class Entities(EntitiesConfig):
+    """Label-free entity + part segmenter (options: ``EntitiesConfig``)."""
 
     def options(self) -> dict[str, Any]:
         """Options that decide the masks."""
-        return dataclass_options("entities", self)
+        return config_options(self)
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """Entities (level 0) then parts (level 1, with ``parent``) for each image."""

@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from . import __version__
-from .atomic import atomic_path
-from .coco import annotation_record, write_coco_stream
-from .review import INFO_KEY, LABEL, PARTS_FIELD, PSEUDO_FIELD, ReviewError, detection_to_mask
+from .. import __version__
+from ..atomic import atomic_path
+from ..runfolder.coco import annotation_record, write_coco_stream
+from .convert import LABEL, detection_to_mask
+from .dataset import INFO_KEY, PARTS_FIELD, PSEUDO_FIELD
+from .db import ReviewError
 
 if TYPE_CHECKING:
     import fiftyone as fo

@@ -1,4 +1,4 @@
-"""Finding and decoding images safely, and prefetching them in background threads.
+"""Finding and decoding images safely, resized to the backbone's patch grid.
 
 Decoding honours EXIF orientation (masks match the image as displayed), converts every
 mode (CMYK, 16-bit, grayscale, palette, alpha) to RGB, refuses decompression bombs and
@@ -10,26 +10,20 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import DEFAULT_MAX_PIXELS
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-DEFAULT_MAX_PIXELS = 120_000_000
 MIN_SIDE = 2
 ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class ImageSkip(Exception):
@@ -132,8 +126,9 @@ def load_image(
 def grid_for(width: int, height: int, resolution: int, patch_size: int) -> tuple[int, int]:
     """Patch grid ``(rows, cols)`` for an image resized so its long side is ``resolution``.
 
-    Each side is rounded to the nearest multiple of the patch size (at least one patch, so
-    tiny images are upsampled and extreme aspect ratios keep at least two patches across).
+    Each side is rounded to the nearest multiple of the patch size, with at least two
+    patches per side: tiny images are upsampled and extreme aspect ratios keep a grid that
+    can be cut in two.
     """
     scale = resolution / max(width, height)
     rows = max(2, round(height * scale / patch_size))
@@ -215,29 +210,3 @@ def decoded_image(
         grid=(rows, cols),
         decode_seconds=time.perf_counter() - start,
     )
-
-
-def prefetch(
-    items: Iterable[T], work: Callable[[T], R], workers: int = 2, depth: int = 8
-) -> Iterator[tuple[T, R | BaseException]]:
-    """Run ``work`` over ``items`` in background threads, yielding results in order.
-
-    At most ``depth`` results are in flight, so memory does not grow with the input.
-    An exception raised by ``work`` is yielded in place of its result.
-    """
-    pending: deque[tuple[T, Future[R]]] = deque()
-    iterator = iter(items)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
-        for item in iterator:
-            pending.append((item, pool.submit(work, item)))
-            if len(pending) >= depth:
-                yield _settle(*pending.popleft())
-        while pending:
-            yield _settle(*pending.popleft())
-
-
-def _settle(item: T, future: Future[R]) -> tuple[T, R | BaseException]:
-    try:
-        return item, future.result()
-    except Exception as error:  # surfaced to the caller, who records it as a skip
-        return item, error

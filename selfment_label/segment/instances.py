@@ -6,7 +6,7 @@ another object among the free patches. A new cut stops the search when its mask 
 earlier instance by IoU > 0.5 (the cut found the removed object again) or when the refined
 instance covers no more than ``min_area`` of the image. Each instance is refined by IPO over
 the still-free patches only, so instances are disjoint on the patch grid; the pipeline keeps
-them disjoint at full size (``regions.full_size_masks``). The refined labels of one cut are
+them disjoint at full size (``masks.full_size_masks``). The refined labels of one cut are
 split into 4-connected components: the one holding the cut's strongest patch is the cut's
 instance, and every other component larger than ``min_area`` that holds fewer than three grid
 corners is an instance too (IPO gathers look-alike objects that lie apart, such as a second
@@ -23,13 +23,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import ndimage
 
+from ..config import InstancesConfig, config_options
+from ..timing import StageTimer
+from .base import PatchMask
 from .ipo import iterative_patch_optimization, prototype_scores
-from .masks import confidence_score
 from .ncut import affinity, second_eigenvector, seed_component
-from .segment import PatchMask, dataclass_options
-from .timing import StageTimer
+from .scores import confidence_score
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +62,15 @@ def split_components(
     Returns:
       ``[N]`` boolean masks, one per kept component.
     """
-    rest = labels.clone()
+    components, count = ndimage.label(labels.view(grid).cpu().numpy())
+    if count == 0:
+        return []
+    strength = vector.abs().view(grid).cpu().numpy()
+    peaks = ndimage.maximum(strength, components, np.arange(1, count + 1))
+    component_ids = torch.from_numpy(components.reshape(-1)).to(labels.device)
     kept = []
-    while bool(rest.any()):
-        seed = torch.where(rest, vector.abs(), torch.full_like(vector, -1.0)).argmax()
-        component = seed_component(rest.view(1, *grid), seed[None])[0].reshape(-1)
-        rest &= ~component
+    for index in np.argsort(-np.asarray(peaks), kind="stable"):
+        component = component_ids == int(index) + 1
         if component.sum() > min_area * component.numel():
             kept.append(component)
     return kept
@@ -100,24 +106,12 @@ def split_free_patches(
 
 
 @dataclass
-class MaskCut:
-    """Label-free multi-instance segmenter (MaskCut + IPO).
-
-    Arguments:
-      tau: affinity threshold of the graph.
-      ipo_iters: IPO rounds per instance (0 keeps the raw cuts).
-      max_instances: most instances per image.
-      min_area: an instance covering no more than this fraction of the image ends the search.
-    """
-
-    tau: float = 0.2
-    ipo_iters: int = 20
-    max_instances: int = 3
-    min_area: float = 0.01
+class MaskCut(InstancesConfig):
+    """Label-free multi-instance segmenter: MaskCut + IPO (options: ``InstancesConfig``)."""
 
     def options(self) -> dict[str, Any]:
         """Options that decide the masks."""
-        return dataclass_options("instances", self)
+        return config_options(self)
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """Up to ``max_instances`` disjoint ``PatchMask`` per image."""

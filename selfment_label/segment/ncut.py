@@ -16,10 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import SingleConfig
+
 logger = logging.getLogger(__name__)
 
 
-def affinity(tokens: torch.Tensor, tau: float = 0.2, eps: float = 1e-5) -> torch.Tensor:
+def affinity(
+    tokens: torch.Tensor, tau: float = SingleConfig.tau, eps: float = 1e-5
+) -> torch.Tensor:
     """TokenCut's binary affinity of L2-normalised tokens.
 
     Arguments:
@@ -194,7 +198,7 @@ def bipartition(vectors: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def normalized_cut(
-    tokens: torch.Tensor, grid: tuple[int, int], tau: float = 0.2, eps: float = 1e-5
+    tokens: torch.Tensor, grid: tuple[int, int], tau: float = SingleConfig.tau, eps: float = 1e-5
 ) -> tuple[torch.Tensor, EigenResult]:
     """Foreground patch masks of a batch of images that share one patch grid.
 

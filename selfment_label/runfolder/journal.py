@@ -18,10 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from .layout import JOURNAL_NAME, LOCK_NAME
 
-JOURNAL_NAME = "journal.jsonl"
-LOCK_NAME = ".lock"
+logger = logging.getLogger(__name__)
 
 
 class RunConflict(RuntimeError):
@@ -180,7 +179,6 @@ class JournalRecords:
                 fh.seek(self.offsets[name])
                 entry = json.loads(fh.readline())
                 entry.pop("kind", None)
-                entry.pop("timings", None)
                 yield entry
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and quality scripts with their pass/fail targets (not installed)."""

@@ -1,0 +1,174 @@
+"""Every option of a labelling run and its default, written once.
+
+A run has shared options (backbone, resolution, device, batching, ...) in ``RunConfig`` and
+the options of its mode in one dataclass per mode (``SingleConfig``, ``InstancesConfig``,
+``EntitiesConfig``). The CLI's help, the Python API, the segmenters and ``run.json`` all
+read their defaults from here, and ``run.json`` records only the options of the mode that
+ran. This module imports nothing heavy, so the CLI can show its help without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+DEFAULT_BACKBONE = "dinov2-vits14"
+DEFAULT_RESOLUTION = 448
+DEFAULT_MAX_PIXELS = 120_000_000
+PRECISION_NAMES = ("fp32", "fp16", "bf16")
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+
+
+@dataclass
+class SingleConfig:
+    """Options of ``single`` mode: one main object per image (Normalized Cut, then IPO).
+
+    Arguments:
+      tau: cosine similarity above which two patches are linked in the NCut graph.
+      ipo_iters: Iterative Patch Optimization rounds (0 keeps the raw cut).
+      temperature: softness of the prototype scores ``sigmoid(margin / temperature)``; it
+        shapes the soft map (threshold sweeps, MAE), not the 0.5 mask.
+      max_border: a mask that covers more than this fraction of the image's border patches
+        is taken for the background and swapped with its complement (1 disables).
+    """
+
+    mode: ClassVar[str] = "single"
+
+    tau: float = 0.2
+    ipo_iters: int = 20
+    temperature: float = 0.1
+    max_border: float = 0.5
+
+
+@dataclass
+class InstancesConfig:
+    """Options of ``instances`` mode: several objects, disjoint (MaskCut, then IPO).
+
+    Arguments:
+      tau: affinity threshold of the graph.
+      ipo_iters: IPO rounds per instance (0 keeps the raw cuts).
+      max_instances: most instances per image.
+      min_area: smallest instance, as a fraction of the patches.
+    """
+
+    mode: ClassVar[str] = "instances"
+
+    tau: float = SingleConfig.tau
+    ipo_iters: int = SingleConfig.ipo_iters
+    max_instances: int = 3
+    min_area: float = 0.01
+
+
+@dataclass
+class EntitiesConfig:
+    """Options of ``entities`` mode: entities that cover the image and their parts.
+
+    Arguments:
+      merge_floor: lowest merge similarity explored.
+      persistence: similarity range an entity or part must survive to be kept.
+      min_area: smallest entity or part, as a fraction of the patches.
+    """
+
+    mode: ClassVar[str] = "entities"
+
+    merge_floor: float = 0.4
+    persistence: float = 0.1
+    min_area: float = InstancesConfig.min_area
+
+
+ModeConfig = SingleConfig | InstancesConfig | EntitiesConfig
+MODE_CONFIGS: dict[str, type[ModeConfig]] = {
+    cls.mode: cls for cls in (SingleConfig, InstancesConfig, EntitiesConfig)
+}
+MODES = tuple(MODE_CONFIGS)
+
+
+def mode_config(mode: str, **values: Any) -> ModeConfig:
+    """The options of ``mode``, taking from ``values`` those the mode has (others ignored).
+
+    Arguments:
+      mode: ``single``, ``instances`` or ``entities``.
+      values: option values by name (e.g. every mode option of the CLI).
+
+    Raises:
+      ValueError: unknown mode.
+    """
+    if mode not in MODE_CONFIGS:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    cls = MODE_CONFIGS[mode]
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def config_options(config: ModeConfig) -> dict[str, Any]:
+    """A mode config as recorded in run.json and compared on resume: its mode and fields."""
+    return {"mode": config.mode, **asdict(config)}
+
+
+@dataclass
+class RunConfig:
+    """Options of a labelling run.
+
+    Arguments:
+      backbone: preset name.
+      weights: local weights file (else ``$SELFMENT_WEIGHTS``, else the hub).
+      resolution: pixels on the long side of the resized image.
+      device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+      precision: ``fp32``, ``fp16`` or ``bf16`` autocast for the backbone.
+      batch_size: images per backbone batch (images of one patch grid).
+      workers: decoding threads.
+      save_scores: also write the soft score map of each image as an 8-bit PNG.
+      max_pixels: larger images are skipped as decompression bombs.
+      allow_download: whether hub downloads are allowed when no weights file is given.
+      segment: the mode and its options (``SingleConfig``, ``InstancesConfig`` or
+        ``EntitiesConfig``).
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    resolution: int = DEFAULT_RESOLUTION
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 4
+    workers: int = 2
+    save_scores: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_download: bool = True
+    segment: ModeConfig = field(default_factory=SingleConfig)
+
+    @property
+    def mode(self) -> str:
+        """The run's mode (``single``, ``instances`` or ``entities``)."""
+        return self.segment.mode
+
+    def shared_options(self) -> dict[str, Any]:
+        """The options every mode has (everything but ``segment``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "segment"}
+
+
+@dataclass
+class TrainConfig:
+    """Options of head training.
+
+    Arguments:
+      epochs: passes over the training images.
+      lr: Adam learning rate.
+      weight_decay: Adam weight decay.
+      batch_size: images per optimisation step.
+      seed: seeds initialisation, shuffling and the contrastive subsample.
+      contrastive_weight: weight of the supervised contrastive term.
+      temperature: temperature of the supervised contrastive term.
+      contrastive_patches: patches subsampled per step for the contrastive term.
+      target_threshold: binarise the patch targets at this area fraction (None keeps the
+        soft area fractions).
+    """
+
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 8
+    seed: int = 0
+    contrastive_weight: float = 0.1
+    temperature: float = 0.05
+    contrastive_patches: int = 256
+    target_threshold: float | None = None

@@ -1,0 +1,1 @@
+"""Images in: discovery, safe decoding, patch grids, prefetching and batching."""

@@ -1,0 +1,1 @@
+"""The distilled head: model and losses, training, checkpoints, applying it to a folder."""

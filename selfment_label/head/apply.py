@@ -1,0 +1,109 @@
+"""Label a folder with a trained head: the same pipeline and run folder as ``run``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..features.backbone import Backbone
+from ..masks import THRESHOLD
+from ..runfolder.pipeline import ProgressCallback, RunSummary, backbone_for, label_folder
+from ..segment.base import PatchMask
+from ..timing import StageTimer
+from .checkpoint import load_checkpoint
+from .model import PatchHead
+
+
+@dataclass
+class HeadSegmenter:
+    """Segmenter that runs a trained head on patch tokens (one mask per image).
+
+    The patch scores are softmax[:, 1]; the mask's score is the mean foreground probability
+    of the patches above 0.5 (0 when there are none).
+
+    Arguments:
+      head: the trained head, on the backbone's device.
+      head_sha256: sha256 of its checkpoint (recorded, and compared when a run resumes).
+    """
+
+    head: PatchHead
+    head_sha256: str
+
+    def options(self) -> dict[str, Any]:
+        """Options that decide the masks."""
+        return {"mode": "head", "head_sha256": self.head_sha256}
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
+        """One ``PatchMask`` per image of a ``[B, rows, cols, D]`` batch."""
+        with timer.stage("head"):
+            probability = self.head.foreground(tokens.float())
+            inside = probability > THRESHOLD
+            count = inside.flatten(1).sum(1)
+            total = (probability * inside).flatten(1).sum(1)
+            score = torch.where(count > 0, total / count.clamp(min=1), 0.0).tolist()
+        return [[PatchMask(scores=probability[i], score=score[i])] for i in range(len(score))]
+
+
+def apply_head(
+    checkpoint: str | Path,
+    input_dir: str | Path,
+    out_dir: str | Path | None = None,
+    config: RunConfig | None = None,
+    *,
+    overwrite: bool = False,
+    backbone: Backbone | None = None,
+    progress: ProgressCallback | None = None,
+) -> RunSummary:
+    """Label a folder with a trained head; writes the same run folder as ``run``.
+
+    The backbone preset and resolution come from the checkpoint (those of ``config`` are
+    replaced); the weights from ``config.weights`` or ``$SELFMENT_WEIGHTS`` or the hub.
+
+    Arguments:
+      checkpoint: a head saved by ``distil``.
+      input_dir: the image folder.
+      out_dir: the run folder.
+      config: run options (device, batch size, workers, save_scores, weights...).
+      overwrite: replace a run folder made with other options.
+      backbone: a ready backbone (tests); must match the head's.
+      progress: called after every image with ``(done, total, file_name, skip_reason)``.
+
+    Raises:
+      HeadError / HeadMismatch: unusable checkpoint, or a backbone other than the head's.
+      Everything ``label_folder`` raises.
+    """
+    loaded = load_checkpoint(checkpoint)
+    meta = loaded.meta
+    config = replace(
+        config or RunConfig(),
+        backbone=meta["backbone"]["backbone"],
+        resolution=int(meta["resolution"]),
+    )
+    if backbone is None:
+        backbone = backbone_for(config)
+    loaded.check_backbone(backbone)
+    segmenter = HeadSegmenter(loaded.head.to(backbone.device), loaded.sha256)
+    provenance = {
+        "head": {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "sha256": loaded.sha256,
+            "training": meta["training"],
+            "data": meta["data"],
+            "tool_version": meta["tool_version"],
+        }
+    }
+    return label_folder(
+        input_dir,
+        out_dir,
+        config,
+        overwrite=overwrite,
+        backbone=backbone,
+        segmenter=segmenter,
+        progress=progress,
+        extra_provenance=provenance,
+    )

@@ -1,0 +1,95 @@
+"""Head checkpoints: the weights and everything needed to use them safely.
+
+A checkpoint records the backbone preset, timm id, weights sha256, resolution, feature
+dimension, tool version, training options and data; loading refuses anything else, and
+``check_backbone`` refuses a backbone other than the one the head learnt on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_path
+from ..features.backbone import Backbone, file_sha256
+from .model import PatchHead
+
+CHECKPOINT_FORMAT = "selfment-label-head/1"
+
+
+class HeadError(RuntimeError):
+    """A run folder or checkpoint cannot be used to train or apply a head."""
+
+
+class HeadMismatch(HeadError):
+    """The head was trained on another backbone's features than the one it would run on."""
+
+
+def check_identity(expected: dict[str, Any], backbone: Backbone, what: str) -> None:
+    """Raise ``HeadMismatch`` unless ``backbone`` is the one ``expected`` describes."""
+    actual = backbone.identity()
+    problems = [
+        f"{key} {expected.get(key)!r} vs {actual.get(key)!r}"
+        for key in ("backbone", "timm_id", "weights_sha256")
+        if expected.get(key) != actual.get(key)
+    ]
+    if problems:
+        raise HeadMismatch(
+            f"{what} another backbone than the one loaded ({'; '.join(problems)}). "
+            "Pass --weights with the weights file it was made with."
+        )
+
+
+def save_checkpoint(path: Path, head: PatchHead, meta: dict[str, Any]) -> None:
+    """Write the head's weights and metadata atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"meta": meta, "state_dict": head.state_dict()}, tmp)
+
+
+@dataclass
+class HeadCheckpoint:
+    """A loaded head and its metadata.
+
+    Arguments:
+      head: the head (eval mode, CPU).
+      meta: what ``distil`` recorded (backbone, resolution, feature_dim, training, data).
+      sha256: sha256 of the checkpoint file.
+    """
+
+    head: PatchHead
+    meta: dict[str, Any]
+    sha256: str
+
+    def check_backbone(self, backbone: Backbone) -> None:
+        """Raise ``HeadMismatch`` unless ``backbone`` gives the features the head learnt on."""
+        check_identity(self.meta["backbone"], backbone, "this head was trained on")
+        if backbone.embed_dim != self.meta["feature_dim"]:
+            raise HeadMismatch(
+                f"this head expects {self.meta['feature_dim']}-dimensional features but "
+                f"the backbone gives {backbone.embed_dim}"
+            )
+
+
+def load_checkpoint(path: str | Path) -> HeadCheckpoint:
+    """Read a head checkpoint.
+
+    Raises:
+      HeadError: the file is missing or not a selfment-label head.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HeadError(f"head checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        meta = payload["meta"]
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        head = PatchHead(int(meta["feature_dim"]), int(meta["hidden"]))
+        head.load_state_dict(payload["state_dict"])
+    except Exception as error:  # torch/pickle errors come in many types
+        raise HeadError(f"{path} is not a selfment-label head checkpoint: {error}") from error
+    head.eval().requires_grad_(False)
+    return HeadCheckpoint(head=head, meta=meta, sha256=file_sha256(path))

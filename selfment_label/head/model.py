@@ -1,0 +1,130 @@
+"""The distilled head: Linear(D,128)-ReLU-Linear(128,128) then Linear(128,2), and its losses.
+
+It is trained on a run folder's masks: each image's union of masks gives, per patch of the
+backbone's grid, the fraction of the patch's area inside the mask. The loss is BCE on
+logit 1 + Dice on softmax[:,1] + 0.1 x a supervised contrastive loss over (a subsample of)
+the patch embeddings, temperature 0.05.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import TrainConfig
+from ..masks import THRESHOLD
+
+HIDDEN = 128
+
+
+class PatchHead(nn.Module):
+    """Per-patch foreground classifier with an embedding for the contrastive loss.
+
+    Arguments:
+      dim: backbone token dimension.
+      hidden: embedding width.
+    """
+
+    def __init__(self, dim: int, hidden: int = HIDDEN):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.classify = nn.Linear(hidden, 2)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [..., 2], embeddings [..., hidden])`` of ``[..., D]`` tokens."""
+        embeddings = self.embed(tokens)
+        return self.classify(embeddings), embeddings
+
+    def foreground(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Foreground probability softmax[..., 1] of ``[..., D]`` tokens."""
+        logits, _ = self(tokens)
+        return logits.softmax(-1)[..., 1]
+
+
+def patch_targets(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of each patch's area that lies inside a full-size mask.
+
+    Arguments:
+      mask: ``[H, W]`` boolean mask at the image's displayed size.
+      grid: ``(rows, cols)`` patch grid of the image.
+
+    Returns:
+      ``[rows, cols]`` float32 fractions in [0, 1].
+    """
+    full = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    return F.adaptive_avg_pool2d(full, grid)[0, 0]
+
+
+def dice_loss(probability: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss per image, averaged over images.
+
+    Arguments:
+      probability: ``[N]`` foreground probabilities of all patches of a batch.
+      target: ``[N]`` targets in [0, 1].
+      index: ``[N]`` image index of each patch (0..B-1).
+    """
+    n_images = int(index.max()) + 1
+    inter = torch.zeros(n_images).index_add(0, index, probability * target)
+    total = torch.zeros(n_images).index_add(0, index, probability + target)
+    return (1.0 - (2.0 * inter + 1.0) / (total + 1.0)).mean()
+
+
+def supervised_contrastive_loss(
+    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) over patch embeddings.
+
+    Arguments:
+      embeddings: ``[N, E]`` embeddings (normalised here).
+      labels: ``[N]`` boolean foreground labels; same label = positive pair.
+      temperature: softmax temperature.
+
+    Returns:
+      The mean over anchors that have at least one positive (0 when none has).
+    """
+    unit = F.normalize(embeddings, dim=-1)
+    logits = unit @ unit.T / temperature
+    self_mask = torch.eye(len(unit), dtype=torch.bool)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    counts = positives.sum(1)
+    anchors = counts > 0
+    if not anchors.any():
+        return embeddings.sum() * 0.0
+    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[anchors] / counts[anchors]
+    return -mean_log_prob.mean()
+
+
+def head_losses(
+    head: PatchHead,
+    tokens: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch.
+
+    Arguments:
+      head: the head being trained.
+      tokens: ``[N, D]`` tokens of all patches of the batch's images.
+      target: ``[N]`` patch targets in [0, 1].
+      index: ``[N]`` image index of each patch.
+      config: training options (loss weights, temperature, subsample size).
+      generator: draws the contrastive subsample.
+
+    Returns:
+      ``bce``, ``dice``, ``contrastive`` and their weighted sum ``total``.
+    """
+    logits, embeddings = head(tokens)
+    bce = F.binary_cross_entropy_with_logits(logits[:, 1], target)
+    dice = dice_loss(logits.softmax(-1)[:, 1], target, index)
+    take = torch.randperm(len(tokens), generator=generator)[: config.contrastive_patches]
+    contrastive = supervised_contrastive_loss(
+        embeddings[take], target[take] > THRESHOLD, config.temperature
+    )
+    total = bce + dice + config.contrastive_weight * contrastive
+    return {"bce": bce, "dice": dice, "contrastive": contrastive, "total": total}

@@ -1,0 +1,252 @@
+"""Distil a run folder's masks into a head: gather cached features, train, save a checkpoint.
+
+Training runs on the CPU from cached tokens and is deterministic given the seed; the
+caller's global RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import TrainConfig
+from ..data.images import grid_for
+from ..features.backbone import Backbone, build_backbone
+from ..features.cache import CacheSettings, FeatureCache, FeatureProgress, ensure_features
+from ..features.presets import get_preset
+from ..runfolder.layout import FEATURES_DIR, read_run, union_mask
+from .checkpoint import CHECKPOINT_FORMAT, HeadError, HeadMismatch, check_identity, save_checkpoint
+from .model import HIDDEN, PatchHead, head_losses, patch_targets
+
+logger = logging.getLogger(__name__)
+
+TrainProgress = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainingImage:
+    """One training image: where its tokens are cached and its patch targets.
+
+    Arguments:
+      file_name: image path relative to the run's input folder.
+      entry: its cache entry.
+      target: ``[rows, cols]`` patch targets.
+    """
+
+    file_name: str
+    entry: Path
+    target: torch.Tensor
+
+
+def train_head(
+    images: list[TrainingImage],
+    cache: FeatureCache,
+    config: TrainConfig,
+    progress: TrainProgress | None = None,
+) -> tuple[PatchHead, dict[str, float]]:
+    """Train a head on cached tokens (CPU, deterministic given ``config.seed``).
+
+    Arguments:
+      images: training images with their cache entries and targets.
+      cache: the feature cache the entries belong to.
+      config: training options.
+      progress: called after every step with ``(step, total steps, loss terms)``.
+
+    Returns:
+      The trained head (eval mode) and the mean loss terms of the last epoch.
+    """
+    if not images:
+        raise HeadError("no training images")
+    generator = torch.Generator().manual_seed(config.seed)
+    first = cache.load(images[0].entry, images[0].file_name)
+    if first is None:
+        raise HeadError(f"the cached features of {images[0].file_name} cannot be read")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        head = PatchHead(first.tokens.shape[-1])
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(images) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    step = 0
+    last_epoch: dict[str, float] = {}
+    head.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(len(images), generator=generator).tolist()
+        sums: dict[str, float] = {}
+        for start in range(0, len(order), config.batch_size):
+            batch = [images[i] for i in order[start : start + config.batch_size]]
+            tokens, target, index = _batch_tensors(batch, cache, config.target_threshold)
+            losses = head_losses(head, tokens, target, index, config, generator)
+            optimizer.zero_grad()
+            losses["total"].backward()
+            optimizer.step()
+            step += 1
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if progress:
+                progress(step, total_steps, values)
+        last_epoch = {k: v / steps_per_epoch for k, v in sums.items()}
+    head.eval()
+    return head, last_epoch
+
+
+def _batch_tensors(
+    batch: list[TrainingImage], cache: FeatureCache, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens, targets, index = [], [], []
+    for i, image in enumerate(batch):
+        cached = cache.load(image.entry, image.file_name)
+        if cached is None:
+            raise HeadError(f"the cached features of {image.file_name} cannot be read")
+        flat = cached.tokens.reshape(-1, cached.tokens.shape[-1])
+        target = image.target.reshape(-1)
+        if threshold is not None:
+            target = (target > threshold).float()
+        tokens.append(flat)
+        targets.append(target)
+        index.append(torch.full((len(flat),), i, dtype=torch.long))
+    return torch.cat(tokens), torch.cat(targets), torch.cat(index)
+
+
+@dataclass
+class DistilResult:
+    """What ``distil`` made.
+
+    Arguments:
+      checkpoint: the saved head.
+      images: training images used.
+      patches: training patches used.
+      losses: mean loss terms of the last epoch.
+      cache_dir: the feature cache used.
+      left_out: file name -> reason for run images not used.
+    """
+
+    checkpoint: Path
+    images: int
+    patches: int
+    losses: dict[str, float]
+    cache_dir: Path
+    left_out: dict[str, str] = field(default_factory=dict)
+
+
+def distil(
+    run_dir: str | Path,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    weights: str | Path | None = None,
+    device: str = "cpu",
+    allow_download: bool = True,
+    backbone: Backbone | None = None,
+    feature_progress: FeatureProgress | None = None,
+    train_progress: TrainProgress | None = None,
+) -> DistilResult:
+    """Train a head on a run folder's masks and save its checkpoint.
+
+    Every image of the run counts with the union of its masks (runs of other modes
+    contribute their union too; images with no mask are all-background examples).
+
+    Arguments:
+      run_dir: a finished run folder (annotations.json + run.json).
+      out: checkpoint file to write (atomically).
+      config: training options.
+      cache_dir: feature cache folder (default ``RUN_DIR/features``).
+      weights: backbone weights file, when features must be computed (default: the file
+        recorded in run.json, then ``$SELFMENT_WEIGHTS``, then the hub).
+      device: device of the backbone, when features must be computed.
+      allow_download: whether hub downloads are allowed.
+      backbone: a ready backbone (tests); must match the run's.
+      feature_progress: called with ``(done, total)`` while features are gathered.
+      train_progress: called with ``(step, total, losses)`` while training.
+
+    Raises:
+      RunFolderError: the run folder cannot be read.
+      HeadError: the run gave no training image.
+      HeadMismatch: the backbone does not match the run's.
+      CacheError: features are neither cached nor computable.
+    """
+    config = config or TrainConfig()
+    source = read_run(run_dir)
+    identity = source.backbone
+    preset = get_preset(identity["backbone"])
+    if preset.timm_id != identity.get("timm_id"):
+        raise HeadMismatch(
+            f"the run used {identity.get('timm_id')} but preset {preset.name} is now "
+            f"{preset.timm_id}"
+        )
+
+    recorded = identity.get("weights_file")
+    if weights is None and recorded and Path(recorded).is_file():
+        weights = recorded
+
+    def make_backbone() -> Backbone:
+        built = backbone or build_backbone(
+            preset.name, weights, device, allow_download=allow_download
+        )
+        check_identity(identity, built, "the run's masks were made with")
+        return built
+
+    settings = CacheSettings(
+        backbone=preset.name,
+        timm_id=preset.timm_id,
+        weights_sha256=identity.get("weights_sha256"),
+        resolution=source.resolution,
+        patch_size=preset.patch_size,
+    )
+    cache_root = Path(cache_dir) if cache_dir else source.path / FEATURES_DIR
+    cache = FeatureCache(cache_root, settings)
+    pairs = list(source.images())
+    entries = ensure_features(
+        cache,
+        source.input_dir,
+        [image["file_name"] for image, _ in pairs],
+        make_backbone,
+        progress=feature_progress,
+    )
+    images, left_out = [], {}
+    for image, anns in pairs:
+        name = image["file_name"]
+        if name not in entries:
+            left_out[name] = "no features (the image could not be decoded)"
+            continue
+        grid = grid_for(image["width"], image["height"], settings.resolution, settings.patch_size)
+        mask = union_mask(image["width"], image["height"], anns, image["file_name"])
+        target = patch_targets(mask, grid)
+        images.append(TrainingImage(name, entries[name], target))
+    for name, reason in left_out.items():
+        logger.warning("left out %s: %s", name, reason)
+    head, losses = train_head(images, cache, config, train_progress)
+    feature_dim = head.embed[0].in_features
+    patches = sum(image.target.numel() for image in images)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "tool_version": __version__,
+        "backbone": {
+            "backbone": preset.name,
+            "timm_id": preset.timm_id,
+            "patch_size": preset.patch_size,
+            "weights_sha256": settings.weights_sha256,
+        },
+        "resolution": settings.resolution,
+        "feature_dim": feature_dim,
+        "hidden": HIDDEN,
+        "training": asdict(config),
+        "data": {
+            "run_dir": str(source.path.resolve()),
+            "input_dir": str(source.input_dir),
+            "run_mode": source.mode,
+            "images": len(images),
+            "patches": patches,
+        },
+        "final_losses": losses,
+    }
+    out = Path(out)
+    save_checkpoint(out, head, meta)
+    return DistilResult(out, len(images), patches, losses, cache_root, left_out)

@@ -1,0 +1,29 @@
+"""The FiftyOne App on a dataset, listening on this machine only by default."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import fiftyone as fo
+
+
+def launch_app(dataset: fo.Dataset, port: int = 5151, address: str = "127.0.0.1") -> Any:
+    """Launch the FiftyOne App on a dataset (no browser is opened).
+
+    Arguments:
+      dataset: the dataset to show.
+      port: the App's port.
+      address: the address the App listens on (``127.0.0.1``: this machine only).
+
+    Returns:
+      The ``fo.Session``; call ``close()`` on it to stop the App and its server.
+    """
+    import fiftyone as fo
+
+    return fo.launch_app(dataset, port=port, address=address, auto=False)
+
+
+def app_url(session: Any, dataset: fo.Dataset) -> str:
+    """The URL of a dataset in a running App session."""
+    return f"{session.url.rstrip('/')}/datasets/{dataset.name}"

@@ -1,0 +1,147 @@
+"""What a run folder holds, and the one reader of a finished run.
+
+A run folder (written by ``run`` or ``apply``) holds:
+
+- ``annotations.json``: COCO with RLE masks, one image entry per labelled image;
+- ``run.json``: provenance (input folder, backbone identity, options, counts, seconds);
+- ``journal.jsonl`` and ``.lock``: the resumable state of the run (see ``journal``);
+- ``scores/<file name>.png``: soft score maps, with ``--save-scores``;
+- ``features/``: the feature cache ``train`` fills (see ``features.cache``).
+
+Every consumer (eval, review, train, export) reads a run through ``read_run``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .coco import decode_rle, load_coco, masks_by_image
+
+ANNOTATIONS_NAME = "annotations.json"
+RUN_NAME = "run.json"
+JOURNAL_NAME = "journal.jsonl"
+LOCK_NAME = ".lock"
+SCORES_DIR = "scores"
+FEATURES_DIR = "features"
+
+
+class RunFolderError(RuntimeError):
+    """A folder is not a finished run folder, or its files cannot be read."""
+
+
+def score_map_path(file_name: str) -> str:
+    """Relative path, inside a run folder, of an image's soft score map."""
+    return f"{SCORES_DIR}/{file_name}.png"
+
+
+@dataclass
+class RunFolder:
+    """A finished run folder, read.
+
+    Arguments:
+      path: the folder.
+      coco: its ``annotations.json``.
+      provenance: its ``run.json`` (empty when the folder has only annotations.json).
+    """
+
+    path: Path
+    coco: dict[str, Any]
+    provenance: dict[str, Any]
+
+    def _recorded(self, key: str) -> Any:
+        if key not in self.provenance:
+            raise RunFolderError(
+                f"{self.path / RUN_NAME} is missing or does not record {key!r}; "
+                "it was not written by a finished `selfment-label run`"
+            )
+        return self.provenance[key]
+
+    @property
+    def input_dir(self) -> Path:
+        """The folder the run's images came from."""
+        return Path(self._recorded("input_dir"))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The run's options (shared and those of its mode)."""
+        return self._recorded("options")
+
+    @property
+    def mode(self) -> str:
+        """``single``, ``instances``, ``entities`` or ``head``."""
+        return self.provenance.get("options", {}).get("mode", "single")
+
+    @property
+    def backbone(self) -> dict[str, Any]:
+        """The backbone identity (preset, timm id, weights sha256, weights file)."""
+        return self._recorded("backbone")
+
+    @property
+    def resolution(self) -> int:
+        """The long side, in pixels, the backbone saw."""
+        return int(self.options["resolution"])
+
+    def images(self) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """``(image entry, its annotations)`` for every labelled image."""
+        return masks_by_image(self.coco)
+
+    def score_map(self, image: dict[str, Any]) -> Path | None:
+        """The absolute path of an image's saved score map, or None."""
+        relative = image.get("score_map")
+        return self.path / relative if relative else None
+
+
+def read_run(run_dir: str | Path, require_provenance: bool = True) -> RunFolder:
+    """Read a run folder's ``annotations.json`` and ``run.json``.
+
+    Arguments:
+      run_dir: the folder.
+      require_provenance: refuse a folder without ``run.json`` (eval accepts a bare COCO).
+
+    Raises:
+      RunFolderError: a file is missing or unreadable.
+    """
+    run_dir = Path(run_dir)
+    names = (ANNOTATIONS_NAME, RUN_NAME) if require_provenance else (ANNOTATIONS_NAME,)
+    for name in names:
+        if not (run_dir / name).is_file():
+            raise RunFolderError(
+                f"{run_dir} is not a finished run folder: {name} not found "
+                "(make one with `selfment-label run IMAGES --out RUN_DIR`)"
+            )
+    try:
+        coco = load_coco(run_dir / ANNOTATIONS_NAME)
+        provenance: dict[str, Any] = {}
+        if (run_dir / RUN_NAME).is_file():
+            provenance = json.loads((run_dir / RUN_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RunFolderError(f"cannot read the run folder {run_dir}: {error}") from None
+    if not isinstance(provenance, dict):
+        raise RunFolderError(f"{run_dir / RUN_NAME} is not a JSON object")
+    return RunFolder(path=run_dir, coco=coco, provenance=provenance)
+
+
+def union_mask(
+    width: int, height: int, annotations: list[dict[str, Any]], what: str = "the image"
+) -> np.ndarray:
+    """The union of annotation masks (all levels), ``[height, width]`` boolean.
+
+    Raises:
+      RunFolderError: an annotation's RLE is not ``width x height``.
+    """
+    union = np.zeros((height, width), dtype=bool)
+    for ann in annotations:
+        mask = decode_rle(ann["segmentation"])
+        if mask.shape != union.shape:
+            raise RunFolderError(
+                f"annotation {ann.get('id')} of {what} is {mask.shape[1]}x{mask.shape[0]} "
+                f"but the image is {width}x{height}"
+            )
+        union |= mask
+    return union

@@ -1,0 +1,43 @@
+"""What every segmenter is: patch tokens of a batch in, soft patch masks per image out.
+
+A segmenter takes ``[B, rows, cols, D]`` tokens of images that share one patch grid and
+returns, for every image, a list of ``PatchMask`` (one per object). The pipeline turns them
+into full-size masks (``selfment_label.masks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..timing import StageTimer
+
+
+@dataclass
+class PatchMask:
+    """One object on the patch grid.
+
+    Arguments:
+      scores: ``[rows, cols]`` soft foreground scores; the full-size mask is their bilinear
+        upsampling thresholded at 0.5.
+      score: the mask's confidence in [0, 1].
+      extra: extra annotation keys (``level``, ``parent``) for hierarchical modes.
+    """
+
+    scores: torch.Tensor
+    score: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Segmenter(Protocol):
+    """What the pipeline needs from a segmenter."""
+
+    def options(self) -> dict[str, Any]:
+        """The options that decide its results (recorded and compared on resume)."""
+        ...
+
+    def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
+        """Patch masks for each image of a ``[B, rows, cols, D]`` batch."""
+        ...

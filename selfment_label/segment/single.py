@@ -1,0 +1,42 @@
+"""``single`` mode: one main object per image (TokenCut's Normalized Cut, then Selfment's IPO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import SingleConfig, config_options
+from ..timing import StageTimer
+from .base import PatchMask
+from .ipo import iterative_patch_optimization
+from .ncut import normalized_cut
+from .scores import border_fraction, stability_score
+
+
+@dataclass
+class NcutIpo(SingleConfig):
+    """Label-free single-object segmenter: Normalized Cut, then IPO (options: ``SingleConfig``)."""
+
+    def options(self) -> dict[str, Any]:
+        """Options that decide the masks."""
+        return config_options(self)
+
+    def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
+        """One ``PatchMask`` per image."""
+        b, rows, cols, dim = tokens.shape
+        flat = tokens.reshape(b, rows * cols, dim)
+        with timer.stage("ncut"):
+            cut, _ = normalized_cut(flat, (rows, cols), tau=self.tau)
+        with timer.stage("ipo"):
+            refined = iterative_patch_optimization(
+                flat, cut.reshape(b, -1), self.ipo_iters, temperature=self.temperature
+            )
+            labels = refined.labels.reshape(b, rows, cols)
+            scores = refined.scores.reshape(b, rows, cols)
+            swapped = (border_fraction(labels) > self.max_border)[:, None, None]
+            labels = torch.where(swapped, ~labels, labels)
+            scores = torch.where(swapped, 1.0 - scores, scores)
+            confidence = stability_score(torch.where(swapped, ~cut, cut), labels).tolist()
+        return [[PatchMask(scores=scores[i], score=confidence[i])] for i in range(b)]
