@@ -30,7 +30,6 @@ from selfment_label.runfolder.pipeline import label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-STAGES = ("decode", "backbone", "ncut", "ipo", "masks", "write")
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,9 +90,7 @@ def main() -> None:
         labelled = max(run["images_labelled"], 1)
         results[name] = {
             **report.as_dict(),
-            "seconds_per_image": {
-                s: run["stage_seconds"][s] / labelled for s in STAGES if s in run["stage_seconds"]
-            },
+            "seconds_per_image": {s: t / labelled for s, t in run["stage_seconds"].items()},
             "wall_seconds_per_image": run["seconds"] / labelled,
             "options": run["options"],
         }
@@ -114,7 +111,8 @@ def print_results(results: dict[str, dict], images: Path) -> None:
     for metric in METRIC_NAMES:
         table.add_row(metric, *(f"{r['metrics'][metric]:.4f}" for r in results.values()))
     table.add_row("images evaluated", *(str(r["images_evaluated"]) for r in results.values()))
-    for stage in (*STAGES, "wall"):
+    stages = dict.fromkeys(s for r in results.values() for s in r["seconds_per_image"])
+    for stage in (*stages, "wall"):
         key = "wall_seconds_per_image" if stage == "wall" else None
         cells = [
             f"{r[key] if key else r['seconds_per_image'].get(stage, 0.0):.3f}"

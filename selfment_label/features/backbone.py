@@ -135,11 +135,11 @@ class Backbone:
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Normalisation constants the model was trained with."""
-        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-        mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-        return mean, std
+        """Normalisation constants the model was trained with (timm's data config)."""
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(self.model)
+        return tuple(cfg["mean"]), tuple(cfg["std"])
 
     def identity(self) -> dict[str, str | int | None]:
         """What defines the features this backbone produces (for provenance and cache keys)."""
