@@ -103,6 +103,11 @@ def run(
     ipo_iters: int = typer.Option(
         SingleConfig.ipo_iters, help="Iterative Patch Optimization rounds (0 disables IPO)."
     ),
+    border_prior: bool = typer.Option(
+        SingleConfig.border_prior,
+        help="Swap a mask that covers most of the frame border for its complement (single); "
+        "turn off for close-ups whose object fills the frame.",
+    ),
     device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
     precision: str = typer.Option(
         RunConfig.precision, help=f"Backbone precision: {', '.join(PRECISION_NAMES)}."
@@ -148,6 +153,7 @@ def run(
         mode,
         tau=tau,
         ipo_iters=ipo_iters,
+        border_prior=border_prior,
         max_instances=max_instances,
         min_area=min_area,
         merge_floor=merge_floor,

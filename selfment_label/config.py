@@ -28,8 +28,9 @@ class SingleConfig:
       ipo_iters: Iterative Patch Optimization rounds (0 keeps the raw cut).
       temperature: softness of the prototype scores ``sigmoid(margin / temperature)``; it
         shapes the soft map (threshold sweeps, MAE), not the 0.5 mask.
-      max_border: a mask that covers more than this fraction of the image's border patches
-        is taken for the background and swapped with its complement (1 disables).
+      border_prior: a mask that covers more than half of the image's border patches is
+        taken for the background and swapped with its complement (turn off for close-ups
+        and product shots whose object fills the frame).
     """
 
     mode: ClassVar[str] = "single"
@@ -37,7 +38,7 @@ class SingleConfig:
     tau: float = 0.2
     ipo_iters: int = 20
     temperature: float = 0.1
-    max_border: float = 0.5
+    border_prior: bool = True
 
 
 @dataclass

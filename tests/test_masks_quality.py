@@ -73,6 +73,6 @@ def test_ncut_ipo_swaps_a_mask_that_holds_the_frame(monkeypatch: pytest.MonkeyPa
     ((swapped,),) = NcutIpo()(tokens, StageTimer())
     assert torch.equal(swapped.scores > THRESHOLD, inside)
     assert swapped.score == pytest.approx(1.0)  # IPO confirmed the (swapped) cut, no border
-    ((kept,),) = NcutIpo(max_border=1.0)(tokens, StageTimer())
+    ((kept,),) = NcutIpo(border_prior=False)(tokens, StageTimer())
     assert torch.equal(kept.scores > THRESHOLD, ~inside)
     assert kept.score == 0.0  # the whole border is in the mask

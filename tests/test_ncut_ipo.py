@@ -114,3 +114,15 @@ def test_full_image_flow_on_real_image_is_deterministic(real_backbone, ecssd_dir
     first = second_eigenvector(affinity(flat)).vectors
     second = second_eigenvector(affinity(flat)).vectors
     assert torch.allclose(first, second)
+
+
+def test_ipo_scores_match_the_kept_labels():
+    # one round on noisy tokens is not a fixed point: one more relabelling would move patches,
+    # yet the written mask (scores > 0.5) must be the labelling IPO kept
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randn(4, 64, 16, generator=generator)
+    cut = torch.rand(4, 64, generator=generator) > 0.5
+    refined = iterative_patch_optimization(tokens, cut, iterations=1, min_patches=1)
+    again = iterative_patch_optimization(tokens, refined.labels, iterations=1, min_patches=1)
+    assert not torch.equal(again.labels, refined.labels)  # the case the rule is about
+    assert torch.equal(refined.scores > 0.5, refined.labels)

@@ -2,7 +2,8 @@
 
 It is trained on a run folder's masks: each image's union of masks gives, per patch of the
 backbone's grid, the fraction of the patch's area inside the mask. The loss is BCE on
-logit 1 + Dice on softmax[:,1] + 0.1 x a supervised contrastive loss over (a subsample of)
+the foreground logit ``l1 - l0`` + Dice on its sigmoid (= softmax[:,1], the probability
+inference thresholds at 0.5) + 0.1 x a supervised contrastive loss over (a subsample of)
 the patch embeddings, temperature 0.05.
 """
 
@@ -120,8 +121,10 @@ def head_losses(
       ``bce``, ``dice``, ``contrastive`` and their weighted sum ``total``.
     """
     logits, embeddings = head(tokens)
-    bce = F.binary_cross_entropy_with_logits(logits[:, 1], target)
-    dice = dice_loss(logits.softmax(-1)[:, 1], target, index)
+    # softmax[:, 1] == sigmoid(l1 - l0): BCE, Dice and inference all see the same probability
+    foreground_logit = logits[:, 1] - logits[:, 0]
+    bce = F.binary_cross_entropy_with_logits(foreground_logit, target)
+    dice = dice_loss(torch.sigmoid(foreground_logit), target, index)
     take = torch.randperm(len(tokens), generator=generator)[: config.contrastive_patches]
     contrastive = supervised_contrastive_loss(
         embeddings[take], target[take] > THRESHOLD, config.temperature

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 PATCH_TEMPERATURE = 0.05
+KEPT_MARGIN = 1e-3
 
 
 @dataclass
@@ -24,7 +25,8 @@ class IpoResult:
     Arguments:
       labels: ``[B, N]`` boolean foreground labels.
       scores: ``[B, N]`` soft foreground scores in [0, 1]: the prototype scores of the final
-        labels (or the labels themselves, as 0/1, when no round ran).
+        labels (or the labels themselves, as 0/1, when no round ran), clamped to the kept
+        labels' side of 0.5 so that ``scores > 0.5`` is exactly ``labels``.
       rounds: ``[B]`` rounds actually applied to each image.
     """
 
@@ -115,5 +117,9 @@ def iterative_patch_optimization(
         scores = labels.float()
     else:
         scores = prototype_scores(unit, labels, temperature)
+    # the written mask is scores > 0.5: keep it the labelling the stop rule kept
+    scores = torch.where(
+        labels, scores.clamp(min=0.5 + KEPT_MARGIN), scores.clamp(max=0.5 - KEPT_MARGIN)
+    )
     scores = torch.where(active, scores, torch.zeros_like(scores))
     return IpoResult(labels=labels, scores=scores, rounds=rounds)

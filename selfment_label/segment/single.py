@@ -14,6 +14,8 @@ from .ipo import iterative_patch_optimization
 from .ncut import normalized_cut
 from .scores import border_fraction, stability_score
 
+MAX_BORDER = 0.5
+
 
 @dataclass
 class NcutIpo(SingleConfig):
@@ -35,7 +37,7 @@ class NcutIpo(SingleConfig):
             )
             labels = refined.labels.reshape(b, rows, cols)
             scores = refined.scores.reshape(b, rows, cols)
-            swapped = (border_fraction(labels) > self.max_border)[:, None, None]
+            swapped = (border_fraction(labels) > MAX_BORDER)[:, None, None] & self.border_prior
             labels = torch.where(swapped, ~labels, labels)
             scores = torch.where(swapped, 1.0 - scores, scores)
             confidence = stability_score(torch.where(swapped, ~cut, cut), labels).tolist()
