@@ -11,6 +11,8 @@ from selfment_label.review.app import app_url, launch_app
 from selfment_label.review.dataset import build_dataset, load_run_dataset
 from selfment_label.review.db import ReviewError
 from selfment_label.review.export import FORMATS, MEDIA, ExportError, export_dataset
+from selfment_label.review.split import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+from selfment_label.review.yolo import MIN_PIECE_AREA
 from selfment_label.runfolder.layout import RunFolderError
 
 from .console import console, fail, setup_logging, user_errors
@@ -71,6 +73,24 @@ def export(
         "copy", "--media", help=f"How images go with the labels: {', '.join(MEDIA)}."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty target."),
+    val_fraction: float = typer.Option(
+        DEFAULT_VAL_FRACTION,
+        "--val-fraction",
+        help="Share of images in the val split, by a hash of the file name (0: no val split).",
+    ),
+    split_seed: int = typer.Option(
+        DEFAULT_SPLIT_SEED, "--split-seed", help="Seed of the file-name hash split."
+    ),
+    split_by_tag: bool = typer.Option(
+        False,
+        "--split-by-tag",
+        help="Split by the samples' train/val tags instead (untagged samples: train).",
+    ),
+    min_piece_area: int = typer.Option(
+        MIN_PIECE_AREA,
+        "--min-piece-area",
+        help="YOLO: drop mask pieces smaller than this many pixels (the largest is kept).",
+    ),
     name: str = typer.Option(
         None, "--name", help="Dataset name (default: derived from the run folder)."
     ),
@@ -89,11 +109,23 @@ def export(
             polygons=polygons,
             media=media,
             overwrite=overwrite,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            split_by_tag=split_by_tag,
+            min_piece_area=min_piece_area,
         )
+    what = "mask PNGs" if summary.format == "masks" else "masks"
+    splits = ", ".join(f"{n} {split}" for split, n in summary.splits.items())
     console.print(
-        f"exported {summary.images} images and {summary.annotations} masks "
+        f"exported {summary.images} images ({splits}) and {summary.annotations} {what} "
         f"({summary.format}) to [bold]{summary.target}[/]"
     )
+    if summary.skipped:
+        console.print(f"[yellow]{len(summary.skipped)} image(s) left out:[/]")
+        for reason in summary.skipped[:10]:
+            console.print(f"  {reason}", markup=False, highlight=False)
+        if len(summary.skipped) > 10:
+            console.print(f"  ... and {len(summary.skipped) - 10} more")
 
 
 def register(app: typer.Typer) -> None:

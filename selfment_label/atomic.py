@@ -20,7 +20,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; it replaces ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` is left untouched. Writers
-    that pick a format from the file name (PIL) must be told the format explicitly.
+    that pick a format from the file name (PIL) must be told the format explicitly. The file
+    gets the usual mode of a new file (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,10 +29,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the system tells it (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~umask()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,32 +1,48 @@
-"""Export reviewed labels from a FiftyOne dataset as a training dataset.
+"""Export reviewed labels from a FiftyOne dataset as a training dataset with train/val splits.
 
 The labels are read back from the dataset, so the user's tags, deleted labels and edits are
 honoured. Samples are filtered by tags (``tags``: keep samples with any of them;
-``exclude_tags``: drop samples with any of them). Formats:
+``exclude_tags``: drop samples with any of them), then split into ``train`` and ``val``: by a
+seeded hash of the file name (``val_fraction``, stable when more images are exported later;
+see ``export_split``), or by the reviewer's ``train``/``val`` tags (``split_by_tag``). Formats
+(``<split>`` is ``train`` or ``val``; a split without images is not written):
 
-- ``coco``: ``annotations.json`` written by our own COCO writer (``coco.write_coco_stream``):
-  compressed RLE with ``iscrowd: 0`` (exact masks) or polygons, ``score``, and for entity runs
-  ``level`` and ``parent_id``; images under ``images/`` with the run's relative paths.
-  FiftyOne's COCO exporter is not used: it renames nested files to unique basenames, has no
-  ``level``/``parent_id`` and rebuilds masks from its own box rounding.
-- ``yolo``: ultralytics segmentation (``dataset.yaml``, ``images/train``, ``labels/train``, one
-  normalised polygon per line), written by FiftyOne's ``YOLOv5Dataset`` exporter with
-  ``use_masks=True``, which fits: a mask in several pieces gives one line per piece. Only the
-  top-level masks (``pseudo`` or ``entities``) are exported; YOLO has no hierarchy.
-- ``masks``: one 8-bit PNG per image under ``masks/`` (255 = union of the top-level masks,
-  0 = background), the layout ``selfment-label eval --gt`` reads. Our own writer, for exact
-  masks and the run's relative paths.
+- ``coco``: ``annotations/instances_<split>.json`` written by our own COCO writer
+  (``coco.write_coco_stream``): compressed RLE with ``iscrowd: 0`` (exact masks) or polygons,
+  ``score``, and for entity runs ``level`` and ``parent_id``; images under
+  ``images/<split>/`` with the run's relative paths (``file_name`` is relative to that
+  folder). FiftyOne's COCO exporter is not used: it renames nested files to unique basenames,
+  has no ``level``/``parent_id`` and rebuilds masks from its own box rounding.
+- ``yolo``: Ultralytics segmentation: ``dataset.yaml`` (``train``, ``val``, ``names``, paths
+  relative to the file), ``images/<split>/``, ``labels/<split>/``, one row per mask with its
+  pieces joined into one polygon (``export_yolo``). Top-level masks only (``pseudo`` or
+  ``entities``): YOLO has no hierarchy.
+- ``masks``: one 8-bit PNG per image (255 = union of the masks, 0 = background), the layout
+  ``selfment-label eval --gt`` reads: ``masks/<split>/`` for the top level and, for entity
+  runs, ``parts/<split>/`` for the parts.
 
-Every output path is built from a sanitised relative name (no ``..``, no absolute paths) and
-checked to lie inside the target folder; a non-empty target is refused unless ``overwrite``.
+YOLO label files and mask PNGs are named after the image without its extension; images whose
+names differ only by extension (``a.jpg``, ``a.png``) keep it (``a.jpg.png``, ``a.png.png``).
+
+Media are only read from inside the run's input folder (the resolved path is checked); an image
+that is missing or lies outside is left out of the export and reported in ``skipped``. Every
+output path is built from a sanitised relative name (no ``..``, no absolute paths) and checked
+to lie inside the target. The export is written into a temporary folder beside the target and
+renamed into place at the end, so a failed export leaves the target as it was. A non-empty
+target is refused unless ``overwrite``; a target inside, equal to or holding the run folder or
+the input folder is always refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -36,11 +52,20 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..atomic import atomic_path
+from ..atomic import atomic_write_text, umask
 from ..runfolder.coco import annotation_record, write_coco_stream
 from .convert import LABEL, detection_to_mask
 from .dataset import INFO_KEY, PARTS_FIELD, PSEUDO_FIELD
 from .db import ReviewError
+from .split import (
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_VAL_FRACTION,
+    SPLITS,
+    SplitError,
+    hash_splits,
+    tag_splits,
+)
+from .yolo import MIN_PIECE_AREA, dataset_yaml, label_rows, yolo_image_name
 
 if TYPE_CHECKING:
     import fiftyone as fo
@@ -51,6 +76,9 @@ FORMATS = ("coco", "yolo", "masks")
 MEDIA = ("copy", "symlink", "none")
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
+PARTS_DIR = "parts"
+LABELS_DIR = "labels"
+ANNOTATIONS_DIR = "annotations"
 
 
 class ExportError(ReviewError):
@@ -65,13 +93,27 @@ class ExportSummary:
       target: the target folder.
       format: ``coco``, ``yolo`` or ``masks``.
       images: images exported.
-      annotations: masks exported.
+      annotations: masks exported (COCO annotations, YOLO rows; ``masks``: PNG files).
+      splits: images per split (``train``, ``val``).
+      skipped: ``"file name: reason"`` for each selected image left out.
     """
 
     target: Path
     format: str
     images: int
     annotations: int
+    splits: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    """One sample to export: its unique relative name, output stem, split and source file."""
+
+    name: str
+    stem: str
+    split: str
+    source: Path
 
 
 def safe_relative_path(name: str) -> str:
@@ -98,29 +140,42 @@ def inside(target: Path, relative: str) -> Path:
     return path
 
 
-def prepare_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Make the target folder, empty; refuse a non-empty one unless ``overwrite``.
+def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
+    """Refuse a target that cannot be exported into; nothing is changed on disk.
 
     Arguments:
       target: the export folder.
-      overwrite: delete what the folder holds.
-      protected: folders the target must not be, nor contain (the run, the images).
+      overwrite: a non-empty target may be replaced.
+      protected: folders the target must not be inside, equal to, nor contain (run, images).
 
     Raises:
-      ExportError: the target is not empty (without ``overwrite``), or is protected.
+      ExportError: a protected, non-folder or (without ``overwrite``) non-empty target.
     """
     resolved = target.resolve()
+    if resolved == resolved.parent:
+        raise ExportError(f"refusing to export into {target}: it is the file system root")
     for folder in protected:
         folder = folder.resolve()
-        if resolved == folder or resolved in folder.parents:
-            raise ExportError(f"refusing to export into {target}: it holds {folder}")
+        if resolved == folder or folder in resolved.parents or resolved in folder.parents:
+            raise ExportError(
+                f"refusing to export into {target}: it is, lies inside or holds {folder}"
+            )
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
-        shutil.rmtree(target)
-    target.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the finished ``staging`` folder to ``target``, replacing what was there."""
+    os.chmod(staging, 0o777 & ~umask())
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old)
 
 
 def select_samples(
@@ -194,40 +249,194 @@ def _coco_annotations(sample: Any, fields: list[str], polygons: bool) -> list[di
     return records
 
 
-def _place_media(source: str, dest: Path, media: str) -> None:
+def _place_media(source: Path, dest: Path, media: str) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if media == "symlink":
-        os.symlink(os.path.abspath(source), dest)
-        return
-    with atomic_path(dest) as tmp:
-        shutil.copy2(source, tmp)
+        os.symlink(source, dest)
+    else:
+        shutil.copyfile(source, dest)
 
 
 def _save_png(array: np.ndarray, dest: Path) -> None:
-    with atomic_path(dest) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(dest, format="PNG")
 
 
-def _relative_names(view: Any) -> dict[str, str]:
-    """Sample id -> unique sanitised relative file name."""
-    names: dict[str, str] = {}
+def unique_names(file_names: list[str]) -> list[str]:
+    """Sanitised relative names, made unique (case-insensitively) with a ``-2``, ``-3`` suffix."""
+    names: list[str] = []
     taken: set[str] = set()
-    has_file_name = view.has_sample_field("file_name")
-    for sample_id, filepath, file_name in zip(
-        view.values("id"),
-        view.values("filepath"),
-        view.values("file_name") if has_file_name else [None] * len(view),
-        strict=True,
-    ):
-        rel = safe_relative_path(file_name or Path(filepath).name)
+    for file_name in file_names:
+        rel = safe_relative_path(file_name)
         stem, suffix = os.path.splitext(rel)
         candidate, n = rel, 1
         while candidate.lower() in taken:
             n += 1
             candidate = f"{stem}-{n}{suffix}"
         taken.add(candidate.lower())
-        names[sample_id] = candidate
+        names.append(candidate)
     return names
+
+
+def distinct_stems(names: list[str]) -> dict[str, str]:
+    """Name -> output stem: the name without its extension, or the whole name (``a.jpg``) when
+    another name has the same stem (case-insensitively, as ``a.jpg`` and ``a.PNG``).
+
+    The stems name the YOLO label files and mask PNGs (``<stem>.txt``, ``<stem>.png``), so no
+    two images write the same file.
+
+    Arguments:
+      names: unique relative names.
+    """
+    counts: dict[str, int] = {}
+    for name in names:
+        key = str(PurePosixPath(name).with_suffix("")).lower()
+        counts[key] = counts.get(key, 0) + 1
+    stems: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in names:
+        stem = str(PurePosixPath(name).with_suffix(""))
+        candidate = name if counts[stem.lower()] > 1 else stem
+        base, n = candidate, 1
+        while candidate.lower() in taken:
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate.lower())
+        stems[name] = candidate
+    return stems
+
+
+def _source_problem(filepath: str, input_root: Path | None) -> str | None:
+    """Why an image cannot be read for export (missing, outside the input folder), or None."""
+    path = Path(filepath)
+    if not path.is_file():
+        return f"missing ({filepath})"
+    if input_root is None:
+        return "the dataset does not name the run's input folder"
+    resolved = path.resolve()
+    if input_root not in resolved.parents:
+        return f"outside the input folder {input_root} ({resolved})"
+    return None
+
+
+def _plan(
+    view: Any,
+    input_dir: str | None,
+    media: str,
+    val_fraction: float,
+    split_seed: int,
+    split_by_tag: bool,
+) -> tuple[dict[str, _Item], list[str]]:
+    """Sample id -> what to write for it, and the ``"name: reason"`` of the samples left out."""
+    ids, filepaths = view.values("id"), view.values("filepath")
+    file_names = (
+        view.values("file_name") if view.has_sample_field("file_name") else [None] * len(ids)
+    )
+    names = unique_names([f or Path(p).name for f, p in zip(file_names, filepaths, strict=True)])
+    stems = distinct_stems(names)
+    try:
+        if split_by_tag:
+            splits = tag_splits(dict(zip(names, view.values("tags"), strict=True)))
+        else:
+            splits = hash_splits(names, val_fraction, split_seed)
+    except SplitError as error:
+        raise ExportError(str(error)) from None
+    input_root = Path(input_dir).resolve() if input_dir else None
+    items: dict[str, _Item] = {}
+    skipped: list[str] = []
+    for sample_id, filepath, name in zip(ids, filepaths, names, strict=True):
+        problem = _source_problem(filepath, input_root) if media != "none" else None
+        if problem:
+            skipped.append(f"{name}: {problem}")
+            continue
+        items[sample_id] = _Item(name, stems[name], splits[name], Path(filepath).resolve())
+    for reason in skipped:
+        logger.warning("left out of the export: %s", reason)
+    return items, skipped
+
+
+def _samples(view: Any, items: dict[str, _Item]) -> Iterator[tuple[Any, _Item]]:
+    """The planned samples with their items, in the view's order."""
+    for sample in view.select(list(items), ordered=True).iter_samples(progress=False):
+        yield sample, items[sample.id]
+
+
+def _write_coco(
+    view: Any,
+    root: Path,
+    items: dict[str, _Item],
+    fields: list[str],
+    media: str,
+    polygons: bool,
+    info: dict[str, Any],
+) -> int:
+    records: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    for sample, item in _samples(view, items):
+        width, height = _image_size(sample)
+        if media != "none":
+            _place_media(item.source, inside(root, f"{IMAGES_DIR}/{item.split}/{item.name}"), media)
+        annotations = _coco_annotations(sample, fields, polygons)
+        records[item.split].append(
+            {"file_name": item.name, "width": width, "height": height, "annotations": annotations}
+        )
+    n_masks = 0
+    for split, split_records in records.items():
+        if not split_records:
+            continue
+        image_root = f"{IMAGES_DIR}/{split}" if media != "none" else info["input_dir"]
+        path = inside(root, f"{ANNOTATIONS_DIR}/instances_{split}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _, count = write_coco_stream(
+            path, split_records, {**info, "split": split, "image_root": image_root}
+        )
+        n_masks += count
+    return n_masks
+
+
+def _write_yolo(
+    view: Any,
+    root: Path,
+    items: dict[str, _Item],
+    field: str,
+    media: str,
+    min_piece_area: int,
+    description: str,
+) -> int:
+    n_rows = 0
+    for sample, item in _samples(view, items):
+        width, height = _image_size(sample)
+        stem = yolo_image_name(item.stem)
+        if media != "none":
+            image = f"{IMAGES_DIR}/{item.split}/{stem}{PurePosixPath(item.name).suffix}"
+            _place_media(item.source, inside(root, image), media)
+        masks = [detection_to_mask(d, width, height) for d in _detections(sample, field)]
+        rows = label_rows(masks, width, height, min_piece_area)
+        n_rows += len(rows)
+        label = inside(root, f"{LABELS_DIR}/{item.split}/{stem}.txt")
+        label.parent.mkdir(parents=True, exist_ok=True)
+        label.write_text("".join(f"{row}\n" for row in rows), encoding="utf-8")
+    written = [split for split in SPLITS if any(i.split == split for i in items.values())]
+    atomic_write_text(inside(root, "dataset.yaml"), dataset_yaml(written, [LABEL], description))
+    return n_rows
+
+
+def _write_masks(
+    view: Any, root: Path, items: dict[str, _Item], fields: list[str], media: str
+) -> int:
+    n_files = 0
+    for sample, item in _samples(view, items):
+        width, height = _image_size(sample)
+        if media != "none":
+            _place_media(item.source, inside(root, f"{IMAGES_DIR}/{item.split}/{item.name}"), media)
+        for level, field in enumerate(fields):
+            union = np.zeros((height, width), dtype=bool)
+            for detection in _detections(sample, field):
+                union |= detection_to_mask(detection, width, height)
+            folder = PARTS_DIR if level else MASKS_DIR
+            png = inside(root, f"{folder}/{item.split}/{item.stem}.png")
+            _save_png(union.astype(np.uint8) * 255, png)
+            n_files += 1
+    return n_files
 
 
 def export_dataset(
@@ -240,8 +449,12 @@ def export_dataset(
     polygons: bool = False,
     media: str = "copy",
     overwrite: bool = False,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    split_by_tag: bool = False,
+    min_piece_area: int = MIN_PIECE_AREA,
 ) -> ExportSummary:
-    """Export a reviewed dataset's labels.
+    """Export a reviewed dataset's labels, split into ``train`` and ``val``.
 
     Arguments:
       dataset: a dataset built by ``review.build_dataset`` (its info names the label fields).
@@ -252,6 +465,10 @@ def export_dataset(
       polygons: COCO polygons instead of compressed RLE (``coco`` only).
       media: ``copy``, ``symlink`` or ``none`` (images not written).
       overwrite: replace the target folder's contents.
+      val_fraction: share of images in ``val``, by a hash of the file name (0: no ``val``).
+      split_seed: the seed of that hash.
+      split_by_tag: split by the samples' ``train``/``val`` tags instead (untagged: train).
+      min_piece_area: YOLO: mask pieces with fewer pixels are dropped (the largest is kept).
 
     Returns:
       An ``ExportSummary``.
@@ -269,59 +486,37 @@ def export_dataset(
     if not fields:
         raise ExportError(f"dataset {dataset.name!r} has no selfment label field")
     protected = [Path(p) for p in (info.get("run_dir"), info.get("input_dir")) if p]
-    prepare_target(target, overwrite, protected)
+    check_target(target, overwrite, protected)
     view = select_samples(dataset, tags, exclude_tags)
-    if fmt == "yolo":
-        return _export_yolo(view, target, fields[0], media)
-    names = _relative_names(view)
-    records = []
-    n_masks = 0
-    for sample in view.iter_samples(progress=False):
-        rel = names[sample.id]
-        width, height = _image_size(sample)
-        if media != "none":
-            _place_media(sample.filepath, inside(target, f"{IMAGES_DIR}/{rel}"), media)
-        if fmt == "masks":
-            union = np.zeros((height, width), dtype=bool)
-            for detection in _detections(sample, fields[0]):
-                union |= detection_to_mask(detection, width, height)
-                n_masks += 1
-            png = str(PurePosixPath(rel).with_suffix(".png"))
-            _save_png(union.astype(np.uint8) * 255, inside(target, f"{MASKS_DIR}/{png}"))
-            continue
-        annotations = _coco_annotations(sample, fields, polygons)
-        n_masks += len(annotations)
-        records.append(
-            {"file_name": rel, "width": width, "height": height, "annotations": annotations}
-        )
-    if fmt == "coco":
-        coco_info = {
-            "description": f"selfment-label export of FiftyOne dataset {dataset.name}",
-            "version": __version__,
-            "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "image_root": IMAGES_DIR if media != "none" else info.get("input_dir"),
-            "tags": list(tags or []),
-            "exclude_tags": list(exclude_tags or []),
-            "segmentation": "polygons" if polygons else "rle",
-        }
-        write_coco_stream(inside(target, "annotations.json"), records, coco_info)
-    logger.info("exported %d images, %d masks to %s", len(names), n_masks, target)
-    return ExportSummary(target=target, format=fmt, images=len(names), annotations=n_masks)
-
-
-def _export_yolo(view: Any, target: Path, field: str, media: str) -> ExportSummary:
-    import fiftyone as fo
-
-    export_media = {"copy": True, "symlink": "symlink", "none": False}[media]
-    view.export(
-        export_dir=str(target.resolve()),
-        dataset_type=fo.types.YOLOv5Dataset,
-        label_field=field,
-        split="train",
-        classes=[LABEL],
-        use_masks=True,
-        export_media=export_media,
-        progress=False,
+    items, skipped = _plan(
+        view, info.get("input_dir"), media, val_fraction, split_seed, split_by_tag
     )
-    n_masks = int(view.count(f"{field}.detections"))
-    return ExportSummary(target=target, format="yolo", images=len(view), annotations=n_masks)
+    description = f"selfment-label export of FiftyOne dataset {dataset.name}"
+    resolved = target.resolve()
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{resolved.name}.", dir=resolved.parent))
+    try:
+        if fmt == "coco":
+            coco_info = {
+                "description": description,
+                "version": __version__,
+                "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "input_dir": info.get("input_dir"),
+                "tags": list(tags or []),
+                "exclude_tags": list(exclude_tags or []),
+                "segmentation": "polygons" if polygons else "rle",
+            }
+            n_masks = _write_coco(view, staging, items, fields, media, polygons, coco_info)
+        elif fmt == "yolo":
+            n_masks = _write_yolo(
+                view, staging, items, fields[0], media, min_piece_area, description
+            )
+        else:
+            n_masks = _write_masks(view, staging, items, fields, media)
+        _publish(staging, resolved)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    splits = {split: sum(i.split == split for i in items.values()) for split in SPLITS}
+    logger.info("exported %d images %s, %d masks to %s", len(items), splits, n_masks, target)
+    return ExportSummary(target, fmt, len(items), n_masks, splits, skipped)
