@@ -352,7 +352,7 @@ def ncut_speedup(
         "scipy_ms": 1000 * scipy_s,
         "speedup": scipy_s / ours_s,
         "cos": cos,
-        "iterations": result.iterations,
+        "iterations": int(result.iterations.max()),
     }
 
 

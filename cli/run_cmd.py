@@ -37,6 +37,9 @@ def print_summary(summary: RunSummary) -> None:
         table.add_row("already done (resumed)", str(summary.resumed))
     table.add_row("skipped", str(len(summary.skipped)))
     table.add_row("annotations", str(summary.annotations))
+    for note in sorted({key for notes in summary.notes.values() for key in notes}):
+        count = sum(note in notes for notes in summary.notes.values())
+        table.add_row(f"{note} noted (run.json)", str(count))
     for stage, seconds in summary.stages.items():
         table.add_row(f"{stage} s", f"{seconds:.2f}")
     table.add_row("wall s", f"{summary.seconds:.2f}")

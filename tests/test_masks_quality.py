@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def test_ncut_ipo_swaps_a_mask_that_holds_the_frame(monkeypatch: pytest.MonkeyPa
     tokens = tokens.reshape(1, rows, cols, 16)
 
     def frame_cut(flat: torch.Tensor, grid: tuple[int, int], tau: float) -> tuple:
-        return (~inside)[None], None
+        return (~inside)[None], SimpleNamespace(converged=torch.tensor([True]))
 
     monkeypatch.setattr(single, "normalized_cut", frame_cut)
     ((swapped,),) = NcutIpo()(tokens, StageTimer())

@@ -126,3 +126,25 @@ def test_ipo_scores_match_the_kept_labels():
     again = iterative_patch_optimization(tokens, refined.labels, iterations=1, min_patches=1)
     assert not torch.equal(again.labels, refined.labels)  # the case the rule is about
     assert torch.equal(refined.scores > 0.5, refined.labels)
+
+
+def test_eigensolver_reports_images_stopped_at_the_cap():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 48, 8, generator=generator)
+    capped = second_eigenvector(affinity(tokens), max_iter=1)
+    assert not bool(capped.converged.any())
+    assert capped.iterations.tolist() == [1, 1, 1]
+    done = second_eigenvector(affinity(tokens))
+    assert bool(done.converged.all())
+    assert bool((done.iterations > 1).all())
+
+
+def test_eigensolver_result_does_not_depend_on_the_batch():
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(5, 60, 8, generator=generator)
+    batch = second_eigenvector(affinity(tokens))
+    for i in range(5):
+        alone = second_eigenvector(affinity(tokens[i : i + 1]))
+        assert alone.iterations[0] == batch.iterations[i]
+        sign = torch.sign((alone.vectors[0] * batch.vectors[i]).sum())
+        assert torch.allclose(alone.vectors[0], sign * batch.vectors[i], atol=1e-6)

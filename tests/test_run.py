@@ -23,6 +23,7 @@ from selfment_label.masks import full_size_masks
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict, RunLock
 from selfment_label.runfolder.pipeline import Labeller, NoImages, label_folder
+from selfment_label.segment.base import ImageMasks
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 
@@ -322,3 +323,47 @@ def test_cuda_device_request_without_cuda_is_a_clear_error(mixed_folder, tmp_pat
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="no CUDA device"):
         label_folder(mixed_folder, tmp_path / "o", RunConfig(device="cuda"))
+
+
+@pytest.mark.slow
+def test_every_image_gets_the_same_rle_whatever_its_batch(tmp_path, ecssd_dir, real_backbone):
+    # the solver's start is one seeded block for every image and each image leaves the
+    # iteration at its own convergence, so a batch's other images change nothing
+    stems = ["0010", "0011", "0012", "0013", "0016", "0017", "0018", "0019"]
+    images = _ecssd_subset(ecssd_dir, tmp_path / "images", stems)
+    results = []
+    for batch in (1, 3, 8):
+        out = tmp_path / f"b{batch}"
+        label_folder(images, out, RunConfig(batch_size=batch), backbone=real_backbone)
+        coco = json.loads((out / "annotations.json").read_text())
+        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        results.append(
+            {
+                (names[a["image_id"]], a["segmentation"]["counts"], a["score"])
+                for a in coco["annotations"]
+            }
+        )
+    assert len(results[0]) == len(stems)
+    assert results[0] == results[1] == results[2]
+
+
+def test_segmenter_notes_reach_the_journal_coco_and_run_json(tmp_path, tiny_backbone):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(folder / name)
+
+    class Noting(NcutIpo):
+        def __call__(self, tokens, timer):
+            found = super().__call__(tokens, timer)
+            return [ImageMasks(masks, {"eigensolver": "capped"}) for masks in found]
+
+    out = tmp_path / "run"
+    summary = label_folder(
+        folder, out, RunConfig(resolution=112), backbone=tiny_backbone, segmenter=Noting()
+    )
+    assert summary.notes == {"a.png": {"eigensolver": "capped"}, "b.png": {"eigensolver": "capped"}}
+    run = json.loads((out / "run.json").read_text())
+    assert run["image_notes"] == summary.notes
+    coco = json.loads((out / "annotations.json").read_text())
+    assert all(image["notes"] == {"eigensolver": "capped"} for image in coco["images"])

@@ -96,6 +96,7 @@ class Journal:
         self.fingerprint = fingerprint
         self.offsets: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
+        self.notes: dict[str, dict[str, Any]] = {}
         fresh = not self.path.exists()
         if not fresh:
             self._reopen()
@@ -124,6 +125,10 @@ class Journal:
             self.skipped[name] = entry["reason"]
         else:
             self.skipped.pop(name, None)
+        if entry.get("notes"):
+            self.notes[name] = entry["notes"]
+        else:
+            self.notes.pop(name, None)
 
     def _append(self, entry: dict[str, Any]) -> int:
         offset = self._fh.tell()

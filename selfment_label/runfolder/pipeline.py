@@ -59,6 +59,7 @@ class RunSummary:
       seconds: wall-clock seconds of this invocation's labelling loop.
       stages: seconds per stage.
       new_skips: file name -> reason, for the images this invocation skipped.
+      notes: file name -> the segmenter's notes (e.g. the eigensolver stopped at its cap).
     """
 
     out_dir: Path
@@ -70,6 +71,7 @@ class RunSummary:
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)
     new_skips: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -214,6 +216,7 @@ def label_folder(
         }
         _, summary.annotations = write_coco_stream(out_dir / ANNOTATIONS_NAME, records, info)
         summary.skipped = {n: journal.skipped[n] for n in names if n in journal.skipped}
+        summary.notes = {n: journal.notes[n] for n in names if n in journal.notes}
         provenance = {
             "tool": "selfment-label",
             "version": __version__,
@@ -231,6 +234,7 @@ def label_folder(
             "labelled_this_invocation": summary.labelled,
             "resumed_from_journal": summary.resumed,
             "images_skipped": summary.skipped,
+            "image_notes": summary.notes,
             "stage_seconds": summary.stages,
             "seconds": round(summary.seconds, 3),
             "images_per_second": round(summary.images_per_second, 3),
@@ -325,5 +329,8 @@ def _record_image(
         if save_scores and union is not None:
             entry["score_map"] = _write_score_map(out_dir, item.file_name, union)
     entry["annotations"] = annotations
+    notes = getattr(masks, "notes", None)
+    if notes:
+        entry["notes"] = notes
     with timer.stage("write"):
         journal.add(entry)

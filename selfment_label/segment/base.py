@@ -31,6 +31,21 @@ class PatchMask:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class ImageMasks(list):
+    """One image's ``PatchMask`` list, with what the segmenter noted about the image.
+
+    Arguments:
+      masks: the image's patch masks.
+      notes: JSON-able facts a reviewer should see, recorded in the journal and on the
+        image's COCO entry (e.g. ``{"eigensolver": "stopped at its cap"}``); empty when
+        nothing is worth noting.
+    """
+
+    def __init__(self, masks: list[PatchMask] = (), notes: dict[str, Any] | None = None):
+        super().__init__(masks)
+        self.notes = dict(notes or {})
+
+
 class Segmenter(Protocol):
     """What the pipeline needs from a segmenter."""
 
@@ -39,5 +54,6 @@ class Segmenter(Protocol):
         ...
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
-        """Patch masks for each image of a ``[B, rows, cols, D]`` batch."""
+        """Patch masks for each image of a ``[B, rows, cols, D]`` batch (an ``ImageMasks``
+        per image when the segmenter has notes about it)."""
         ...

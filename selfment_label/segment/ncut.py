@@ -46,12 +46,15 @@ class EigenResult:
     Arguments:
       vectors: ``[B, N]`` generalized eigenvectors ``v`` of ``(D - A) v = lambda D v``.
       values: ``[B]`` their eigenvalues ``lambda``.
-      iterations: subspace iterations used.
+      iterations: ``[B]`` block products with the matrix each image needed.
+      converged: ``[B]`` whether each image's Ritz residual fell below the tolerance (False:
+        it stopped at the cap).
     """
 
     vectors: torch.Tensor
     values: torch.Tensor
-    iterations: int
+    iterations: torch.Tensor
+    converged: torch.Tensor
 
 
 def second_eigenvector(
@@ -71,17 +74,20 @@ def second_eigenvector(
     than with plain powers, while each step still reads the N x N matrix once for the
     whole block.
 
+    Every image starts from the same seeded block and leaves the batch as soon as its own
+    residual is below ``tol``, so its result does not depend on the other images of the
+    batch (alone, in any batch, or after a resume).
+
     Arguments:
       adjacency: ``[B, N, N]`` symmetric non-negative affinities.
       block: subspace size; larger converges in fewer iterations.
       max_iter: cap on block products with the matrix.
-      tol: stop when every Ritz residual norm is below this.
+      tol: an image is done when its Ritz residual norm is below this.
       check_every: degree of the Chebyshev filter (block products between residual checks).
-      seed: seed of the random start (results are deterministic).
+      seed: seed of the random start block (results are deterministic).
 
     Returns:
-      An ``EigenResult``; vectors are normalised to unit D-norm; ``iterations`` counts block
-      products with the matrix.
+      An ``EigenResult``; vectors are normalised to unit D-norm.
     """
     a = adjacency
     bsz, n, _ = a.shape
@@ -92,36 +98,51 @@ def second_eigenvector(
     top = top / top.norm(dim=-1, keepdim=True)
     k = min(block, max(n - 1, 1))
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(bsz, n, k, generator=generator, dtype=a.dtype).to(a.device)
+    start = torch.randn(1, n, k, generator=generator, dtype=a.dtype).to(a.device)
+    q, _ = torch.linalg.qr(start.expand(bsz, n, k).contiguous())
+
+    vectors = torch.zeros(bsz, n, dtype=a.dtype, device=a.device)
+    ritz = torch.zeros(bsz, dtype=a.dtype, device=a.device)
+    iterations = torch.zeros(bsz, dtype=torch.long)
+    converged = torch.zeros(bsz, dtype=torch.bool)
+    active = torch.arange(bsz, device=a.device)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         # M x with the known top eigenvector D^1/2 1 (eigenvalue 1) deflated to 0
         x = x - top[:, :, None] * (top[:, None, :] @ x)
         return m @ x
 
-    iterations = 0
-    q, _ = torch.linalg.qr(q)
+    count = 0
     mq = apply(q)
     while True:
         vals, vecs = torch.linalg.eigh(q.transpose(1, 2) @ mq)
         q = q @ vecs
         mq = mq @ vecs
-        iterations += 1
-        ritz_val = vals[:, -1]
-        residual = (mq[:, :, -1] - ritz_val[:, None] * q[:, :, -1]).norm(dim=-1)
-        if iterations >= max_iter or bool((residual < tol).all()):
+        count += 1
+        residual = (mq[:, :, -1] - vals[:, -1, None] * q[:, :, -1]).norm(dim=-1)
+        done = residual < tol
+        leaving = done | (count >= max_iter)
+        if bool(leaving.any()):
+            which = active[leaving]
+            vectors[which] = q[leaving, :, -1]
+            ritz[which] = vals[leaving, -1]
+            iterations[which.cpu()] = count
+            converged[which.cpu()] = done[leaving].cpu()
+            keep = ~leaving
+            active, q, mq, vals = active[keep], q[keep], mq[keep], vals[keep]
+            m, top = m[keep], top[keep]
+        if active.numel() == 0:
             break
-        degree_now = max(1, min(check_every, max_iter - iterations))
+        degree_now = max(1, min(check_every, max_iter - count))
         q, _ = torch.linalg.qr(_chebyshev_filter(apply, q, mq, vals[:, 0], degree_now))
-        iterations += degree_now - 1
+        count += degree_now - 1
         mq = apply(q)
-    u = q[:, :, -1]
-    v = u * inv_sqrt
+    v = vectors * inv_sqrt
     v = v / (v.square() * degree).sum(-1, keepdim=True).sqrt()
     # eigenvalue of M is mu; generalized eigenvalue lambda = 1 - mu
-    values = 1.0 - ritz_val
-    logger.debug("ncut eigensolver: %d block products", iterations)
-    return EigenResult(vectors=v, values=values, iterations=iterations)
+    if not bool(converged.all()):
+        logger.debug("ncut eigensolver: %d image(s) stopped at the cap", int((~converged).sum()))
+    return EigenResult(vectors=v, values=1.0 - ritz, iterations=iterations, converged=converged)
 
 
 def _chebyshev_filter(

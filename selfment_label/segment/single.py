@@ -9,12 +9,13 @@ import torch
 
 from ..config import SingleConfig, config_options
 from ..timing import StageTimer
-from .base import PatchMask
+from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization
 from .ncut import normalized_cut
 from .scores import border_fraction, stability_score
 
 MAX_BORDER = 0.5
+EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
 
 
 @dataclass
@@ -30,7 +31,7 @@ class NcutIpo(SingleConfig):
         b, rows, cols, dim = tokens.shape
         flat = tokens.reshape(b, rows * cols, dim)
         with timer.stage("ncut"):
-            cut, _ = normalized_cut(flat, (rows, cols), tau=self.tau)
+            cut, eigen = normalized_cut(flat, (rows, cols), tau=self.tau)
         with timer.stage("ipo"):
             refined = iterative_patch_optimization(
                 flat, cut.reshape(b, -1), self.ipo_iters, temperature=self.temperature
@@ -41,4 +42,11 @@ class NcutIpo(SingleConfig):
             labels = torch.where(swapped, ~labels, labels)
             scores = torch.where(swapped, 1.0 - scores, scores)
             confidence = stability_score(torch.where(swapped, ~cut, cut), labels).tolist()
-        return [[PatchMask(scores=scores[i], score=confidence[i])] for i in range(b)]
+        capped = (~eigen.converged).tolist()
+        return [
+            ImageMasks(
+                [PatchMask(scores=scores[i], score=confidence[i])],
+                {"eigensolver": EIGENSOLVER_CAPPED} if capped[i] else None,
+            )
+            for i in range(b)
+        ]
