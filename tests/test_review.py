@@ -503,6 +503,13 @@ def test_train_reviewed_honours_rejections_deletions_and_edits(
     assert not masks[names["deleted"]].any()
     assert np.array_equal(masks[names["edited"]], box)
     assert len(reviewed_targets(run, tags=["approved"]).targets) == 2
+    # A dataset built before samples named their run: its samples are claimed by its run.
+    legacy = fo.load_dataset(name)
+    legacy.delete_sample_field("run_dir")
+    del legacy.info["selfment"]["runs"]
+    legacy.save()
+    assert build_dataset(run, name).count("run_dir") == 5
+    assert len(reviewed_targets(run).targets) == 4
 
     used: dict[str, torch.Tensor] = {}
     train_head = head_train.train_head

@@ -210,6 +210,8 @@ def build_dataset(
     else:
         dataset = fo.Dataset(name, persistent=True)
     runs = dict(info.get("runs", {}))
+    if not runs and info.get("run_dir") == str(run_dir):
+        _claim_unowned_samples(dataset, run_dir)
     fingerprint = run_fingerprint(run.provenance)
     current = {str(input_dir / image["file_name"]): (image, anns) for image, anns in run.images()}
     if runs.get(str(run_dir), fingerprint) != fingerprint:
@@ -253,6 +255,13 @@ def build_dataset(
     record_reviewing_dataset(run_dir, name)
     logger.info("dataset %s: %d new samples, %d in all", name, len(samples), len(dataset))
     return dataset
+
+
+def _claim_unowned_samples(dataset: fo.Dataset, run_dir: Path) -> None:
+    """Name ``run_dir`` as the run of samples built before samples named their run."""
+    unowned = dataset.exists(RUN_FIELD, False) if dataset.has_sample_field(RUN_FIELD) else dataset
+    if len(unowned):
+        unowned.set_values(RUN_FIELD, [str(run_dir)] * len(unowned))
 
 
 def _relabel(
