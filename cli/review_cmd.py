@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from selfment_label.review.app import app_url, launch_app
-from selfment_label.review.dataset import build_dataset, load_run_dataset
+from selfment_label.review.dataset import NotReviewed, build_dataset, load_run_dataset
 from selfment_label.review.db import ReviewError
 from selfment_label.review.export import FORMATS, MEDIA, ExportError, export_dataset
 from selfment_label.review.split import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
@@ -18,10 +19,23 @@ from selfment_label.runfolder.layout import RunFolderError
 from .console import console, fail, setup_logging, user_errors
 
 
+def print_dataset(dataset: Any) -> None:
+    """Print a review dataset's name, size, label fields and saved views."""
+    fields = ", ".join(dataset.info["selfment"]["label_fields"])
+    console.print(
+        f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
+    )
+    views = ", ".join(f"'{view}'" for view in dataset.list_saved_views())
+    console.print(f"saved views: {views}")
+
+
 def review(
     run_dir: Path = typer.Argument(..., help="Run folder (annotations.json and run.json)."),
     name: str = typer.Option(
-        None, "--name", help="Dataset name (default: derived from the run folder)."
+        None,
+        "--name",
+        help="Dataset name (default: the one recorded in RUN_DIR/review.json, else derived "
+        "from the run folder).",
     ),
     gt: Path = typer.Option(None, "--gt", help="Folder of ground-truth masks to compare with."),
     port: int = typer.Option(5151, "--port", help="Port of the FiftyOne App."),
@@ -37,10 +51,7 @@ def review(
         raise fail(f"--gt {gt} is not a folder")
     with user_errors(ReviewError, RunFolderError), console.status("building the FiftyOne dataset"):
         dataset = build_dataset(run_dir, name, gt)
-    fields = ", ".join(dataset.info["selfment"]["label_fields"])
-    console.print(
-        f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
-    )
+    print_dataset(dataset)
     if no_launch:
         return
     with console.status("starting the FiftyOne App"):
@@ -92,14 +103,24 @@ def export(
         help="YOLO: drop mask pieces smaller than this many pixels (the largest is kept).",
     ),
     name: str = typer.Option(
-        None, "--name", help="Dataset name (default: derived from the run folder)."
+        None, "--name", help="Dataset name (default: the one recorded by `review` for RUN_DIR)."
+    ),
+    unreviewed: bool = typer.Option(
+        False,
+        "--unreviewed",
+        help="When no dataset reviews the run, build one from the run and export its labels "
+        "as they are.",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Export the reviewed labels (tags, deletions and edits honoured) as a training set."""
     setup_logging(verbose)
     with user_errors(ReviewError, ExportError, RunFolderError), console.status("exporting"):
-        dataset = load_run_dataset(run_dir, name)
+        try:
+            dataset = load_run_dataset(run_dir, name, unreviewed=unreviewed)
+        except NotReviewed as error:
+            hint = "or pass --unreviewed to export the run's labels as they are"
+            raise fail(f"{error}, {hint}") from None
         summary = export_dataset(
             dataset,
             target,

@@ -67,8 +67,8 @@ LABEL_ERRORS = (
 
 def label_with_progress(
     label: Callable[[ProgressCallback], RunSummary], *errors: type[BaseException]
-) -> None:
-    """Run a labelling call under a progress bar, then print its summary.
+) -> RunSummary:
+    """Run a labelling call under a progress bar, print its summary and return it.
 
     Arguments:
       label: called with the progress callback; returns the run's summary.
@@ -83,6 +83,7 @@ def label_with_progress(
 
         summary = label(on_image)
     print_summary(summary)
+    return summary
 
 
 def run(

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfment_label.config import DEVICE_HELP, RunConfig, TrainConfig
+from selfment_label.config import DEVICE_HELP, REVIEW_EXCLUDE_TAGS, RunConfig, TrainConfig
 from selfment_label.device import resolve_device
 from selfment_label.features.cache import CacheError
 from selfment_label.features.presets import BackboneError
@@ -49,16 +49,47 @@ def train(
     ),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     overwrite: bool = typer.Option(False, help="Replace an existing checkpoint file."),
+    reviewed: bool = typer.Option(
+        False,
+        "--reviewed",
+        help="Learn from the run's reviewed FiftyOne dataset (tags, deletions and edits "
+        "honoured) instead of its annotations.json.",
+    ),
+    name: str = typer.Option(
+        None,
+        "--name",
+        help="With --reviewed: the dataset \\[default: the one recorded by `review`].",
+    ),
+    tags: list[str] = typer.Option(
+        None, "--tags", help="With --reviewed: keep only samples with any of these tags."
+    ),
+    exclude_tags: list[str] = typer.Option(
+        list(REVIEW_EXCLUDE_TAGS),
+        "--exclude-tags",
+        help="With --reviewed: leave out samples with any of these tags.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Train a patch head on a run's masks (features are cached, training is on the CPU)."""
     setup_logging(verbose)
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if not reviewed and (name or tags):
+        raise fail("--name and --tags choose a reviewed dataset: pass --reviewed too")
     config = TrainConfig(
         epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
     )
     errors = (HeadError, RunFolderError, CacheError, BackboneError, FileNotFoundError, RuntimeError)
+    source = None
+    if reviewed:
+        from selfment_label.review.db import ReviewError
+        from selfment_label.review.targets import reviewed_targets
+
+        with user_errors(ReviewError, RunFolderError), console.status("reading the review"):
+            source = reviewed_targets(run_dir, name, tags, exclude_tags)
+        console.print(
+            f"dataset [bold]{source.dataset}[/]: {len(source.targets)} samples to learn from"
+        )
     with user_errors(*errors), make_progress() as progress:
         features = progress.add_task("features", total=None)
         steps = progress.add_task("training", total=None, start=False)
@@ -82,6 +113,8 @@ def train(
             allow_download=not offline,
             feature_progress=on_feature,
             train_progress=on_step,
+            targets=source.targets if source else None,
+            data={"review": source.provenance()} if source else None,
         )
     table = Table(title=f"head -> {result.checkpoint}", show_header=False)
     table.add_column("what", style="bold")
@@ -112,6 +145,17 @@ def apply(
     ),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
+    review: bool = typer.Option(
+        False,
+        "--review",
+        help="Then add the new labels to a FiftyOne dataset for review (see --name).",
+    ),
+    name: str = typer.Option(
+        None,
+        "--name",
+        help="With --review: an existing dataset to add to (e.g. the one the head learnt "
+        "from) \\[default: the run folder's own dataset].",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
@@ -124,12 +168,24 @@ def apply(
         save_scores=save_scores,
         allow_download=not offline,
     )
-    label_with_progress(
+    if name and not review:
+        raise fail("--name names the dataset to review in: pass --review too")
+    summary = label_with_progress(
         lambda progress: apply_head(
             head, images, out, config, overwrite=overwrite, progress=progress
         ),
         HeadError,
     )
+    if review:
+        from selfment_label.review.dataset import build_dataset
+        from selfment_label.review.db import ReviewError
+
+        from .review_cmd import print_dataset
+
+        with user_errors(ReviewError, RunFolderError), console.status("adding to FiftyOne"):
+            dataset = build_dataset(summary.out_dir, name, add=name is not None)
+        print_dataset(dataset)
+        console.print(f"review it with `selfment-label review {summary.out_dir}`")
 
 
 def register(app: typer.Typer) -> None:

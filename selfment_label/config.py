@@ -173,3 +173,7 @@ class TrainConfig:
     temperature: float = 0.05
     contrastive_patches: int = 256
     target_threshold: float | None = None
+
+
+REVIEW_EXCLUDE_TAGS = ("rejected",)
+"""Sample tags that ``train --reviewed`` leaves out by default."""

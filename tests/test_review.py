@@ -21,19 +21,29 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from PIL import Image
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
-from selfment_label.config import RunConfig, mode_config
+import selfment_label.head.apply as head_apply
+import selfment_label.head.train as head_train
+from selfment_label.config import RunConfig, TrainConfig, mode_config
 from selfment_label.features.backbone import Backbone
+from selfment_label.head.checkpoint import load_checkpoint
+from selfment_label.head.model import patch_targets
+from selfment_label.head.train import distil
 from selfment_label.review.app import launch_app
+from selfment_label.review.convert import mask_to_detection
 from selfment_label.review.dataset import build_dataset, dataset_name
+from selfment_label.review.export import export_dataset
 from selfment_label.review.model import selfment_model
+from selfment_label.review.targets import reviewed_targets
 from selfment_label.runfolder.coco import decode_rle, load_coco
 from selfment_label.runfolder.pipeline import label_folder
 
 fo = pytest.importorskip("fiftyone")
+F = fo.ViewField
 CHROMIUM = Path("/usr/bin/chromium")
 # FiftyOne reuses any embedded database service already running on the machine, so names are
 # made unique to this test session and the datasets are deleted at the end.
@@ -279,3 +289,194 @@ def test_cli_export_and_database_error(run_dir: Path, tmp_path: Path) -> None:
     )
     assert failed.returncode == 1
     assert "FIFTYONE_DATABASE_URI" in failed.stderr and "error" in failed.stderr
+
+
+def test_review_is_recorded_and_export_uses_it(tmp_path: Path, tiny_backbone: Backbone) -> None:
+    images, run = tmp_path / "images", tmp_path / "run"
+    _make_images(images, 3)
+    _label(images, run, tiny_backbone)
+    runner = CliRunner()
+    target = tmp_path / "out"
+    export = ["export", str(run), str(target), "--format", "masks", "--media", "none"]
+    refused = runner.invoke(app, export)
+    assert refused.exit_code == 1
+    flat = "".join(refused.output.split())
+    assert f"selfment-labelreview{run}" in flat and "--unreviewed" in flat
+    assert not target.exists() and not fo.dataset_exists(dataset_name(run))
+
+    name = f"t-mine-{SUFFIX}"
+    result = runner.invoke(app, ["review", str(run), "--name", name, "--no-launch"])
+    assert result.exit_code == 0, result.output
+    assert "lowest score first" in result.output
+    assert json.loads((run / "review.json").read_text()) == {"datasets": [name]}
+    dataset = fo.load_dataset(name)
+    rejected = dataset.sort_by("file_name").first()
+    rejected.tags.append("rejected")
+    rejected.save()
+    result = runner.invoke(app, [*export, "--exclude-tags", "rejected"])
+    assert result.exit_code == 0, result.output
+    written = {p.relative_to(target / "masks") for p in (target / "masks").rglob("*.png")}
+    assert len(written) == 2
+    assert Path(rejected.file_name).with_suffix(".png") not in written
+    # `review` again without --name reopens the recorded dataset, tags intact.
+    again = runner.invoke(app, ["review", str(run), "--no-launch"])
+    assert again.exit_code == 0 and name in again.output
+    assert fo.load_dataset(name).count_sample_tags() == {"rejected": 1}
+
+    view = dataset.load_saved_view("lowest score first")
+    best = [max(d.confidence for d in s.pseudo.detections) for s in view]
+    assert best == sorted(best) and len(best) == 3
+
+
+def test_rebuild_after_overwrite_with_another_mode_has_no_stale_label(
+    tmp_path: Path, tiny_backbone: Backbone
+) -> None:
+    images, run = tmp_path / "images", tmp_path / "run"
+    _make_images(images, 3)
+    _label(images, run, tiny_backbone, mode="instances")
+    name = f"t-rebuild-{SUFFIX}"
+    dataset = build_dataset(run, name)
+    first, second, third = dataset.sort_by("file_name")
+    first.tags.append("approved")
+    first.pseudo.detections = []
+    first.save()
+    fingerprint = dataset.info["selfment"]["runs"][str(run.resolve())]
+
+    Path(third.filepath).unlink()
+    label_folder(
+        images,
+        run,
+        RunConfig(resolution=112, segment=mode_config("entities")),
+        backbone=tiny_backbone,
+        overwrite=True,
+    )
+    dataset = build_dataset(run)  # the recorded name
+    assert dataset.name == name and len(dataset) == 2
+    assert not dataset.has_sample_field("pseudo")
+    info = dataset.info["selfment"]
+    assert info["mode"] == "entities" and info["label_fields"] == ["entities", "parts"]
+    assert info["run"]["options"]["mode"] == "entities"
+    assert info["runs"][str(run.resolve())] != fingerprint
+    source = load_coco(run / "annotations.json")["annotations"]
+    assert dataset.count("entities.detections") == sum(a["level"] == 0 for a in source)
+    assert dataset.count("parts.detections") == sum(a["level"] == 1 for a in source)
+    assert dataset[first.filepath].tags == ["approved"]
+    assert third.filepath not in dataset.values("filepath")
+    target = tmp_path / "out"
+    assert export_dataset(dataset, target, "coco", media="none").annotations == len(source)
+
+
+def _edit_review(dataset: fo.Dataset) -> tuple[dict[str, str], np.ndarray]:
+    """Reject one sample, delete every mask of another, replace the mask of a third."""
+    rejected, deleted, edited, *_ = dataset.sort_by("file_name")
+    rejected.tags.append("rejected")
+    rejected.save()
+    deleted.tags.append("approved")
+    deleted.pseudo.detections = []
+    deleted.save()
+    width, height = edited.metadata.width, edited.metadata.height
+    box = np.zeros((height, width), dtype=bool)
+    box[5:40, 10:60] = True
+    edited.tags.append("approved")
+    edited.pseudo.detections = [mask_to_detection(box, 1.0)]
+    edited.save()
+    names = {"rejected": rejected.file_name, "deleted": deleted.file_name}
+    names["edited"] = edited.file_name
+    return names, box
+
+
+def test_train_reviewed_honours_rejections_deletions_and_edits(
+    tmp_path: Path, tiny_backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, run = tmp_path / "images", tmp_path / "run"
+    _make_images(images, 5)
+    _label(images, run, tiny_backbone, mode="single")
+    name = f"t-train-{SUFFIX}"
+    names, box = _edit_review(build_dataset(run, name))
+
+    source = reviewed_targets(run)
+    masks = {file_name: mask for file_name, _, _, mask in source.targets}
+    assert source.dataset == name and len(masks) == 4 and names["rejected"] not in masks
+    assert not masks[names["deleted"]].any()
+    assert np.array_equal(masks[names["edited"]], box)
+    assert len(reviewed_targets(run, tags=["approved"]).targets) == 2
+    # A dataset built before samples named their run: its samples are claimed by its run.
+    legacy = fo.load_dataset(name)
+    legacy.delete_sample_field("run_dir")
+    del legacy.info["selfment"]["runs"]
+    legacy.save()
+    assert build_dataset(run, name).count("run_dir") == 5
+    assert len(reviewed_targets(run).targets) == 4
+
+    used: dict[str, torch.Tensor] = {}
+    train_head = head_train.train_head
+
+    def spy(images, *args, **kwargs):
+        used.update({image.file_name: image.target for image in images})
+        return train_head(images, *args, **kwargs)
+
+    monkeypatch.setattr(head_train, "train_head", spy)
+    config = TrainConfig(epochs=1, batch_size=2)
+    distil(run, tmp_path / "warm.pt", config, backbone=tiny_backbone)  # fills the cache
+    assert len(used) == 5
+    used.clear()
+    out = tmp_path / "head.pt"
+    args = ["train", str(run), "--out", str(out), "--reviewed", "--epochs", "1", "--offline"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert set(used) == set(masks)
+    assert float(used[names["deleted"]].sum()) == 0
+    edited = used[names["edited"]]
+    grid = tuple(edited.shape)
+    assert torch.equal(edited, patch_targets(box, grid))
+    review = load_checkpoint(out).meta["data"]["review"]
+    assert review == {
+        "dataset": name,
+        "tags": [],
+        "exclude_tags": ["rejected"],
+        "samples": 4,
+    }
+    assert load_checkpoint(out).meta["data"]["images"] == 4
+    used.clear()
+    approved = CliRunner().invoke(app, [*args, "--overwrite", "--tags", "approved"])
+    assert approved.exit_code == 0, approved.output
+    assert set(used) == {names["deleted"], names["edited"]}
+    assert load_checkpoint(out).meta["data"]["review"]["samples"] == 2
+
+
+def test_apply_review_adds_scored_samples_and_the_saved_view(
+    tmp_path: Path, tiny_backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, run = tmp_path / "images", tmp_path / "run"
+    _make_images(images, 3)
+    _label(images, run, tiny_backbone, mode="single")
+    name = f"t-apply-{SUFFIX}"
+    build_dataset(run, name)
+    head = tmp_path / "head.pt"
+    distil(run, head, TrainConfig(epochs=1, batch_size=2), backbone=tiny_backbone)
+    monkeypatch.setattr(head_apply, "backbone_for", lambda config: tiny_backbone)
+    new = tmp_path / "new"
+    _make_images(new, 3, start=5)
+    run2 = tmp_path / "run2"
+    args = ["apply", str(head), str(new), "--out", str(run2), "--review"]
+    result = CliRunner().invoke(app, [*args, "--name", name])
+    assert result.exit_code == 0, result.output
+    assert "lowest score first" in result.output
+    dataset = fo.load_dataset(name)
+    added = dataset.match(F("run_dir") == str(run2.resolve()))
+    assert len(dataset) == 6 and len(added) == 3
+    scores = {a["score"] for a in load_coco(run2 / "annotations.json")["annotations"]}
+    assert set(added.values("pseudo.detections.confidence", unwind=True)) == scores
+    assert json.loads((run2 / "review.json").read_text()) == {"datasets": [name]}
+    view = dataset.load_saved_view("lowest score first")
+    best = [max((d.confidence for d in s.pseudo.detections), default=-1.0) for s in view]
+    assert best == sorted(best) and len(best) == 6
+
+    run3 = tmp_path / "run3"
+    own = CliRunner().invoke(app, ["apply", str(head), str(new), "--out", str(run3), "--review"])
+    assert own.exit_code == 0, own.output
+    own_name = dataset_name(run3)
+    assert json.loads((run3 / "review.json").read_text()) == {"datasets": [own_name]}
+    assert len(fo.load_dataset(own_name)) == 3
+    assert "lowest score first" in fo.load_dataset(own_name).list_saved_views()
+    fo.delete_dataset(own_name)

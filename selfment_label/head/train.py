@@ -7,10 +7,12 @@ caller's global RNG state is left as it was.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from .. import __version__
@@ -19,13 +21,22 @@ from ..data.images import grid_for
 from ..features.backbone import Backbone, build_backbone
 from ..features.cache import CacheSettings, FeatureCache, FeatureProgress, ensure_features
 from ..features.presets import get_preset
-from ..runfolder.layout import FEATURES_DIR, read_run, union_mask
+from ..runfolder.layout import FEATURES_DIR, RunFolder, read_run, union_mask
 from .checkpoint import CHECKPOINT_FORMAT, HeadError, HeadMismatch, check_identity, save_checkpoint
 from .model import HIDDEN, PatchHead, head_losses, patch_targets
 
 logger = logging.getLogger(__name__)
 
 TrainProgress = Callable[[int, int, dict[str, float]], None]
+MaskTarget = tuple[str, int, int, np.ndarray]
+"""``(file name relative to the run's input folder, width, height, [height, width] mask)``."""
+
+
+def run_targets(run: RunFolder) -> Iterator[MaskTarget]:
+    """The union of every labelled image's masks, as the run wrote them."""
+    for image, anns in run.images():
+        width, height = int(image["width"]), int(image["height"])
+        yield image["file_name"], width, height, union_mask(width, height, anns, image["file_name"])
 
 
 @dataclass
@@ -147,11 +158,13 @@ def distil(
     backbone: Backbone | None = None,
     feature_progress: FeatureProgress | None = None,
     train_progress: TrainProgress | None = None,
+    targets: Iterable[MaskTarget] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> DistilResult:
-    """Train a head on a run folder's masks and save its checkpoint.
+    """Train a head on a run folder's masks (or on given targets) and save its checkpoint.
 
-    Every image of the run counts with the union of its masks (runs of other modes
-    contribute their union too; images with no mask are all-background examples).
+    By default every image of the run counts with the union of its masks (runs of other
+    modes contribute their union too; images with no mask are all-background examples).
 
     Arguments:
       run_dir: a finished run folder (annotations.json + run.json).
@@ -165,6 +178,9 @@ def distil(
       backbone: a ready backbone (tests); must match the run's.
       feature_progress: called with ``(done, total)`` while features are gathered.
       train_progress: called with ``(step, total, losses)`` while training.
+      targets: the training targets instead of the run's masks (``train --reviewed``: those
+        of a reviewed dataset); images of the run's input folder at their full size.
+      data: more keys for the checkpoint's ``data`` record (where the targets came from).
 
     Raises:
       RunFolderError: the run folder cannot be read.
@@ -202,24 +218,21 @@ def distil(
     )
     cache_root = Path(cache_dir) if cache_dir else source.path / FEATURES_DIR
     cache = FeatureCache(cache_root, settings)
-    pairs = list(source.images())
+    masks = list(run_targets(source) if targets is None else targets)
     entries = ensure_features(
         cache,
         source.input_dir,
-        [image["file_name"] for image, _ in pairs],
+        [name for name, *_ in masks],
         make_backbone,
         progress=feature_progress,
     )
     images, left_out = [], {}
-    for image, anns in pairs:
-        name = image["file_name"]
+    for name, width, height, mask in masks:
         if name not in entries:
             left_out[name] = "no features (the image could not be decoded)"
             continue
-        grid = grid_for(image["width"], image["height"], settings.resolution, settings.patch_size)
-        mask = union_mask(image["width"], image["height"], anns, image["file_name"])
-        target = patch_targets(mask, grid)
-        images.append(TrainingImage(name, entries[name], target))
+        grid = grid_for(width, height, settings.resolution, settings.patch_size)
+        images.append(TrainingImage(name, entries[name], patch_targets(mask, grid)))
     for name, reason in left_out.items():
         logger.warning("left out %s: %s", name, reason)
     head, losses = train_head(images, cache, config, train_progress)
@@ -244,6 +257,7 @@ def distil(
             "run_mode": source.mode,
             "images": len(images),
             "patches": patches,
+            **(data or {}),
         },
         "final_losses": losses,
     }

@@ -10,8 +10,20 @@ detection keeps the run's annotation id as ``coco_id``; parts keep their entity'
 convention for instance masks is followed: ``bounding_box`` is ``[x, y, w, h]`` relative to the
 image and ``mask`` is the boolean mask cropped to that box.
 
-Building again after a new ``run`` adds the new images only: samples already there, with the
-user's tags and edits, are left as they are.
+Every sample records its run folder in ``run_dir``; a dataset may hold the samples of several
+runs (``apply --review --name`` adds a head's run to the dataset the head learnt from). The
+dataset's info (``INFO_KEY``) describes the run that made it and keeps a fingerprint of every
+run it holds (input folder, backbone identity and options: what decides the masks).
+
+Building again after the same run labelled more images adds the new images only: samples
+already there, with the user's tags and edits, are left as they are. Building again after the
+run changed (``run --overwrite`` with other options or another mode) replaces the labels of
+every sample of that run with the current ones (tags are kept), deletes label fields the run
+no longer has, and deletes the samples of images the run no longer labels.
+
+The dataset name is recorded in the run folder's ``review.json``; it is the default for the
+next ``review``, ``export`` and ``train --reviewed`` of that run. Every build saves the view
+``LOWEST_SCORE_VIEW``: samples sorted by their best mask score, lowest (and unlabelled) first.
 
 ``fiftyone`` is imported inside the functions that need it, so the labelling commands do not
 pay its import time.
@@ -20,6 +32,7 @@ pay its import time.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -28,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from ..data.images import find_images
 from ..evaluate import load_gt_mask, load_predictions, match
 from ..runfolder.coco import decode_rle
-from ..runfolder.layout import read_run
+from ..runfolder.layout import read_run, record_reviewing_dataset, reviewing_datasets
 from .convert import mask_to_detection
 from .db import ReviewError, connect
 
@@ -41,7 +54,13 @@ PSEUDO_FIELD = "pseudo"
 ENTITIES_FIELD = "entities"
 PARTS_FIELD = "parts"
 GT_FIELD = "ground_truth"
+RUN_FIELD = "run_dir"
 INFO_KEY = "selfment"
+LOWEST_SCORE_VIEW = "lowest score first"
+
+
+class NotReviewed(ReviewError):
+    """No FiftyOne dataset reviews a run folder (or the one named does not exist)."""
 
 
 def dataset_name(run_dir: str | Path) -> str:
@@ -54,6 +73,22 @@ def dataset_name(run_dir: str | Path) -> str:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", resolved.name).strip("-") or "run"
     digest = hashlib.sha1(str(resolved).encode("utf-8")).hexdigest()[:6]
     return f"selfment-{slug}-{digest}"
+
+
+def run_fingerprint(provenance: dict[str, Any]) -> str:
+    """A digest of what decides a run's masks: input folder, backbone identity and options.
+
+    Arguments:
+      provenance: the run's ``run.json``.
+    """
+    decisive = {key: provenance.get(key) for key in ("input_dir", "backbone", "options")}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def reviewing_dataset(run_dir: str | Path) -> str | None:
+    """The latest dataset recorded as reviewing a run folder, or None."""
+    names = reviewing_datasets(run_dir)
+    return names[-1] if names else None
 
 
 def label_fields(mode: str) -> list[str]:
@@ -118,53 +153,81 @@ def _gt_detections(run_dir: Path, gt_dir: Path) -> dict[str, fo.Detections]:
 
 
 def build_dataset(
-    run_dir: str | Path, name: str | None = None, gt_dir: str | Path | None = None
+    run_dir: str | Path,
+    name: str | None = None,
+    gt_dir: str | Path | None = None,
+    *,
+    add: bool = False,
 ) -> fo.Dataset:
     """Build, or update in place, the persistent FiftyOne dataset of a run folder.
 
     New images of the run become samples; samples already in the dataset keep their tags,
-    labels and edits. With ``gt_dir``, samples without ground truth get it in the
-    ``ground_truth`` field.
+    labels and edits while the run is the same (same fingerprint); when the run changed,
+    their labels are replaced by the run's current ones (tags kept), label fields the run
+    no longer has are deleted, and samples of images the run no longer labels are deleted.
+    With ``gt_dir``, samples without ground truth get it in the ``ground_truth`` field. The
+    dataset name is recorded in the run's ``review.json`` and the view ``LOWEST_SCORE_VIEW``
+    is saved.
 
     Arguments:
       run_dir: a finished run folder (annotations.json and run.json).
-      name: the dataset name (default ``dataset_name(run_dir)``).
+      name: the dataset name (default: the latest recorded in the run's ``review.json``,
+        else ``dataset_name(run_dir)``).
       gt_dir: optional folder of ground-truth mask images (foreground = gray > 127).
+      add: allow adding the run to a dataset made from another run (same label fields).
 
     Returns:
       The dataset.
 
     Raises:
-      ReviewError: the run folder cannot be read, or the name belongs to another run.
+      ReviewError: the run folder cannot be read, or the name belongs to another run (and
+        ``add`` is false, or its label fields differ).
       DatabaseError: the database cannot be reached.
     """
     import fiftyone as fo
+    from fiftyone import ViewField as F
 
     run = read_run(Path(run_dir).resolve())
     run_dir, mode, input_dir = run.path, run.mode, run.input_dir
-    name = name or dataset_name(run_dir)
+    name = name or reviewing_dataset(run_dir) or dataset_name(run_dir)
+    fields = label_fields(mode)
     connect()
+    info: dict[str, Any] = {}
     if fo.dataset_exists(name):
         dataset = fo.load_dataset(name)
-        owner = dataset.info.get(INFO_KEY, {}).get("run_dir")
-        if owner != str(run_dir):
+        info = dict(dataset.info.get(INFO_KEY, {}))
+        owner = info.get("run_dir")
+        if owner != str(run_dir) and not add:
             raise ReviewError(
                 f"dataset {name!r} belongs to {owner or 'something else'}, not {run_dir}; "
                 "choose another --name"
             )
+        if owner != str(run_dir) and info.get("label_fields") != fields:
+            raise ReviewError(
+                f"dataset {name!r} holds labels in {info.get('label_fields')}, this run's are "
+                f"in {fields}; choose another --name"
+            )
     else:
         dataset = fo.Dataset(name, persistent=True)
+    runs = dict(info.get("runs", {}))
+    if not runs and info.get("run_dir") == str(run_dir):
+        _claim_unowned_samples(dataset, run_dir)
+    fingerprint = run_fingerprint(run.provenance)
+    current = {str(input_dir / image["file_name"]): (image, anns) for image, anns in run.images()}
+    if runs.get(str(run_dir), fingerprint) != fingerprint:
+        stale = [f for f in info.get("label_fields", []) if f not in fields]
+        _relabel(dataset, run_dir, current, mode, stale)
     known = set(dataset.values("filepath"))
     gt = _gt_detections(run_dir, Path(gt_dir)) if gt_dir else {}
     samples = []
-    for image, anns in run.images():
-        filepath = str(input_dir / image["file_name"])
+    for filepath, (image, anns) in current.items():
         if filepath in known:
             continue
         sample = fo.Sample(
             filepath=filepath,
             metadata=fo.ImageMetadata(width=int(image["width"]), height=int(image["height"])),
             file_name=image["file_name"],
+            **{RUN_FIELD: str(run_dir)},
         )
         for field, detections in _image_detections(anns, mode).items():
             sample[field] = fo.Detections(detections=detections)
@@ -175,16 +238,56 @@ def build_dataset(
         dataset.add_samples(samples, progress=False)
     if gt:
         _fill_missing_gt(dataset, input_dir, gt)
-    dataset.info[INFO_KEY] = {
-        "run_dir": str(run_dir),
-        "input_dir": str(input_dir),
-        "mode": mode,
-        "label_fields": label_fields(mode),
-        "run": run.provenance,
-    }
+    if info.get("run_dir", str(run_dir)) == str(run_dir):
+        info.update(
+            run_dir=str(run_dir),
+            input_dir=str(input_dir),
+            mode=mode,
+            label_fields=fields,
+            run=run.provenance,
+        )
+    info["runs"] = {**runs, str(run_dir): fingerprint}
+    dataset.info[INFO_KEY] = info
     dataset.save()
+    top = fields[0]
+    by_score = dataset.sort_by(F(f"{top}.detections").map(F("confidence")).max())
+    dataset.save_view(LOWEST_SCORE_VIEW, by_score, overwrite=True)
+    record_reviewing_dataset(run_dir, name)
     logger.info("dataset %s: %d new samples, %d in all", name, len(samples), len(dataset))
     return dataset
+
+
+def _claim_unowned_samples(dataset: fo.Dataset, run_dir: Path) -> None:
+    """Name ``run_dir`` as the run of samples built before samples named their run."""
+    unowned = dataset.exists(RUN_FIELD, False) if dataset.has_sample_field(RUN_FIELD) else dataset
+    if len(unowned):
+        unowned.set_values(RUN_FIELD, [str(run_dir)] * len(unowned))
+
+
+def _relabel(
+    dataset: fo.Dataset,
+    run_dir: Path,
+    current: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+    mode: str,
+    stale: list[str],
+) -> None:
+    """Give a changed run's samples its current labels; delete the samples it no longer has."""
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+
+    view = dataset.match(F(RUN_FIELD) == str(run_dir))
+    gone = view.match(~F("filepath").is_in(list(current)))
+    if len(gone):
+        logger.info("deleting %d samples the run no longer labels", len(gone))
+        dataset.delete_samples(gone)
+    for field in stale:
+        if dataset.has_sample_field(field):
+            dataset.delete_sample_field(field)
+    for sample in view.iter_samples(autosave=True, progress=False):
+        image, anns = current[sample.filepath]
+        sample.metadata = fo.ImageMetadata(width=int(image["width"]), height=int(image["height"]))
+        for field, detections in _image_detections(anns, mode).items():
+            sample[field] = fo.Detections(detections=detections)
 
 
 def _fill_missing_gt(dataset: fo.Dataset, input_dir: Path, gt: dict[str, fo.Detections]) -> None:
@@ -196,18 +299,34 @@ def _fill_missing_gt(dataset: fo.Dataset, input_dir: Path, gt: dict[str, fo.Dete
         sample[GT_FIELD] = by_path[sample.filepath]
 
 
-def load_run_dataset(run_dir: str | Path, name: str | None = None) -> fo.Dataset:
-    """The FiftyOne dataset of a run folder, built first when it does not exist yet.
+def load_run_dataset(
+    run_dir: str | Path, name: str | None = None, unreviewed: bool = False
+) -> fo.Dataset:
+    """The FiftyOne dataset that reviews a run folder.
 
     Arguments:
       run_dir: the run folder.
-      name: the dataset name (default ``dataset_name(run_dir)``).
+      name: the dataset name (default: the latest recorded in the run's ``review.json``).
+      unreviewed: build the dataset from the run when it does not exist (default: refuse).
+
+    Raises:
+      NotReviewed: no such dataset and ``unreviewed`` is false.
     """
     import fiftyone as fo
 
     connect()
-    name = name or dataset_name(run_dir)
-    if fo.dataset_exists(name):
+    name = name or reviewing_dataset(run_dir)
+    if name and fo.dataset_exists(name):
         return fo.load_dataset(name)
-    logger.info("dataset %s does not exist yet: building it from %s", name, run_dir)
-    return build_dataset(run_dir, name)
+    if unreviewed:
+        logger.info("building the dataset of %s from the run, unreviewed", run_dir)
+        return build_dataset(run_dir, name)
+    if name:
+        raise NotReviewed(
+            f"FiftyOne dataset {name!r} does not exist: review the run first with "
+            f"`selfment-label review {run_dir} --name {name}`"
+        )
+    raise NotReviewed(
+        f"no FiftyOne dataset reviews {run_dir} yet: review it first with "
+        f"`selfment-label review {run_dir}`, or name one with --name"
+    )

@@ -6,7 +6,9 @@ A run folder (written by ``run`` or ``apply``) holds:
 - ``run.json``: provenance (input folder, backbone identity, options, counts, seconds);
 - ``journal.jsonl`` and ``.lock``: the resumable state of the run (see ``journal``);
 - ``scores/<file name>.png``: soft score maps, with ``--save-scores``;
-- ``features/``: the feature cache ``train`` fills (see ``features.cache``).
+- ``features/``: the feature cache ``train`` fills (see ``features.cache``);
+- ``review.json``: ``{"datasets": [...]}``, the FiftyOne datasets that review the run, the
+  latest last (written by ``review``; read by ``export``, ``train --reviewed`` and ``review``).
 
 Every consumer (eval, review, train, export) reads a run through ``read_run``.
 """
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write_json
 from .coco import decode_rle, load_coco, masks_by_image
 
 ANNOTATIONS_NAME = "annotations.json"
@@ -29,6 +32,7 @@ JOURNAL_NAME = "journal.jsonl"
 LOCK_NAME = ".lock"
 SCORES_DIR = "scores"
 FEATURES_DIR = "features"
+REVIEW_NAME = "review.json"
 
 
 class RunFolderError(RuntimeError):
@@ -145,3 +149,26 @@ def union_mask(
             )
         union |= mask
     return union
+
+
+def reviewing_datasets(run_dir: str | Path) -> list[str]:
+    """The FiftyOne dataset names recorded in a run's ``review.json``, the latest last.
+
+    Raises:
+      RunFolderError: ``review.json`` exists but cannot be read.
+    """
+    path = Path(run_dir) / REVIEW_NAME
+    if not path.is_file():
+        return []
+    try:
+        names = json.loads(path.read_text(encoding="utf-8")).get("datasets", [])
+    except (OSError, ValueError, AttributeError) as error:
+        raise RunFolderError(f"cannot read {path}: {error}") from None
+    return [str(name) for name in names]
+
+
+def record_reviewing_dataset(run_dir: str | Path, name: str) -> None:
+    """Record (atomically) that the FiftyOne dataset ``name`` reviews the run; it becomes the
+    latest."""
+    names = [n for n in reviewing_datasets(run_dir) if n != name] + [name]
+    atomic_write_json(Path(run_dir) / REVIEW_NAME, {"datasets": names})
