@@ -460,7 +460,7 @@ def test_hostile_file_names_never_leave_the_target(run_dir: Path, tmp_path: Path
 def test_failed_export_leaves_no_half_written_target(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import selfment_label.export as export
+    import selfment_label.review.export as export
 
     dataset = _dataset(run_dir, "fail")
     target = tmp_path / "out"
