@@ -25,9 +25,18 @@ from rich.text import Text
 
 console = Console(stderr=True)
 
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOTHING_LABELLED = 3
+
+
+class _State:
+    verbose = False
+
 
 def setup_logging(verbose: bool) -> None:
     """Route the library's logging through rich (warnings only unless ``verbose``)."""
+    _State.verbose = verbose
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
@@ -79,9 +88,31 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 @contextmanager
+def invalid_options() -> Iterator[None]:
+    """Turn a ``ValueError`` from building a config into a one-line usage error (exit 2)."""
+    try:
+        yield
+    except ValueError as error:
+        raise fail(f"invalid option: {error}", EXIT_USAGE) from None
+
+
+@contextmanager
 def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """Turn the listed library exceptions into a clean error message and exit code 1."""
+    """Turn the listed library exceptions into a clean error message and exit code 1.
+
+    Any other exception is a bug: its traceback is shown with ``-v``, else one line that
+    says how to see it.
+    """
     try:
         yield
     except kinds as error:
         raise fail(str(error)) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        if _State.verbose:
+            console.print_exception()
+            raise typer.Exit(EXIT_ERROR) from None
+        raise fail(
+            f"unexpected {type(error).__name__}: {error} (run again with -v for the traceback)"
+        ) from None

@@ -18,12 +18,22 @@ from selfment_label.config import (
     SingleConfig,
     mode_config,
 )
+from selfment_label.device import DeviceError
 from selfment_label.features.presets import PRESETS, BackboneError
 from selfment_label.runfolder.journal import RunConflict
 from selfment_label.runfolder.layout import RunFolderError
 from selfment_label.runfolder.pipeline import NoImages, ProgressCallback, RunSummary, label_folder
 
-from .console import console, make_progress, require_choice, setup_logging, user_errors
+from .console import (
+    EXIT_NOTHING_LABELLED,
+    console,
+    fail,
+    invalid_options,
+    make_progress,
+    require_choice,
+    setup_logging,
+    user_errors,
+)
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -56,9 +66,9 @@ LABEL_ERRORS = (
     RunConflict,
     RunFolderError,
     BackboneError,
+    DeviceError,
     FileNotFoundError,
     NotADirectoryError,
-    RuntimeError,
 )
 
 
@@ -80,6 +90,12 @@ def label_with_progress(
 
         summary = label(on_image)
     print_summary(summary)
+    if summary.total and len(summary.skipped) == summary.total:
+        raise fail(
+            f"nothing was labelled: all {summary.total} images were skipped "
+            "(reasons in the table above)",
+            EXIT_NOTHING_LABELLED,
+        )
 
 
 def run(
@@ -144,28 +160,29 @@ def run(
     setup_logging(verbose)
     require_choice(mode, MODES, "--mode")
     require_choice(precision, PRECISION_NAMES, "--precision")
-    segment = mode_config(
-        mode,
-        tau=tau,
-        ipo_iters=ipo_iters,
-        max_instances=max_instances,
-        min_area=min_area,
-        merge_floor=merge_floor,
-        persistence=persistence,
-    )
-    config = RunConfig(
-        backbone=backbone,
-        weights=str(weights) if weights else None,
-        resolution=resolution,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        workers=workers,
-        save_scores=save_scores,
-        max_pixels=max_pixels,
-        allow_download=not offline,
-        segment=segment,
-    )
+    with invalid_options():
+        segment = mode_config(
+            mode,
+            tau=tau,
+            ipo_iters=ipo_iters,
+            max_instances=max_instances,
+            min_area=min_area,
+            merge_floor=merge_floor,
+            persistence=persistence,
+        )
+        config = RunConfig(
+            backbone=backbone,
+            weights=str(weights) if weights else None,
+            resolution=resolution,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            workers=workers,
+            save_scores=save_scores,
+            max_pixels=max_pixels,
+            allow_download=not offline,
+            segment=segment,
+        )
     label_with_progress(
         lambda progress: label_folder(images, out, config, overwrite=overwrite, progress=progress)
     )

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from selfment_label.config import DEVICE_HELP, RunConfig, TrainConfig
-from selfment_label.device import resolve_device
+from selfment_label.device import DeviceError, resolve_device
 from selfment_label.features.cache import CacheError
 from selfment_label.features.presets import BackboneError
 from selfment_label.head.apply import apply_head
@@ -16,7 +16,7 @@ from selfment_label.head.checkpoint import HeadError
 from selfment_label.head.train import distil
 from selfment_label.runfolder.layout import RunFolderError
 
-from .console import console, fail, make_progress, setup_logging, user_errors
+from .console import console, fail, invalid_options, make_progress, setup_logging, user_errors
 from .run_cmd import label_with_progress
 
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
@@ -55,10 +55,11 @@ def train(
     setup_logging(verbose)
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-    config = TrainConfig(
-        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
-    )
-    errors = (HeadError, RunFolderError, CacheError, BackboneError, FileNotFoundError, RuntimeError)
+    with invalid_options():
+        config = TrainConfig(
+            epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
+        )
+    errors = (HeadError, RunFolderError, CacheError, BackboneError, DeviceError, FileNotFoundError)
     with user_errors(*errors), make_progress() as progress:
         features = progress.add_task("features", total=None)
         steps = progress.add_task("training", total=None, start=False)
@@ -116,14 +117,15 @@ def apply(
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
     setup_logging(verbose)
-    config = RunConfig(
-        weights=str(weights) if weights else None,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        save_scores=save_scores,
-        allow_download=not offline,
-    )
+    with invalid_options():
+        config = RunConfig(
+            weights=str(weights) if weights else None,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            save_scores=save_scores,
+            allow_download=not offline,
+        )
     label_with_progress(
         lambda progress: apply_head(
             head, images, out, config, overwrite=overwrite, progress=progress

@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 
 from selfment_label.config import RunConfig, SingleConfig
 from selfment_label.data.images import prepare_image
+from selfment_label.device import DeviceError
 from selfment_label.masks import full_size_masks
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict, RunLock
@@ -320,5 +321,5 @@ def test_batched_and_single_image_runs_agree(tmp_path, ecssd_dir, real_backbone)
 def test_cuda_device_request_without_cuda_is_a_clear_error(mixed_folder, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(DeviceError, match="no CUDA device"):
         label_folder(mixed_folder, tmp_path / "o", RunConfig(device="cuda"))

@@ -8,6 +8,7 @@ reports every failure as an ``ImageSkip`` with a human reason instead of raising
 from __future__ import annotations
 
 import logging
+import stat
 import time
 import warnings
 from dataclasses import dataclass
@@ -91,7 +92,10 @@ def load_image(
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageSkip("not a regular file")
+        if status.st_size == 0:
             raise ImageSkip("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -25,7 +25,7 @@ from .. import __version__
 from ..atomic import atomic_path, atomic_write_json
 from ..config import RunConfig
 from ..data.batching import batches_by_grid, prefetch, stack_pixels
-from ..data.images import DecodedImage, find_images, prepare_image
+from ..data.images import DecodedImage, ImageSkip, find_images, prepare_image
 from ..device import PRECISIONS, resolve_device, small_kernel_threads
 from ..features.backbone import Backbone, build_backbone
 from ..masks import full_size_masks
@@ -270,6 +270,8 @@ def _label(
     stream = prefetch(todo, decode, workers=config.workers, depth=depth)
     for batch, failures in batches_by_grid(stream, config.batch_size, window=depth):
         for name, error in failures:
+            if not isinstance(error, ImageSkip):
+                raise error
             reason = str(error) or type(error).__name__
             journal.add({"kind": "skip", "file_name": name, "reason": reason})
             new_skips[name] = reason
