@@ -323,3 +323,41 @@ def test_cuda_device_request_without_cuda_is_a_clear_error(mixed_folder, tmp_pat
         pytest.skip("this machine has CUDA")
     with pytest.raises(DeviceError, match="no CUDA device"):
         label_folder(mixed_folder, tmp_path / "o", RunConfig(device="cuda"))
+
+
+def _two_images(folder: Path) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["default", "inside"])
+def test_run_folder_inside_the_input_is_not_labelled(tmp_path, tiny_backbone, monkeypatch, where):
+    images = _two_images(tmp_path / "img")
+    monkeypatch.chdir(images)
+    out = None if where == "default" else images / "labels"
+    config = RunConfig(resolution=112, save_scores=True)
+    for _ in range(2):
+        summary = label_folder(images, out, config, backbone=tiny_backbone)
+        assert summary.total == 2
+    out_dir = summary.out_dir
+    assert out_dir.parent == images
+    coco = json.loads((out_dir / "annotations.json").read_text())
+    assert sorted(i["file_name"] for i in coco["images"]) == ["0.png", "1.png"]
+    assert sorted(p.name for p in (out_dir / "scores").iterdir()) == ["0.png.png", "1.png.png"]
+
+
+def test_other_run_folders_inside_the_input_are_not_labelled(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    config = RunConfig(resolution=112, save_scores=True)
+    label_folder(images, images / "old-run", config, backbone=tiny_backbone)
+    summary = label_folder(images, tmp_path / "new-run", config, backbone=tiny_backbone)
+    assert summary.total == 2
+
+
+def test_out_equal_to_input_is_refused(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    with pytest.raises(RunConflict, match="input folder itself"):
+        label_folder(images, images, RunConfig(resolution=112), backbone=tiny_backbone)

@@ -8,9 +8,12 @@ reports every failure as an ``ImageSkip`` with a human reason instead of raising
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import time
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +34,20 @@ class ImageSkip(Exception):
     """An image that cannot be labelled; ``str(error)`` is the reason shown to the user."""
 
 
-def find_images(root: str | Path) -> list[str]:
+def find_images(
+    root: str | Path,
+    *,
+    skip_folder: Callable[[Path], bool] | None = None,
+    report: bool = False,
+) -> list[str]:
     """Relative POSIX paths of all images under ``root``, recursively, sorted.
 
     Arguments:
       root: the input folder.
+      skip_folder: called with each sub-folder; a folder for which it returns True is not
+        searched (the pipeline skips its own run folder and any other run folder with it).
+      report: log one warning naming the skipped folders and one counting the files left
+        out for their extension.
 
     Returns:
       Paths relative to ``root`` (``sub/dir/name.jpg``); hidden files and folders are ignored.
@@ -45,13 +57,38 @@ def find_images(root: str | Path) -> list[str]:
         raise FileNotFoundError(f"input folder does not exist: {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"input is not a folder: {root}")
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir():
-            found.append(rel.as_posix())
+    found: list[str] = []
+    skipped_folders: list[str] = []
+    unsupported: Counter[str] = Counter()
+    for folder, subfolders, files in os.walk(root):
+        here = Path(folder)
+        kept = []
+        for sub in sorted(subfolders):
+            if sub.startswith("."):
+                continue
+            if skip_folder is not None and skip_folder(here / sub):
+                skipped_folders.append((here / sub).relative_to(root).as_posix())
+                continue
+            kept.append(sub)
+        subfolders[:] = kept
+        for name in files:
+            if name.startswith("."):
+                continue
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                found.append((here / name).relative_to(root).as_posix())
+            else:
+                unsupported[suffix or "(no extension)"] += 1
+    if report and skipped_folders:
+        logger.warning(
+            "not searching %s: selfment-label run folder(s), not input images",
+            ", ".join(skipped_folders),
+        )
+    if report and unsupported:
+        kinds = " ".join(sorted(unsupported))
+        logger.warning(
+            "%d files with unsupported extensions ignored: %s", sum(unsupported.values()), kinds
+        )
     return sorted(found)
 
 

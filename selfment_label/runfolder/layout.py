@@ -35,6 +35,13 @@ class RunFolderError(RuntimeError):
     """A folder is not a finished run folder, or its files cannot be read."""
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a selfment-label run (``run.json`` + journal, or a lock)."""
+    return (folder / LOCK_NAME).exists() or (
+        (folder / RUN_NAME).is_file() and (folder / JOURNAL_NAME).is_file()
+    )
+
+
 def score_map_path(file_name: str) -> str:
     """Relative path, inside a run folder, of an image's soft score map."""
     return f"{SCORES_DIR}/{file_name}.png"

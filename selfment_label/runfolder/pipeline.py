@@ -34,7 +34,14 @@ from ..segment.registry import make_segmenter
 from ..timing import StageTimer
 from .coco import annotation_record, write_coco_stream
 from .journal import Journal, RunConflict, RunLock
-from .layout import ANNOTATIONS_NAME, JOURNAL_NAME, RUN_NAME, SCORES_DIR, score_map_path
+from .layout import (
+    ANNOTATIONS_NAME,
+    JOURNAL_NAME,
+    RUN_NAME,
+    SCORES_DIR,
+    is_run_folder,
+    score_map_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,21 @@ def backbone_for(config: RunConfig) -> Backbone:
 def default_out_dir(input_dir: Path) -> Path:
     """``./<folder name>-selfment`` in the current directory."""
     return Path.cwd() / f"{input_dir.resolve().name}-selfment"
+
+
+def find_input_images(input_dir: Path, out_dir: Path) -> list[str]:
+    """The images to label: every image under ``input_dir`` except those inside ``out_dir``
+    or any other run folder (a run folder inside the input never labels its own outputs)."""
+    if out_dir.resolve() == input_dir.resolve():
+        raise RunConflict(
+            f"--out {out_dir} is the input folder itself; choose a folder for the run's files"
+        )
+    out = out_dir.resolve()
+    return find_images(
+        input_dir,
+        skip_folder=lambda folder: folder.resolve() == out or is_run_folder(folder),
+        report=True,
+    )
 
 
 def clear_run(out_dir: Path) -> None:
@@ -178,12 +200,12 @@ def label_folder(
     """
     config = config or RunConfig()
     input_dir = Path(input_dir)
-    names = find_images(input_dir)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
+    names = find_input_images(input_dir, out_dir)
     if not names:
         raise NoImages(
             f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)"
         )
-    out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
     if backbone is None:
         backbone = backbone_for(config)
     segmenter = segmenter or make_segmenter(config.segment)
