@@ -162,3 +162,15 @@ def test_fifo_is_skipped_as_not_a_regular_file(tmp_path: Path):
     os.mkfifo(fifo)
     with pytest.raises(ImageSkip, match="not a regular file"):
         load_image(fifo)
+
+
+def test_max_pixels_not_pil_limit_decides_and_pil_limit_is_restored(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 80), "red").save(path)
+    image, size = load_image(path, max_pixels=1_000_000)
+    assert size == (100, 80)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(ImageSkip, match="--max-pixels"):
+        load_image(path, max_pixels=5000)
+    assert Image.MAX_IMAGE_PIXELS == 1000

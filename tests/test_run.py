@@ -121,7 +121,8 @@ def test_second_run_is_idempotent_and_picks_up_new_images(mixed_folder, tmp_path
     label_folder(mixed_folder, out, config, backbone=tiny_backbone)
     first = (out / "annotations.json").read_text()
     again = label_folder(mixed_folder, out, config, backbone=tiny_backbone)
-    assert again.labelled == 0 and again.resumed == 12
+    assert again.labelled == 0 and again.resumed == 8
+    assert set(again.new_skips) == BAD  # skips are retried on every resume
     assert (
         json.loads((out / "annotations.json").read_text())["annotations"]
         == json.loads(first)["annotations"]
@@ -361,3 +362,49 @@ def test_out_equal_to_input_is_refused(tmp_path, tiny_backbone):
     images = _two_images(tmp_path / "img")
     with pytest.raises(RunConflict, match="input folder itself"):
         label_folder(images, images, RunConfig(resolution=112), backbone=tiny_backbone)
+
+
+def test_changed_image_is_labelled_again_and_replaces_its_record(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    out = tmp_path / "run"
+    config = RunConfig(resolution=112)
+    label_folder(images, out, config, backbone=tiny_backbone)
+    Image.new("RGB", (90, 40), "white").save(images / "1.png")
+    os.utime(images / "1.png", ns=(1, 1))
+    again = label_folder(images, out, config, backbone=tiny_backbone)
+    assert again.labelled == 1 and again.resumed == 1
+    coco = json.loads((out / "annotations.json").read_text())
+    sizes = {i["file_name"]: (i["width"], i["height"]) for i in coco["images"]}
+    assert sizes == {"0.png": (70, 50), "1.png": (90, 40)}
+    assert all("key" not in i for i in coco["images"])
+
+
+def test_skipped_images_are_retried_when_options_change(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    out = tmp_path / "run"
+    first = label_folder(
+        images, out, RunConfig(resolution=112, max_pixels=100), backbone=tiny_backbone
+    )
+    assert first.labelled == 0 and len(first.skipped) == 2
+    second = label_folder(images, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    assert second.labelled == 2 and not second.skipped
+    assert len(json.loads((out / "annotations.json").read_text())["images"]) == 2
+
+
+def test_corrupt_middle_journal_line_keeps_the_records_after_it(tmp_path, tiny_backbone, caplog):
+    images = _two_images(tmp_path / "img")
+    _scene(3).save(images / "2.png")
+    out = tmp_path / "run"
+    config = RunConfig(resolution=112)
+    label_folder(images, out, config, backbone=tiny_backbone)
+    journal = out / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4
+    lines[1] = b'{"kind": "image", "file_na\n'
+    journal.write_bytes(b"".join(lines) + b'{"kind": "ima')
+    with caplog.at_level("WARNING"):
+        again = label_folder(images, out, config, backbone=tiny_backbone)
+    assert again.resumed == 2 and again.labelled == 1
+    assert any("line 2 is corrupt" in r.getMessage() for r in caplog.records)
+    assert any("torn last line" in r.getMessage() for r in caplog.records)
+    assert len(json.loads((out / "annotations.json").read_text())["images"]) == 3

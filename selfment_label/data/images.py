@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 import time
 import warnings
 from collections import Counter
@@ -28,6 +29,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 MIN_SIDE = 2
 ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageSkip(Exception):
@@ -108,6 +112,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """``Image.open`` where ``max_pixels``, not PIL's own bomb limit, decides what is too large.
+
+    PIL refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` as it opens them; when
+    ``max_pixels`` is higher, that limit is raised for this one call (under a lock) and put
+    back at once, so the process keeps its own setting.
+    """
+    with _PIL_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and max_pixels > 2 * limit:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def load_image(
     path: str | Path,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -136,7 +157,7 @@ def load_image(
             raise ImageSkip("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with _open(path, max_pixels) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageSkip(

@@ -262,6 +262,15 @@ def label_folder(
     return summary
 
 
+def content_key(path: Path) -> list[int] | None:
+    """What says an image file is unchanged: ``[size, mtime_ns]`` (None when it is gone)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
+
+
 def _label(
     input_dir: Path,
     out_dir: Path,
@@ -271,7 +280,8 @@ def _label(
     journal: Journal,
     progress: ProgressCallback | None,
 ) -> RunSummary:
-    todo = [n for n in names if not journal.done(n)]
+    keys = {n: content_key(input_dir / n) for n in names}
+    todo = [n for n in names if not journal.done(n, keys[n])]
     resumed = len(names) - len(todo)
     if resumed:
         logger.info("resuming: %d of %d images already done", resumed, len(names))
@@ -295,7 +305,7 @@ def _label(
             if not isinstance(error, ImageSkip):
                 raise error
             reason = str(error) or type(error).__name__
-            journal.add({"kind": "skip", "file_name": name, "reason": reason})
+            journal.add({"kind": "skip", "file_name": name, "key": keys[name], "reason": reason})
             new_skips[name] = reason
             done += 1
             logger.warning("skipped %s: %s", name, reason)
@@ -308,7 +318,8 @@ def _label(
         patch_masks = labeller.patch_masks(batch, timer)
         with small_kernel_threads(labeller.device):
             for item, masks in zip(batch, patch_masks, strict=True):
-                _record_image(out_dir, item, masks, config.save_scores, journal, timer)
+                item_key = keys[item.file_name]
+                _record_image(out_dir, item, masks, config.save_scores, journal, timer, item_key)
                 labelled += 1
                 done += 1
                 if progress:
@@ -334,11 +345,13 @@ def _record_image(
     save_scores: bool,
     journal: Journal,
     timer: StageTimer,
+    key: list[int] | None,
 ) -> None:
     annotations = []
     entry: dict[str, Any] = {
         "kind": "image",
         "file_name": item.file_name,
+        "key": key,
         "width": item.width,
         "height": item.height,
     }
