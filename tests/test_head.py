@@ -17,7 +17,12 @@ from typer.testing import CliRunner
 import selfment_label.head.train as head_module
 from selfment_label.config import RunConfig, TrainConfig
 from selfment_label.features.backbone import Backbone
-from selfment_label.features.cache import CacheError, CacheSettings, FeatureCache
+from selfment_label.features.cache import (
+    CacheError,
+    CacheSettings,
+    FeatureCache,
+    ensure_features,
+)
 from selfment_label.head.apply import apply_head
 from selfment_label.head.checkpoint import HeadError, HeadMismatch, load_checkpoint
 from selfment_label.head.model import patch_targets, supervised_contrastive_loss
@@ -260,3 +265,20 @@ def test_real_head_learns_its_pseudo_labels_and_generalises(
         with Image.open(ecssd_dir / "masks" / f"{stem}.png") as gt:
             gt_ious.append(iou(mask, np.asarray(gt.convert("L")) > 127))
     assert len(gt_ious) == 3 and np.mean(gt_ious) >= 0.6
+
+
+def test_corrupt_cache_entry_is_computed_again(tmp_path: Path, tiny_backbone: Backbone) -> None:
+    images = tmp_path / "images"
+    _write_images(images, 2)
+    settings = CacheSettings.for_backbone(tiny_backbone, 112)
+    cache = FeatureCache(tmp_path / "cache", settings)
+    names = ["img0.png", "img1.png"]
+    entries = ensure_features(cache, images, names, lambda: tiny_backbone)
+    entries["img0.png"].write_bytes(b"torn")
+    again = ensure_features(cache, images, names, lambda: tiny_backbone)
+    assert again["img0.png"] == entries["img0.png"]
+    assert cache.load(again["img0.png"], "img0.png") is not None
+    (images / "img1.png").unlink()
+    entries["img1.png"].write_bytes(b"torn")
+    with pytest.raises(CacheError, match="cannot be read"):
+        ensure_features(cache, images, names, _no_backbone)
