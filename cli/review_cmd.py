@@ -7,11 +7,7 @@ from pathlib import Path
 
 import typer
 
-from selfment_label.review.app import app_url, launch_app
-from selfment_label.review.dataset import build_dataset, load_run_dataset
-from selfment_label.review.db import ReviewError
-from selfment_label.review.export import FORMATS, MEDIA, ExportError, export_dataset
-from selfment_label.runfolder.layout import RunFolderError
+from selfment_label.config import EXPORT_FORMATS, EXPORT_MEDIA
 
 from .console import console, fail, setup_logging, user_errors
 
@@ -31,6 +27,11 @@ def review(
 ) -> None:
     """Build (or update) the run's FiftyOne dataset and open it in the FiftyOne App."""
     setup_logging(verbose)
+    from selfment_label.review.app import app_url, launch_app
+    from selfment_label.review.dataset import build_dataset
+    from selfment_label.review.db import ReviewError
+    from selfment_label.runfolder.layout import RunFolderError
+
     if gt is not None and not gt.is_dir():
         raise fail(f"--gt {gt} is not a folder")
     with user_errors(ReviewError, RunFolderError), console.status("building the FiftyOne dataset"):
@@ -57,7 +58,9 @@ def review(
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder whose dataset was reviewed."),
     target: Path = typer.Argument(..., help="Folder to write the dataset into."),
-    fmt: str = typer.Option("coco", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
+    fmt: str = typer.Option(
+        "coco", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."
+    ),
     tags: list[str] = typer.Option(
         None, "--tags", help="Keep only samples with any of these tags (repeatable)."
     ),
@@ -68,7 +71,7 @@ def export(
         False, "--polygons", help="COCO polygons instead of exact compressed RLE."
     ),
     media: str = typer.Option(
-        "copy", "--media", help=f"How images go with the labels: {', '.join(MEDIA)}."
+        "copy", "--media", help=f"How images go with the labels: {', '.join(EXPORT_MEDIA)}."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty target."),
     name: str = typer.Option(
@@ -78,6 +81,11 @@ def export(
 ) -> None:
     """Export the reviewed labels (tags, deletions and edits honoured) as a training set."""
     setup_logging(verbose)
+    from selfment_label.review.dataset import load_run_dataset
+    from selfment_label.review.db import ReviewError
+    from selfment_label.review.export import ExportError, export_dataset
+    from selfment_label.runfolder.layout import RunFolderError
+
     with user_errors(ReviewError, ExportError, RunFolderError), console.status("exporting"):
         dataset = load_run_dataset(run_dir, name)
         summary = export_dataset(

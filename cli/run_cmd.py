@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -18,11 +19,7 @@ from selfment_label.config import (
     SingleConfig,
     mode_config,
 )
-from selfment_label.device import DeviceError
-from selfment_label.features.presets import PRESETS, BackboneError
-from selfment_label.runfolder.journal import RunConflict
-from selfment_label.runfolder.layout import RunFolderError
-from selfment_label.runfolder.pipeline import NoImages, ProgressCallback, RunSummary, label_folder
+from selfment_label.features.presets import PRESETS
 
 from .console import (
     EXIT_NOTHING_LABELLED,
@@ -34,6 +31,9 @@ from .console import (
     setup_logging,
     user_errors,
 )
+
+if TYPE_CHECKING:
+    from selfment_label.runfolder.pipeline import ProgressCallback, RunSummary
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -61,15 +61,24 @@ def print_summary(summary: RunSummary) -> None:
         console.print(skipped)
 
 
-LABEL_ERRORS = (
-    NoImages,
-    RunConflict,
-    RunFolderError,
-    BackboneError,
-    DeviceError,
-    FileNotFoundError,
-    NotADirectoryError,
-)
+def label_errors() -> tuple[type[BaseException], ...]:
+    """The library errors a labelling call reports as a sentence (imported on use, so the
+    CLI's help stays fast)."""
+    from selfment_label.device import DeviceError
+    from selfment_label.features.presets import BackboneError
+    from selfment_label.runfolder.journal import RunConflict
+    from selfment_label.runfolder.layout import RunFolderError
+    from selfment_label.runfolder.pipeline import NoImages
+
+    return (
+        NoImages,
+        RunConflict,
+        RunFolderError,
+        BackboneError,
+        DeviceError,
+        FileNotFoundError,
+        NotADirectoryError,
+    )
 
 
 def label_with_progress(
@@ -82,7 +91,7 @@ def label_with_progress(
       errors: more library exceptions to report as clean errors (the labelling ones are
         always reported).
     """
-    with user_errors(*LABEL_ERRORS, *errors), make_progress() as progress:
+    with user_errors(*label_errors(), *errors), make_progress() as progress:
         task = progress.add_task("labelling", total=None)
 
         def on_image(done: int, total: int, name: str, reason: str | None) -> None:
@@ -183,6 +192,8 @@ def run(
             allow_download=not offline,
             segment=segment,
         )
+    from selfment_label.runfolder.pipeline import label_folder
+
     label_with_progress(
         lambda progress: label_folder(images, out, config, overwrite=overwrite, progress=progress)
     )

@@ -8,13 +8,6 @@ import typer
 from rich.table import Table
 
 from selfment_label.config import DEVICE_HELP, RunConfig, TrainConfig
-from selfment_label.device import DeviceError, resolve_device
-from selfment_label.features.cache import CacheError
-from selfment_label.features.presets import BackboneError
-from selfment_label.head.apply import apply_head
-from selfment_label.head.checkpoint import HeadError
-from selfment_label.head.train import distil
-from selfment_label.runfolder.layout import RunFolderError
 
 from .console import console, fail, invalid_options, make_progress, setup_logging, user_errors
 from .run_cmd import label_with_progress
@@ -53,6 +46,13 @@ def train(
 ) -> None:
     """Train a patch head on a run's masks (features are cached, training is on the CPU)."""
     setup_logging(verbose)
+    from selfment_label.device import DeviceError, resolve_device
+    from selfment_label.features.cache import CacheError
+    from selfment_label.features.presets import BackboneError
+    from selfment_label.head.checkpoint import HeadError
+    from selfment_label.head.train import distil
+    from selfment_label.runfolder.layout import RunFolderError
+
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     with invalid_options():
@@ -117,6 +117,9 @@ def apply(
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
     setup_logging(verbose)
+    from selfment_label.head.apply import apply_head
+    from selfment_label.head.checkpoint import HeadError
+
     with invalid_options():
         config = RunConfig(
             weights=str(weights) if weights else None,

@@ -20,6 +20,8 @@ MAX_RESOLUTION = 8192
 DEFAULT_MAX_PIXELS = 120_000_000
 PRECISION_NAMES = ("fp32", "fp16", "bf16")
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+EXPORT_FORMATS = ("coco", "yolo", "masks")
+EXPORT_MEDIA = ("copy", "symlink", "none")
 
 
 def _number(name: str, value: Any) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,14 @@ def test_cli_shows_traceback_of_a_bug_only_with_verbose(monkeypatch, tiny_cli, t
 def test_unknown_device_is_a_device_error():
     with pytest.raises(DeviceError, match="unknown device"):
         resolve_device("tpu9")
+
+
+def test_cli_help_imports_no_heavy_library():
+    code = (
+        "import sys; from selfment_label_cli.main import app; "
+        "heavy = {'torch', 'timm', 'fiftyone', 'pycocotools', 'py_sod_metrics', 'numpy'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
