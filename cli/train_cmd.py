@@ -9,7 +9,15 @@ from rich.table import Table
 
 from selfment_label.config import DEVICE_HELP, RunConfig, TrainConfig
 
-from .console import console, fail, invalid_options, make_progress, setup_logging, user_errors
+from .console import (
+    console,
+    fail,
+    invalid_options,
+    make_progress,
+    require_writable,
+    setup_logging,
+    user_errors,
+)
 from .run_cmd import label_with_progress
 
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
@@ -55,6 +63,7 @@ def train(
 
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    require_writable(out, "--out")
     with invalid_options():
         config = TrainConfig(
             epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed

@@ -86,7 +86,7 @@ def test_official_dinov2_layout_and_pth_container_load(real_backbone, weights_pa
 
 
 def test_mismatched_weights_are_a_clear_error(weights_path):
-    with pytest.raises(BackboneError, match="do not match"):
+    with pytest.raises(BackboneError, match="look like --backbone dinov2-vits14$"):
         build_backbone("dino-vitb16", weights=weights_path)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .coco import decode_rle, load_coco, masks_by_image
+from .coco import RleError, decode_rle, load_coco, masks_by_image
 
 ANNOTATIONS_NAME = "annotations.json"
 RUN_NAME = "run.json"
@@ -140,15 +140,12 @@ def union_mask(
     """The union of annotation masks (all levels), ``[height, width]`` boolean.
 
     Raises:
-      RunFolderError: an annotation's RLE is not ``width x height``.
+      RunFolderError: an annotation's RLE is corrupt or not ``width x height``.
     """
     union = np.zeros((height, width), dtype=bool)
     for ann in annotations:
-        mask = decode_rle(ann["segmentation"])
-        if mask.shape != union.shape:
-            raise RunFolderError(
-                f"annotation {ann.get('id')} of {what} is {mask.shape[1]}x{mask.shape[0]} "
-                f"but the image is {width}x{height}"
-            )
-        union |= mask
+        try:
+            union |= decode_rle(ann["segmentation"], (height, width))
+        except RleError as error:
+            raise RunFolderError(f"annotation {ann.get('id')} of {what}: {error}") from None
     return union
