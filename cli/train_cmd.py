@@ -112,7 +112,9 @@ def apply(
         None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
     ),
     weights: Path = typer.Option(
-        None, help="Backbone weights (must be the head's). Env: SELFMENT_WEIGHTS."
+        None,
+        help="Backbone weights (must be the head's) \\[default: the file the head was "
+        "trained with, if unchanged; then SELFMENT_WEIGHTS].",
     ),
     device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
     batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),

@@ -282,3 +282,22 @@ def test_corrupt_cache_entry_is_computed_again(tmp_path: Path, tiny_backbone: Ba
     entries["img1.png"].write_bytes(b"torn")
     with pytest.raises(CacheError, match="cannot be read"):
         ensure_features(cache, images, names, _no_backbone)
+
+
+def test_apply_uses_the_weights_file_the_head_was_trained_with(
+    tmp_path: Path, weights_path: Path, real_backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SELFMENT_WEIGHTS", raising=False)
+    images = tmp_path / "images"
+    _write_images(images, 2)
+    label_folder(images, tmp_path / "run", RunConfig(resolution=112), backbone=real_backbone)
+    distil(tmp_path / "run", tmp_path / "head.pt", FAST, backbone=real_backbone)
+    summary = apply_head(
+        tmp_path / "head.pt",
+        images,
+        tmp_path / "applied",
+        RunConfig(device="cpu", allow_download=False),
+    )
+    assert summary.labelled == 2
+    run = json.loads((tmp_path / "applied" / "run.json").read_text())
+    assert run["backbone"]["weights_file"] == str(weights_path)
