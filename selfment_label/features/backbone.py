@@ -10,8 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -220,6 +224,61 @@ class Backbone:
         return tokens.reshape(b, h // p, w // p, -1)
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the model hub's host answers a TCP connection within ``timeout`` seconds."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Put huggingface_hub in offline mode for one call (cache only, no retries), then back."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _from_hub(preset: BackbonePreset, kwargs: dict[str, object]) -> torch.nn.Module:
+    """The pretrained model from the hub, or from its local cache when the hub is unreachable.
+
+    The hub is probed first (a few seconds at most): offline, only the local cache is tried,
+    so there is no minute of retries before the error.
+    """
+    import timm
+
+    offline = not hub_reachable()
+    try:
+        with _hub_offline(offline):
+            return timm.create_model(preset.timm_id, pretrained=True, **kwargs)
+    except Exception as error:  # network, hub and cache errors come in many types
+        if offline:
+            raise BackboneError(
+                f"the model hub is unreachable (offline?) and {preset.timm_id} is not in the "
+                f"local hub cache: pass a local weights file with --weights FILE "
+                f"(or set ${WEIGHTS_ENV})"
+            ) from None
+        raise BackboneError(
+            f"could not download {preset.timm_id} from the model hub ({error}); "
+            f"pass a local weights file with --weights FILE (or set ${WEIGHTS_ENV})"
+        ) from None
+
+
 def build_backbone(
     name: str = DEFAULT_BACKBONE,
     weights: str | Path | None = None,
@@ -261,14 +320,7 @@ def build_backbone(
             "or allow hub downloads"
         )
     else:
-        try:
-            model = timm.create_model(preset.timm_id, pretrained=True, **kwargs)
-        except Exception as error:  # network, hub and cache errors come in many types
-            raise BackboneError(
-                f"could not download {preset.timm_id} from the model hub ({error}). "
-                f"Offline? Pass a local weights file with --weights FILE "
-                f"(or set ${WEIGHTS_ENV})."
-            ) from error
+        model = _from_hub(preset, kwargs)
         sha = None
     model.eval().requires_grad_(False).to(device)
     return Backbone(model=model, preset=preset, weights_file=path, weights_sha256=sha)
