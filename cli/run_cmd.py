@@ -49,7 +49,7 @@ def print_summary(summary: RunSummary) -> None:
     table.add_row("annotations", str(summary.annotations))
     for stage, seconds in summary.stages.items():
         table.add_row(f"{stage} s", f"{seconds:.2f}")
-    table.add_row("wall s", f"{summary.seconds:.2f}")
+    table.add_row("wall s (all)", f"{summary.wall_seconds:.2f}")
     table.add_row("images/s", f"{summary.images_per_second:.2f}")
     console.print(table)
     if summary.skipped:
@@ -92,10 +92,10 @@ def label_with_progress(
         always reported).
     """
     with user_errors(*label_errors(), *errors), make_progress() as progress:
-        task = progress.add_task("labelling", total=None)
+        task = progress.add_task("loading model…", total=None)
 
         def on_image(done: int, total: int, name: str, reason: str | None) -> None:
-            progress.update(task, completed=done, total=total)
+            progress.update(task, completed=done, total=total, description="labelling")
 
         summary = label(on_image)
     print_summary(summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,17 @@ def test_cli_help_imports_no_heavy_library():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_wall_seconds_include_model_loading(monkeypatch, tmp_path, tiny_backbone):
+    def slow_backbone(config):
+        time.sleep(0.3)
+        return tiny_backbone
+
+    monkeypatch.setattr(pipeline, "backbone_for", slow_backbone)
+    images = _images(tmp_path / "img")
+    summary = label_folder(images, tmp_path / "o", RunConfig(resolution=112))
+    assert summary.stages["load model"] >= 0.3
+    assert summary.wall_seconds >= summary.seconds + 0.3
+    result = CliRunner().invoke(app, ["run", str(images), "--out", str(tmp_path / "o2")])
+    assert "load model s" in result.output and "wall s (all)" in result.output

@@ -66,6 +66,8 @@ class RunSummary:
       seconds: wall-clock seconds of this invocation's labelling loop.
       stages: seconds per stage.
       new_skips: file name -> reason, for the images this invocation skipped.
+      wall_seconds: wall-clock seconds of the whole invocation, model loading and the final
+        COCO writing included.
     """
 
     out_dir: Path
@@ -77,6 +79,7 @@ class RunSummary:
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)
     new_skips: dict[str, str] = field(default_factory=dict)
+    wall_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -198,6 +201,7 @@ def label_folder(
       RunConflict: the output folder is busy or holds a run with other options.
       BackboneError: the weights cannot be found or loaded.
     """
+    begin = time.perf_counter()
     config = config or RunConfig()
     input_dir = Path(input_dir)
     out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
@@ -206,8 +210,10 @@ def label_folder(
         raise NoImages(
             f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)"
         )
+    load_seconds = 0.0
     if backbone is None:
         backbone = backbone_for(config)
+        load_seconds = time.perf_counter() - begin
     segmenter = segmenter or make_segmenter(config.segment)
     labeller = Labeller(backbone, segmenter, config.precision)
     identity = backbone.identity()
@@ -236,6 +242,9 @@ def label_folder(
         }
         _, summary.annotations = write_coco_stream(out_dir / ANNOTATIONS_NAME, records, info)
         summary.skipped = {n: journal.skipped[n] for n in names if n in journal.skipped}
+        if load_seconds:
+            summary.stages = {"load model": load_seconds, **summary.stages}
+        summary.wall_seconds = time.perf_counter() - begin
         provenance = {
             "tool": "selfment-label",
             "version": __version__,
@@ -255,6 +264,7 @@ def label_folder(
             "images_skipped": summary.skipped,
             "stage_seconds": summary.stages,
             "seconds": round(summary.seconds, 3),
+            "wall_seconds": round(summary.wall_seconds, 3),
             "images_per_second": round(summary.images_per_second, 3),
             **(extra_provenance or {}),
         }
