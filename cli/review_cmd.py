@@ -28,7 +28,7 @@ def review(
     """Build (or update) the run's FiftyOne dataset and open it in the FiftyOne App."""
     setup_logging(verbose)
     from selfment_label.review.app import app_url, launch_app
-    from selfment_label.review.dataset import build_dataset
+    from selfment_label.review.dataset import GT_FIELD, build_dataset
     from selfment_label.review.db import ReviewError
     from selfment_label.runfolder.layout import RunFolderError
 
@@ -40,6 +40,12 @@ def review(
     console.print(
         f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
     )
+    if gt is not None:
+        with_gt = len(dataset.exists(GT_FIELD)) if dataset.has_sample_field(GT_FIELD) else 0
+        console.print(
+            f"ground truth from {gt} added as field [bold]{GT_FIELD}[/] "
+            f"({with_gt} of {len(dataset)} samples have it)"
+        )
     if no_launch:
         return
     with console.status("starting the FiftyOne App"):
