@@ -157,7 +157,8 @@ def test_apply_writes_a_valid_run_folder(
     assert run["head"]["sha256"] == load_checkpoint(trained.checkpoint).sha256
     # Resumable: a second invocation finds everything done.
     again = apply_head(trained.checkpoint, images, out, config, backbone=tiny_backbone)
-    assert again.labelled == 0 and again.resumed == 4
+    assert again.labelled == 0 and again.resumed == 3  # the skip is retried
+    assert list(again.new_skips) == ["broken.jpg"]
 
 
 def test_apply_refuses_a_head_of_another_backbone(
