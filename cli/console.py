@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -25,9 +28,18 @@ from rich.text import Text
 
 console = Console(stderr=True)
 
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOTHING_LABELLED = 3
+
+
+class _State:
+    verbose = False
+
 
 def setup_logging(verbose: bool) -> None:
     """Route the library's logging through rich (warnings only unless ``verbose``)."""
+    _State.verbose = verbose
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
@@ -78,10 +90,69 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One sentence for a file-system error the user can fix (disk full, read-only, ...)."""
+    where = f" ({error.filename})" if error.filename else ""
+    what = WRITE_ERRORS.get(error.errno or 0, error.strerror or str(error))
+    advice = ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = (
+            "; free some space and run the same command again (finished work is kept in the"
+            " run's journal)"
+        )
+    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = "; choose an --out you can write to"
+    return f"cannot use a file{where}: {what}{advice}"
+
+
+def require_writable(path: Path, option: str) -> None:
+    """Fail before any work when the file ``path`` could not be written (``option`` named)."""
+    folder = path.parent if path.parent != Path("") else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if path.is_dir():
+        raise fail(f"{option} {path} is a folder; give a file name")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise fail(f"{option} {path} cannot be written (permission denied or read-only)")
+
+
+@contextmanager
+def invalid_options() -> Iterator[None]:
+    """Turn a ``ValueError`` from building a config into a one-line usage error (exit 2)."""
+    try:
+        yield
+    except ValueError as error:
+        raise fail(f"invalid option: {error}", EXIT_USAGE) from None
+
+
 @contextmanager
 def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """Turn the listed library exceptions into a clean error message and exit code 1."""
+    """Turn the listed library exceptions into a clean error message and exit code 1.
+
+    Any other exception is a bug: its traceback is shown with ``-v``, else one line that
+    says how to see it.
+    """
     try:
         yield
     except kinds as error:
         raise fail(str(error)) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+            raise fail(describe_os_error(error)) from None
+        if _State.verbose:
+            console.print_exception()
+            raise typer.Exit(EXIT_ERROR) from None
+        raise fail(
+            f"unexpected {type(error).__name__}: {error} (run again with -v for the traceback)"
+        ) from None

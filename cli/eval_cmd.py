@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from selfment_label.atomic import atomic_write_text
-from selfment_label.evaluate import (
-    EvalError,
-    EvalReport,
-    ImageResult,
-    evaluate_run,
-    per_image_csv,
-)
-from selfment_label.runfolder.layout import RunFolderError
+from .console import console, fail, make_progress, require_writable, setup_logging, user_errors
 
-from .console import console, fail, make_progress, setup_logging, user_errors
+if TYPE_CHECKING:
+    from selfment_label.evaluate import EvalReport, ImageResult
 
 LABELS = {
     "max_f": "maxF (beta^2=0.3)",
@@ -89,6 +83,12 @@ def evaluate(
 ) -> None:
     """Score a run's masks against ground truth (maxF, IoU, S-measure, E-measure, MAE...)."""
     setup_logging(verbose)
+    from selfment_label.atomic import atomic_write_text
+    from selfment_label.evaluate import EvalError, evaluate_run, per_image_csv
+    from selfment_label.runfolder.layout import RunFolderError
+
+    if per_image:
+        require_writable(per_image, "--per-image")
     with user_errors(EvalError, RunFolderError), make_progress() as progress:
         task = progress.add_task("evaluating", total=None)
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import typer
 
-from selfment_label.review.app import app_url, launch_app
-from selfment_label.review.dataset import NotReviewed, build_dataset, load_run_dataset
-from selfment_label.review.db import ReviewError
-from selfment_label.review.export import FORMATS, MEDIA, ExportError, export_dataset
-from selfment_label.review.split import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
-from selfment_label.review.yolo import MIN_PIECE_AREA
-from selfment_label.runfolder.layout import RunFolderError
+from selfment_label.config import (
+    EXPORT_FORMATS,
+    EXPORT_MEDIA,
+    EXPORT_SPLIT_SEED,
+    EXPORT_VAL_FRACTION,
+    YOLO_MIN_PIECE_AREA,
+)
 
 from .console import console, fail, setup_logging, user_errors
 
@@ -47,11 +47,22 @@ def review(
 ) -> None:
     """Build (or update) the run's FiftyOne dataset and open it in the FiftyOne App."""
     setup_logging(verbose)
+    from selfment_label.review.app import app_url, launch_app
+    from selfment_label.review.dataset import GT_FIELD, build_dataset
+    from selfment_label.review.db import ReviewError
+    from selfment_label.runfolder.layout import RunFolderError
+
     if gt is not None and not gt.is_dir():
         raise fail(f"--gt {gt} is not a folder")
     with user_errors(ReviewError, RunFolderError), console.status("building the FiftyOne dataset"):
         dataset = build_dataset(run_dir, name, gt)
     print_dataset(dataset)
+    if gt is not None:
+        with_gt = len(dataset.exists(GT_FIELD)) if dataset.has_sample_field(GT_FIELD) else 0
+        console.print(
+            f"ground truth from {gt} added as field [bold]{GT_FIELD}[/] "
+            f"({with_gt} of {len(dataset)} samples have it)"
+        )
     if no_launch:
         return
     with console.status("starting the FiftyOne App"):
@@ -70,7 +81,9 @@ def review(
 def export(
     run_dir: Path = typer.Argument(..., help="Run folder whose dataset was reviewed."),
     target: Path = typer.Argument(..., help="Folder to write the dataset into."),
-    fmt: str = typer.Option("coco", "--format", "-f", help=f"Output format: {', '.join(FORMATS)}."),
+    fmt: str = typer.Option(
+        "coco", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."
+    ),
     tags: list[str] = typer.Option(
         None, "--tags", help="Keep only samples with any of these tags (repeatable)."
     ),
@@ -81,16 +94,16 @@ def export(
         False, "--polygons", help="COCO polygons instead of exact compressed RLE."
     ),
     media: str = typer.Option(
-        "copy", "--media", help=f"How images go with the labels: {', '.join(MEDIA)}."
+        "copy", "--media", help=f"How images go with the labels: {', '.join(EXPORT_MEDIA)}."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty target."),
     val_fraction: float = typer.Option(
-        DEFAULT_VAL_FRACTION,
+        EXPORT_VAL_FRACTION,
         "--val-fraction",
         help="Share of images in the val split, by a hash of the file name (0: no val split).",
     ),
     split_seed: int = typer.Option(
-        DEFAULT_SPLIT_SEED, "--split-seed", help="Seed of the file-name hash split."
+        EXPORT_SPLIT_SEED, "--split-seed", help="Seed of the file-name hash split."
     ),
     split_by_tag: bool = typer.Option(
         False,
@@ -98,7 +111,7 @@ def export(
         help="Split by the samples' train/val tags instead (untagged samples: train).",
     ),
     min_piece_area: int = typer.Option(
-        MIN_PIECE_AREA,
+        YOLO_MIN_PIECE_AREA,
         "--min-piece-area",
         help="YOLO: drop mask pieces smaller than this many pixels (the largest is kept).",
     ),
@@ -115,6 +128,11 @@ def export(
 ) -> None:
     """Export the reviewed labels (tags, deletions and edits honoured) as a training set."""
     setup_logging(verbose)
+    from selfment_label.review.dataset import NotReviewed, load_run_dataset
+    from selfment_label.review.db import ReviewError
+    from selfment_label.review.export import ExportError, export_dataset
+    from selfment_label.runfolder.layout import RunFolderError
+
     with user_errors(ReviewError, ExportError, RunFolderError), console.status("exporting"):
         try:
             dataset = load_run_dataset(run_dir, name, unreviewed=unreviewed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -18,12 +19,21 @@ from selfment_label.config import (
     SingleConfig,
     mode_config,
 )
-from selfment_label.features.presets import PRESETS, BackboneError
-from selfment_label.runfolder.journal import RunConflict
-from selfment_label.runfolder.layout import RunFolderError
-from selfment_label.runfolder.pipeline import NoImages, ProgressCallback, RunSummary, label_folder
+from selfment_label.features.presets import PRESETS
 
-from .console import console, make_progress, require_choice, setup_logging, user_errors
+from .console import (
+    EXIT_NOTHING_LABELLED,
+    console,
+    fail,
+    invalid_options,
+    make_progress,
+    require_choice,
+    setup_logging,
+    user_errors,
+)
+
+if TYPE_CHECKING:
+    from selfment_label.runfolder.pipeline import ProgressCallback, RunSummary
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -42,7 +52,7 @@ def print_summary(summary: RunSummary) -> None:
         table.add_row(f"{note} noted (run.json)", str(count))
     for stage, seconds in summary.stages.items():
         table.add_row(f"{stage} s", f"{seconds:.2f}")
-    table.add_row("wall s", f"{summary.seconds:.2f}")
+    table.add_row("wall s (all)", f"{summary.wall_seconds:.2f}")
     table.add_row("images/s", f"{summary.images_per_second:.2f}")
     console.print(table)
     if summary.skipped:
@@ -54,15 +64,24 @@ def print_summary(summary: RunSummary) -> None:
         console.print(skipped)
 
 
-LABEL_ERRORS = (
-    NoImages,
-    RunConflict,
-    RunFolderError,
-    BackboneError,
-    FileNotFoundError,
-    NotADirectoryError,
-    RuntimeError,
-)
+def label_errors() -> tuple[type[BaseException], ...]:
+    """The library errors a labelling call reports as a sentence (imported on use, so the
+    CLI's help stays fast)."""
+    from selfment_label.device import DeviceError
+    from selfment_label.features.presets import BackboneError
+    from selfment_label.runfolder.journal import RunConflict
+    from selfment_label.runfolder.layout import RunFolderError
+    from selfment_label.runfolder.pipeline import NoImages
+
+    return (
+        NoImages,
+        RunConflict,
+        RunFolderError,
+        BackboneError,
+        DeviceError,
+        FileNotFoundError,
+        NotADirectoryError,
+    )
 
 
 def label_with_progress(
@@ -75,14 +94,20 @@ def label_with_progress(
       errors: more library exceptions to report as clean errors (the labelling ones are
         always reported).
     """
-    with user_errors(*LABEL_ERRORS, *errors), make_progress() as progress:
-        task = progress.add_task("labelling", total=None)
+    with user_errors(*label_errors(), *errors), make_progress() as progress:
+        task = progress.add_task("loading model…", total=None)
 
         def on_image(done: int, total: int, name: str, reason: str | None) -> None:
-            progress.update(task, completed=done, total=total)
+            progress.update(task, completed=done, total=total, description="labelling")
 
         summary = label(on_image)
     print_summary(summary)
+    if summary.total and len(summary.skipped) == summary.total:
+        raise fail(
+            f"nothing was labelled: all {summary.total} images were skipped "
+            "(reasons in the table above)",
+            EXIT_NOTHING_LABELLED,
+        )
     return summary
 
 
@@ -153,29 +178,32 @@ def run(
     setup_logging(verbose)
     require_choice(mode, MODES, "--mode")
     require_choice(precision, PRECISION_NAMES, "--precision")
-    segment = mode_config(
-        mode,
-        tau=tau,
-        ipo_iters=ipo_iters,
-        border_prior=border_prior,
-        max_instances=max_instances,
-        min_area=min_area,
-        merge_floor=merge_floor,
-        persistence=persistence,
-    )
-    config = RunConfig(
-        backbone=backbone,
-        weights=str(weights) if weights else None,
-        resolution=resolution,
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        workers=workers,
-        save_scores=save_scores,
-        max_pixels=max_pixels,
-        allow_download=not offline,
-        segment=segment,
-    )
+    with invalid_options():
+        segment = mode_config(
+            mode,
+            tau=tau,
+            ipo_iters=ipo_iters,
+            border_prior=border_prior,
+            max_instances=max_instances,
+            min_area=min_area,
+            merge_floor=merge_floor,
+            persistence=persistence,
+        )
+        config = RunConfig(
+            backbone=backbone,
+            weights=str(weights) if weights else None,
+            resolution=resolution,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            workers=workers,
+            save_scores=save_scores,
+            max_pixels=max_pixels,
+            allow_download=not offline,
+            segment=segment,
+        )
+    from selfment_label.runfolder.pipeline import label_folder
+
     label_with_progress(
         lambda progress: label_folder(images, out, config, overwrite=overwrite, progress=progress)
     )

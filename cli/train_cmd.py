@@ -8,15 +8,16 @@ import typer
 from rich.table import Table
 
 from selfment_label.config import DEVICE_HELP, REVIEW_EXCLUDE_TAGS, RunConfig, TrainConfig
-from selfment_label.device import resolve_device
-from selfment_label.features.cache import CacheError
-from selfment_label.features.presets import BackboneError
-from selfment_label.head.apply import apply_head
-from selfment_label.head.checkpoint import HeadError
-from selfment_label.head.train import distil
-from selfment_label.runfolder.layout import RunFolderError
 
-from .console import console, fail, make_progress, setup_logging, user_errors
+from .console import (
+    console,
+    fail,
+    invalid_options,
+    make_progress,
+    require_writable,
+    setup_logging,
+    user_errors,
+)
 from .run_cmd import label_with_progress
 
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
@@ -72,14 +73,23 @@ def train(
 ) -> None:
     """Train a patch head on a run's masks (features are cached, training is on the CPU)."""
     setup_logging(verbose)
+    from selfment_label.device import DeviceError, resolve_device
+    from selfment_label.features.cache import CacheError
+    from selfment_label.features.presets import BackboneError
+    from selfment_label.head.checkpoint import HeadError
+    from selfment_label.head.train import distil
+    from selfment_label.runfolder.layout import RunFolderError
+
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     if not reviewed and (name or tags):
         raise fail("--name and --tags choose a reviewed dataset: pass --reviewed too")
-    config = TrainConfig(
-        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
-    )
-    errors = (HeadError, RunFolderError, CacheError, BackboneError, FileNotFoundError, RuntimeError)
+    require_writable(out, "--out")
+    with invalid_options():
+        config = TrainConfig(
+            epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
+        )
+    errors = (HeadError, RunFolderError, CacheError, BackboneError, DeviceError, FileNotFoundError)
     source = None
     if reviewed:
         from selfment_label.review.db import ReviewError
@@ -135,7 +145,9 @@ def apply(
         None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
     ),
     weights: Path = typer.Option(
-        None, help="Backbone weights (must be the head's). Env: SELFMENT_WEIGHTS."
+        None,
+        help="Backbone weights (must be the head's) \\[default: the file the head was "
+        "trained with, if unchanged; then SELFMENT_WEIGHTS].",
     ),
     device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
     batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),
@@ -160,14 +172,18 @@ def apply(
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
     setup_logging(verbose)
-    config = RunConfig(
-        weights=str(weights) if weights else None,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        save_scores=save_scores,
-        allow_download=not offline,
-    )
+    from selfment_label.head.apply import apply_head
+    from selfment_label.head.checkpoint import HeadError
+
+    with invalid_options():
+        config = RunConfig(
+            weights=str(weights) if weights else None,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            save_scores=save_scores,
+            allow_download=not offline,
+        )
     if name and not review:
         raise fail("--name names the dataset to review in: pass --review too")
     summary = label_with_progress(
@@ -179,6 +195,7 @@ def apply(
     if review:
         from selfment_label.review.dataset import build_dataset
         from selfment_label.review.db import ReviewError
+        from selfment_label.runfolder.layout import RunFolderError
 
         from .review_cmd import print_dataset
 

@@ -9,14 +9,54 @@ ran. This module imports nothing heavy, so the CLI can show its help without tor
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 DEFAULT_BACKBONE = "dinov2-vits14"
 DEFAULT_RESOLUTION = 448
+MIN_RESOLUTION = 28
+MAX_RESOLUTION = 8192
 DEFAULT_MAX_PIXELS = 120_000_000
 PRECISION_NAMES = ("fp32", "fp16", "bf16")
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+EXPORT_FORMATS = ("coco", "yolo", "masks")
+EXPORT_MEDIA = ("copy", "symlink", "none")
+EXPORT_VAL_FRACTION = 0.1
+EXPORT_SPLIT_SEED = 0
+YOLO_MIN_PIECE_AREA = 16
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, not {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be {bound}, not {value}")
+
+
+def check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is finite and in ``[low, high]`` (``(low, high]``
+    when ``low_open``)."""
+    number = _number(name, value)
+    if number < low or number > high or (low_open and number == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be in {interval}, not {value}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number above zero."""
+    if _number(name, value) <= 0:
+        raise ValueError(f"{name} must be above 0, not {value}")
 
 
 @dataclass
@@ -40,6 +80,12 @@ class SingleConfig:
     temperature: float = 0.1
     border_prior: bool = True
 
+    def __post_init__(self) -> None:
+        check_range("tau", self.tau, -1.0, 1.0, low_open=True)
+        check_int("ipo_iters", self.ipo_iters, 0)
+        check_positive("temperature", self.temperature)
+        check_range("max_border", self.max_border, 0.0, 1.0)
+
 
 @dataclass
 class InstancesConfig:
@@ -59,6 +105,12 @@ class InstancesConfig:
     max_instances: int = 3
     min_area: float = 0.01
 
+    def __post_init__(self) -> None:
+        check_range("tau", self.tau, -1.0, 1.0, low_open=True)
+        check_int("ipo_iters", self.ipo_iters, 0)
+        check_int("max_instances", self.max_instances, 1)
+        check_range("min_area", self.min_area, 0.0, 1.0)
+
 
 @dataclass
 class EntitiesConfig:
@@ -75,6 +127,11 @@ class EntitiesConfig:
     merge_floor: float = 0.4
     persistence: float = 0.1
     min_area: float = InstancesConfig.min_area
+
+    def __post_init__(self) -> None:
+        check_range("merge_floor", self.merge_floor, -1.0, 1.0)
+        check_range("persistence", self.persistence, 0.0, 2.0)
+        check_range("min_area", self.min_area, 0.0, 1.0)
 
 
 ModeConfig = SingleConfig | InstancesConfig | EntitiesConfig
@@ -137,6 +194,18 @@ class RunConfig:
     allow_download: bool = True
     segment: ModeConfig = field(default_factory=SingleConfig)
 
+    def __post_init__(self) -> None:
+        check_int("resolution", self.resolution, MIN_RESOLUTION, MAX_RESOLUTION)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("workers", self.workers, 1)
+        check_int("max_pixels", self.max_pixels, 1)
+        if self.precision not in PRECISION_NAMES:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISION_NAMES)}, not {self.precision!r}"
+            )
+        if not isinstance(self.segment, ModeConfig):
+            raise ValueError(f"segment must be a mode config, not {self.segment!r}")
+
     @property
     def mode(self) -> str:
         """The run's mode (``single``, ``instances`` or ``entities``)."""
@@ -173,6 +242,18 @@ class TrainConfig:
     temperature: float = 0.05
     contrastive_patches: int = 256
     target_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, 1)
+        check_positive("lr", self.lr)
+        check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0)
+        check_range("contrastive_weight", self.contrastive_weight, 0.0, 1e6)
+        check_positive("temperature", self.temperature)
+        check_int("contrastive_patches", self.contrastive_patches, 2)
+        if self.target_threshold is not None:
+            check_range("target_threshold", self.target_threshold, 0.0, 1.0)
 
 
 REVIEW_EXCLUDE_TAGS = ("rejected",)

@@ -24,13 +24,24 @@ PRECISIONS: dict[str, torch.dtype | None] = dict(
 )
 
 
+class DeviceError(RuntimeError):
+    """The device asked for does not exist on this machine."""
+
+
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch.
+
+    Raises:
+      DeviceError: an unknown device name, or CUDA asked for where there is none.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        raise DeviceError("--device cuda was asked for but torch sees no CUDA device")
     return resolved
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -86,10 +90,31 @@ def test_official_dinov2_layout_and_pth_container_load(real_backbone, weights_pa
 
 
 def test_mismatched_weights_are_a_clear_error(weights_path):
-    with pytest.raises(BackboneError, match="do not match"):
+    with pytest.raises(BackboneError, match="look like --backbone dinov2-vits14$"):
         build_backbone("dino-vitb16", weights=weights_path)
 
 
 def test_wrong_input_size_is_refused(tiny_backbone):
     with pytest.raises(ValueError, match="multiple of the patch size"):
         tiny_backbone.patch_tokens(torch.randn(1, 3, 50, 56))
+
+
+def test_offline_hub_fails_fast_with_one_sentence(tmp_path):
+    code = (
+        "import time; from selfment_label.features import backbone as b\n"
+        "b.hub_reachable = lambda timeout=3.0: False\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        "    b.build_backbone('dino-vits8')\n"
+        "except b.BackboneError as error:\n"
+        "    print(f'{time.perf_counter() - start:.1f}', error)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("SELFMENT_WEIGHTS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    seconds, message = result.stdout.split(" ", 1)
+    assert float(seconds) < 15, result.stdout
+    assert "unreachable" in message and "--weights FILE" in message
+    assert "Retrying" not in result.stderr

@@ -17,7 +17,12 @@ from typer.testing import CliRunner
 import selfment_label.head.train as head_module
 from selfment_label.config import RunConfig, TrainConfig
 from selfment_label.features.backbone import Backbone
-from selfment_label.features.cache import CacheError, CacheSettings, FeatureCache
+from selfment_label.features.cache import (
+    CacheError,
+    CacheSettings,
+    FeatureCache,
+    ensure_features,
+)
 from selfment_label.head.apply import apply_head
 from selfment_label.head.checkpoint import HeadError, HeadMismatch, load_checkpoint
 from selfment_label.head.model import patch_targets, supervised_contrastive_loss
@@ -152,7 +157,8 @@ def test_apply_writes_a_valid_run_folder(
     assert run["head"]["sha256"] == load_checkpoint(trained.checkpoint).sha256
     # Resumable: a second invocation finds everything done.
     again = apply_head(trained.checkpoint, images, out, config, backbone=tiny_backbone)
-    assert again.labelled == 0 and again.resumed == 4
+    assert again.labelled == 0 and again.resumed == 3  # the skip is retried
+    assert list(again.new_skips) == ["broken.jpg"]
 
 
 def test_apply_refuses_a_head_of_another_backbone(
@@ -260,3 +266,39 @@ def test_real_head_learns_its_pseudo_labels_and_generalises(
         with Image.open(ecssd_dir / "masks" / f"{stem}.png") as gt:
             gt_ious.append(iou(mask, np.asarray(gt.convert("L")) > 127))
     assert len(gt_ious) == 3 and np.mean(gt_ious) >= 0.6
+
+
+def test_corrupt_cache_entry_is_computed_again(tmp_path: Path, tiny_backbone: Backbone) -> None:
+    images = tmp_path / "images"
+    _write_images(images, 2)
+    settings = CacheSettings.for_backbone(tiny_backbone, 112)
+    cache = FeatureCache(tmp_path / "cache", settings)
+    names = ["img0.png", "img1.png"]
+    entries = ensure_features(cache, images, names, lambda: tiny_backbone)
+    entries["img0.png"].write_bytes(b"torn")
+    again = ensure_features(cache, images, names, lambda: tiny_backbone)
+    assert again["img0.png"] == entries["img0.png"]
+    assert cache.load(again["img0.png"], "img0.png") is not None
+    (images / "img1.png").unlink()
+    entries["img1.png"].write_bytes(b"torn")
+    with pytest.raises(CacheError, match="cannot be read"):
+        ensure_features(cache, images, names, _no_backbone)
+
+
+def test_apply_uses_the_weights_file_the_head_was_trained_with(
+    tmp_path: Path, weights_path: Path, real_backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SELFMENT_WEIGHTS", raising=False)
+    images = tmp_path / "images"
+    _write_images(images, 2)
+    label_folder(images, tmp_path / "run", RunConfig(resolution=112), backbone=real_backbone)
+    distil(tmp_path / "run", tmp_path / "head.pt", FAST, backbone=real_backbone)
+    summary = apply_head(
+        tmp_path / "head.pt",
+        images,
+        tmp_path / "applied",
+        RunConfig(device="cpu", allow_download=False),
+    )
+    assert summary.labelled == 2
+    run = json.loads((tmp_path / "applied" / "run.json").read_text())
+    assert run["backbone"]["weights_file"] == str(weights_path)

@@ -140,3 +140,37 @@ def test_prefetch_keeps_order_and_returns_errors():
     assert [item for item, _ in results] == list(range(6))
     assert [r for _, r in results if not isinstance(r, BaseException)] == [0, 10, 20, 40, 50]
     assert isinstance(results[3][1], ValueError)
+
+
+def test_find_images_skips_folders_and_reports_unsupported_extensions(tmp_path: Path, caplog):
+    for rel in ["a.png", "run/scores/a.png.png", "sub/b.jpg", "anim.gif", "clip.GIF", "x.heic"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        found = find_images(tmp_path, skip_folder=lambda f: f.name == "run", report=True)
+    assert found == ["a.png", "sub/b.jpg"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "3 files with unsupported extensions ignored: .gif .heic" in messages
+    assert any("not searching run" in m for m in messages)
+    caplog.clear()
+    find_images(tmp_path)
+    assert not caplog.records
+
+
+def test_fifo_is_skipped_as_not_a_regular_file(tmp_path: Path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageSkip, match="not a regular file"):
+        load_image(fifo)
+
+
+def test_max_pixels_not_pil_limit_decides_and_pil_limit_is_restored(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 80), "red").save(path)
+    image, size = load_image(path, max_pixels=1_000_000)
+    assert size == (100, 80)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(ImageSkip, match="--max-pixels"):
+        load_image(path, max_pixels=5000)
+    assert Image.MAX_IMAGE_PIXELS == 1000

@@ -266,10 +266,18 @@ def test_cli_review_ctrl_c_closes_the_app(run_dir: Path, tmp_path: Path) -> None
 
 def test_cli_export_and_database_error(run_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
+    gt = tmp_path / "gt"
+    first = load_coco(run_dir / "annotations.json")["images"][0]
+    (gt / first["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((first["height"], first["width"]), dtype=np.uint8)
+    mask[5:20, 5:20] = 255
+    Image.fromarray(mask).save(gt / first["file_name"])
     result = runner.invoke(
-        app, ["review", str(run_dir), "--name", f"t-cli2-{SUFFIX}", "--no-launch"]
+        app,
+        ["review", str(run_dir), "--name", f"t-cli2-{SUFFIX}", "--no-launch", "--gt", str(gt)],
     )
     assert result.exit_code == 0, result.output
+    assert "added as field ground_truth (1 of 5 samples" in " ".join(result.output.split())
     target = tmp_path / "out"
     args = ["export", str(run_dir), str(target), "--name", f"t-cli2-{SUFFIX}", "--format", "masks"]
     assert runner.invoke(app, args).exit_code == 0

@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 
 from selfment_label.config import RunConfig, SingleConfig
 from selfment_label.data.images import prepare_image
+from selfment_label.device import DeviceError
 from selfment_label.masks import full_size_masks
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict, RunLock
@@ -121,7 +122,8 @@ def test_second_run_is_idempotent_and_picks_up_new_images(mixed_folder, tmp_path
     label_folder(mixed_folder, out, config, backbone=tiny_backbone)
     first = (out / "annotations.json").read_text()
     again = label_folder(mixed_folder, out, config, backbone=tiny_backbone)
-    assert again.labelled == 0 and again.resumed == 12
+    assert again.labelled == 0 and again.resumed == 8
+    assert set(again.new_skips) == BAD  # skips are retried on every resume
     assert (
         json.loads((out / "annotations.json").read_text())["annotations"]
         == json.loads(first)["annotations"]
@@ -321,7 +323,7 @@ def test_batched_and_single_image_runs_agree(tmp_path, ecssd_dir, real_backbone)
 def test_cuda_device_request_without_cuda_is_a_clear_error(mixed_folder, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(DeviceError, match="no CUDA device"):
         label_folder(mixed_folder, tmp_path / "o", RunConfig(device="cuda"))
 
 
@@ -367,3 +369,87 @@ def test_segmenter_notes_reach_the_journal_coco_and_run_json(tmp_path, tiny_back
     assert run["image_notes"] == summary.notes
     coco = json.loads((out / "annotations.json").read_text())
     assert all(image["notes"] == {"eigensolver": "capped"} for image in coco["images"])
+
+
+def _two_images(folder: Path) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["default", "inside"])
+def test_run_folder_inside_the_input_is_not_labelled(tmp_path, tiny_backbone, monkeypatch, where):
+    images = _two_images(tmp_path / "img")
+    monkeypatch.chdir(images)
+    out = None if where == "default" else images / "labels"
+    config = RunConfig(resolution=112, save_scores=True)
+    for _ in range(2):
+        summary = label_folder(images, out, config, backbone=tiny_backbone)
+        assert summary.total == 2
+    out_dir = summary.out_dir
+    assert out_dir.parent == images
+    coco = json.loads((out_dir / "annotations.json").read_text())
+    assert sorted(i["file_name"] for i in coco["images"]) == ["0.png", "1.png"]
+    assert sorted(p.name for p in (out_dir / "scores").iterdir()) == ["0.png.png", "1.png.png"]
+
+
+def test_other_run_folders_inside_the_input_are_not_labelled(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    config = RunConfig(resolution=112, save_scores=True)
+    label_folder(images, images / "old-run", config, backbone=tiny_backbone)
+    summary = label_folder(images, tmp_path / "new-run", config, backbone=tiny_backbone)
+    assert summary.total == 2
+
+
+def test_out_equal_to_input_is_refused(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    with pytest.raises(RunConflict, match="input folder itself"):
+        label_folder(images, images, RunConfig(resolution=112), backbone=tiny_backbone)
+
+
+def test_changed_image_is_labelled_again_and_replaces_its_record(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    out = tmp_path / "run"
+    config = RunConfig(resolution=112)
+    label_folder(images, out, config, backbone=tiny_backbone)
+    Image.new("RGB", (90, 40), "white").save(images / "1.png")
+    os.utime(images / "1.png", ns=(1, 1))
+    again = label_folder(images, out, config, backbone=tiny_backbone)
+    assert again.labelled == 1 and again.resumed == 1
+    coco = json.loads((out / "annotations.json").read_text())
+    sizes = {i["file_name"]: (i["width"], i["height"]) for i in coco["images"]}
+    assert sizes == {"0.png": (70, 50), "1.png": (90, 40)}
+    assert all("key" not in i for i in coco["images"])
+
+
+def test_skipped_images_are_retried_when_options_change(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    out = tmp_path / "run"
+    first = label_folder(
+        images, out, RunConfig(resolution=112, max_pixels=100), backbone=tiny_backbone
+    )
+    assert first.labelled == 0 and len(first.skipped) == 2
+    second = label_folder(images, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    assert second.labelled == 2 and not second.skipped
+    assert len(json.loads((out / "annotations.json").read_text())["images"]) == 2
+
+
+def test_corrupt_middle_journal_line_keeps_the_records_after_it(tmp_path, tiny_backbone, caplog):
+    images = _two_images(tmp_path / "img")
+    _scene(3).save(images / "2.png")
+    out = tmp_path / "run"
+    config = RunConfig(resolution=112)
+    label_folder(images, out, config, backbone=tiny_backbone)
+    journal = out / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4
+    lines[1] = b'{"kind": "image", "file_na\n'
+    journal.write_bytes(b"".join(lines) + b'{"kind": "ima')
+    with caplog.at_level("WARNING"):
+        again = label_folder(images, out, config, backbone=tiny_backbone)
+    assert again.resumed == 2 and again.labelled == 1
+    assert any("line 2 is corrupt" in r.getMessage() for r in caplog.records)
+    assert any("torn last line" in r.getMessage() for r in caplog.records)
+    assert len(json.loads((out / "annotations.json").read_text())["images"]) == 3

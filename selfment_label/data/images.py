@@ -8,8 +8,13 @@ reports every failure as an ``ImageSkip`` with a human reason instead of raising
 from __future__ import annotations
 
 import logging
+import os
+import stat
+import threading
 import time
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +31,27 @@ ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
 class ImageSkip(Exception):
     """An image that cannot be labelled; ``str(error)`` is the reason shown to the user."""
 
 
-def find_images(root: str | Path) -> list[str]:
+def find_images(
+    root: str | Path,
+    *,
+    skip_folder: Callable[[Path], bool] | None = None,
+    report: bool = False,
+) -> list[str]:
     """Relative POSIX paths of all images under ``root``, recursively, sorted.
 
     Arguments:
       root: the input folder.
+      skip_folder: called with each sub-folder; a folder for which it returns True is not
+        searched (the pipeline skips its own run folder and any other run folder with it).
+      report: log one warning naming the skipped folders and one counting the files left
+        out for their extension.
 
     Returns:
       Paths relative to ``root`` (``sub/dir/name.jpg``); hidden files and folders are ignored.
@@ -44,13 +61,38 @@ def find_images(root: str | Path) -> list[str]:
         raise FileNotFoundError(f"input folder does not exist: {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"input is not a folder: {root}")
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir():
-            found.append(rel.as_posix())
+    found: list[str] = []
+    skipped_folders: list[str] = []
+    unsupported: Counter[str] = Counter()
+    for folder, subfolders, files in os.walk(root):
+        here = Path(folder)
+        kept = []
+        for sub in sorted(subfolders):
+            if sub.startswith("."):
+                continue
+            if skip_folder is not None and skip_folder(here / sub):
+                skipped_folders.append((here / sub).relative_to(root).as_posix())
+                continue
+            kept.append(sub)
+        subfolders[:] = kept
+        for name in files:
+            if name.startswith("."):
+                continue
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                found.append((here / name).relative_to(root).as_posix())
+            else:
+                unsupported[suffix or "(no extension)"] += 1
+    if report and skipped_folders:
+        logger.warning(
+            "not searching %s: selfment-label run folder(s), not input images",
+            ", ".join(skipped_folders),
+        )
+    if report and unsupported:
+        kinds = " ".join(sorted(unsupported))
+        logger.warning(
+            "%d files with unsupported extensions ignored: %s", sum(unsupported.values()), kinds
+        )
     return sorted(found)
 
 
@@ -68,6 +110,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """``Image.open`` where ``max_pixels``, not PIL's own bomb limit, decides what is too large.
+
+    PIL refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` as it opens them; when
+    ``max_pixels`` is higher, that limit is raised for this one call (under a lock) and put
+    back at once, so the process keeps its own setting.
+    """
+    with _PIL_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and max_pixels > 2 * limit:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def load_image(
@@ -91,11 +150,14 @@ def load_image(
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):
+            raise ImageSkip("not a regular file")
+        if status.st_size == 0:
             raise ImageSkip("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with _open(path, max_pixels) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageSkip(

@@ -10,13 +10,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from ..config import DEFAULT_BACKBONE
-from .presets import WEIGHTS_ENV, BackboneError, BackbonePreset, get_preset
+from .presets import WEIGHTS_ENV, BackboneError, BackbonePreset, get_preset, presets_like
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,11 @@ def resolve_weights_path(weights: str | Path | None) -> Path | None:
     if candidate is None:
         return None
     path = Path(candidate).expanduser()
+    if path.is_dir():
+        source = "--weights" if weights else f"${WEIGHTS_ENV}"
+        raise BackboneError(
+            f"{source} {path} is a folder; give the weights file itself (.safetensors or .pth)"
+        )
     if not path.is_file():
         source = "--weights" if weights else f"${WEIGHTS_ENV}"
         raise BackboneError(f"weights file given by {source} does not exist: {path}")
@@ -44,12 +53,19 @@ def resolve_weights_path(weights: str | Path | None) -> Path | None:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors or .pth/.pt checkpoint and unwrap the usual containers."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors, zip and pickle readers raise many types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BackboneError(
+            f"cannot read the weights file {path}: it is truncated, corrupt, or holds more "
+            f"than tensors (only plain tensor checkpoints are loaded; {reason})"
+        ) from None
     for key in ("teacher", "model", "state_dict", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -65,22 +81,53 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def _load_weights_file(model: torch.nn.Module, path: Path) -> None:
+def _state_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int] | None:
+    """``(patch size, token dimension, blocks)`` of a ViT state dict, when it has a patch
+    embedding."""
+    proj = state.get("patch_embed.proj.weight")
+    if not isinstance(proj, torch.Tensor) or proj.dim() != 4:
+        return None
+    blocks = {name.split(".")[1] for name in state if name.startswith("blocks.")}
+    return int(proj.shape[-1]), int(proj.shape[0]), len(blocks)
+
+
+def _weights_mismatch(state: dict[str, torch.Tensor], preset: BackbonePreset) -> str:
+    """Why weights do not fit ``preset``, naming the presets they look like."""
+    expected = f"patch {preset.patch_size}, dim {preset.embed_dim}, {preset.depth} blocks"
+    shape = _state_shape(state)
+    if shape is None:
+        return f"does not hold ViT weights of {preset.name} ({expected})"
+    patch, dim, depth = shape
+    found = f"patch {patch}, dim {dim}, {depth} blocks"
+    registers = any("reg_token" in name or "register_tokens" in name for name in state)
+    like = [
+        name
+        for name in presets_like(patch, dim, depth)
+        if name != preset.name
+        and (not name.startswith("dinov2") or name.endswith("-reg") == registers)
+    ]
+    hint = (
+        f"; they look like --backbone {' or '.join(like)}" if like else "; no preset has that shape"
+    )
+    if (patch, dim, depth) == (preset.patch_size, preset.embed_dim, preset.depth):
+        return f"does not hold weights of {preset.name} (same shape, other layers or names)"
+    return f"holds weights of another model ({found}), not {preset.name} ({expected}){hint}"
+
+
+def _load_weights_file(model: torch.nn.Module, path: Path, preset: BackbonePreset) -> None:
     """Load timm-layout weights, falling back to timm's converter for official layouts."""
     state = _read_state_dict(path)
     try:
         model.load_state_dict(state, strict=True)
         return
-    except RuntimeError as first_error:
+    except RuntimeError:
         converted = _convert_official_layout(state, model)
-        if converted is None:
-            raise BackboneError(
-                f"weights in {path} do not match {type(model).__name__}: {first_error}"
-            ) from first_error
     try:
+        if converted is None:
+            raise RuntimeError("unknown checkpoint layout")
         model.load_state_dict(converted, strict=True)
-    except RuntimeError as error:
-        raise BackboneError(f"weights in {path} do not match the backbone: {error}") from error
+    except RuntimeError:
+        raise BackboneError(f"{path} {_weights_mismatch(state, preset)}") from None
     logger.info("converted official checkpoint layout of %s to timm names", path)
 
 
@@ -177,6 +224,61 @@ class Backbone:
         return tokens.reshape(b, h // p, w // p, -1)
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the model hub's host answers a TCP connection within ``timeout`` seconds."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Put huggingface_hub in offline mode for one call (cache only, no retries), then back."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _from_hub(preset: BackbonePreset, kwargs: dict[str, object]) -> torch.nn.Module:
+    """The pretrained model from the hub, or from its local cache when the hub is unreachable.
+
+    The hub is probed first (a few seconds at most): offline, only the local cache is tried,
+    so there is no minute of retries before the error.
+    """
+    import timm
+
+    offline = not hub_reachable()
+    try:
+        with _hub_offline(offline):
+            return timm.create_model(preset.timm_id, pretrained=True, **kwargs)
+    except Exception as error:  # network, hub and cache errors come in many types
+        if offline:
+            raise BackboneError(
+                f"the model hub is unreachable (offline?) and {preset.timm_id} is not in the "
+                f"local hub cache: pass a local weights file with --weights FILE "
+                f"(or set ${WEIGHTS_ENV})"
+            ) from None
+        raise BackboneError(
+            f"could not download {preset.timm_id} from the model hub ({error}); "
+            f"pass a local weights file with --weights FILE (or set ${WEIGHTS_ENV})"
+        ) from None
+
+
 def build_backbone(
     name: str = DEFAULT_BACKBONE,
     weights: str | Path | None = None,
@@ -209,7 +311,7 @@ def build_backbone(
         sha = "random-init"
     elif path is not None:
         model = timm.create_model(preset.architecture, pretrained=False, **kwargs)
-        _load_weights_file(model, path)
+        _load_weights_file(model, path, preset)
         sha = file_sha256(path)
         logger.info("loaded %s weights from %s (sha256 %s)", preset.name, path, sha[:12])
     elif not allow_download:
@@ -218,14 +320,7 @@ def build_backbone(
             "or allow hub downloads"
         )
     else:
-        try:
-            model = timm.create_model(preset.timm_id, pretrained=True, **kwargs)
-        except Exception as error:  # network, hub and cache errors come in many types
-            raise BackboneError(
-                f"could not download {preset.timm_id} from the model hub ({error}). "
-                f"Offline? Pass a local weights file with --weights FILE "
-                f"(or set ${WEIGHTS_ENV})."
-            ) from error
+        model = _from_hub(preset, kwargs)
         sha = None
     model.eval().requires_grad_(False).to(device)
     return Backbone(model=model, preset=preset, weights_file=path, weights_sha256=sha)

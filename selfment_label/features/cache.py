@@ -197,7 +197,8 @@ def ensure_features(
 
     The backbone is built (through ``backbone_factory``) only when something is missing, so
     training from a complete cache needs neither the backbone nor its weights. An image whose
-    file is gone is served from the cache by name when it was cached before.
+    file is gone is served from the cache by name when it was cached before. An entry that
+    cannot be read (torn, corrupt, foreign) is computed again.
 
     Arguments:
       cache: the cache to fill.
@@ -222,6 +223,8 @@ def ensure_features(
         if image.is_file():
             sha = file_sha256(image)
             hit = cache.lookup(name, sha)
+            if hit is not None and cache.load(hit, name) is None:
+                hit = None  # torn or foreign entry (warned): computed again, then replaced
             if hit is None:
                 missing[name] = sha
             else:
@@ -230,6 +233,11 @@ def ensure_features(
             hit = cache.lookup_by_name(name)
             if hit is None:
                 raise CacheError(f"{image} does not exist and its features are not cached")
+            if cache.load(hit, name) is None:
+                raise CacheError(
+                    f"{image} does not exist and its cached features cannot be read; "
+                    "restore the image"
+                )
             logger.info("%s is gone; using its cached features", name)
             entries[name] = hit
         if progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,9 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..features.backbone import Backbone
+from ..features.backbone import Backbone, file_sha256
 from ..masks import THRESHOLD
+from ..runfolder.layout import RUN_NAME
 from ..runfolder.pipeline import ProgressCallback, RunSummary, backbone_for, label_folder
 from ..segment.base import PatchMask
 from ..timing import StageTimer
@@ -49,6 +51,20 @@ class HeadSegmenter:
         return [[PatchMask(scores=probability[i], score=score[i])] for i in range(len(score))]
 
 
+def recorded_weights(meta: dict[str, Any]) -> str | None:
+    """The weights file of the run a head was trained on, when it is still there with the
+    sha256 the head records."""
+    sha = meta["backbone"].get("weights_sha256")
+    try:
+        run = json.loads((Path(meta["data"]["run_dir"]) / RUN_NAME).read_text(encoding="utf-8"))
+        recorded = run["backbone"]["weights_file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not recorded or not sha or not Path(recorded).is_file():
+        return None
+    return recorded if file_sha256(recorded) == sha else None
+
+
 def apply_head(
     checkpoint: str | Path,
     input_dir: str | Path,
@@ -62,7 +78,9 @@ def apply_head(
     """Label a folder with a trained head; writes the same run folder as ``run``.
 
     The backbone preset and resolution come from the checkpoint (those of ``config`` are
-    replaced); the weights from ``config.weights`` or ``$SELFMENT_WEIGHTS`` or the hub.
+    replaced); the weights from ``config.weights``, else the weights file the head was
+    trained with when it is still there with the same sha256, else ``$SELFMENT_WEIGHTS`` or
+    the hub.
 
     Arguments:
       checkpoint: a head saved by ``distil``.
@@ -84,6 +102,8 @@ def apply_head(
         backbone=meta["backbone"]["backbone"],
         resolution=int(meta["resolution"]),
     )
+    if config.weights is None and backbone is None:
+        config = replace(config, weights=recorded_weights(meta))
     if backbone is None:
         backbone = backbone_for(config)
     loaded.check_backbone(backbone)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data.images import find_images
 from ..evaluate import load_gt_mask, load_predictions, match
-from ..runfolder.coco import decode_rle
+from ..runfolder.coco import RleError, decode_rle
 from ..runfolder.layout import read_run, record_reviewing_dataset, reviewing_datasets
 from .convert import mask_to_detection
 from .db import ReviewError, connect
@@ -101,11 +101,16 @@ def label_fields(mode: str) -> list[str]:
 
 
 def _image_detections(
-    annotations: list[dict[str, Any]], mode: str
+    annotations: list[dict[str, Any]], mode: str, image: dict[str, Any]
 ) -> dict[str, list[fo.Detection]]:
     fields: dict[str, list[fo.Detection]] = {name: [] for name in label_fields(mode)}
     for ann in annotations:
-        mask = decode_rle(ann["segmentation"])
+        try:
+            mask = decode_rle(ann["segmentation"], (int(image["height"]), int(image["width"])))
+        except RleError as error:
+            raise ReviewError(
+                f"annotation {ann.get('id')} of {image['file_name']}: {error}"
+            ) from None
         if not mask.any():
             continue
         attributes: dict[str, Any] = {"coco_id": int(ann["id"])}
@@ -229,7 +234,7 @@ def build_dataset(
             file_name=image["file_name"],
             **{RUN_FIELD: str(run_dir)},
         )
-        for field, detections in _image_detections(anns, mode).items():
+        for field, detections in _image_detections(anns, mode, image).items():
             sample[field] = fo.Detections(detections=detections)
         if image["file_name"] in gt:
             sample[GT_FIELD] = gt.pop(image["file_name"])

@@ -53,6 +53,7 @@ from PIL import Image
 
 from .. import __version__
 from ..atomic import atomic_write_text, umask
+from ..config import EXPORT_FORMATS, EXPORT_MEDIA
 from ..runfolder.coco import annotation_record, write_coco_stream
 from .convert import LABEL, detection_to_mask
 from .dataset import INFO_KEY, PARTS_FIELD, PSEUDO_FIELD
@@ -72,8 +73,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("coco", "yolo", "masks")
-MEDIA = ("copy", "symlink", "none")
+FORMATS = EXPORT_FORMATS
+MEDIA = EXPORT_MEDIA
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 PARTS_DIR = "parts"

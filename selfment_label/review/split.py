@@ -11,13 +11,15 @@ import hashlib
 import logging
 from collections.abc import Iterable
 
+from ..config import EXPORT_SPLIT_SEED, EXPORT_VAL_FRACTION
+
 logger = logging.getLogger(__name__)
 
 TRAIN = "train"
 VAL = "val"
 SPLITS = (TRAIN, VAL)
-DEFAULT_VAL_FRACTION = 0.1
-DEFAULT_SPLIT_SEED = 0
+DEFAULT_VAL_FRACTION = EXPORT_VAL_FRACTION
+DEFAULT_SPLIT_SEED = EXPORT_SPLIT_SEED
 
 
 class SplitError(ValueError):

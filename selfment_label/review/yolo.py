@@ -16,7 +16,9 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-MIN_PIECE_AREA = 16
+from ..config import YOLO_MIN_PIECE_AREA
+
+MIN_PIECE_AREA = YOLO_MIN_PIECE_AREA
 IMAGE_DIR_NAME = "images"
 
 

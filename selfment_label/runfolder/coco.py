@@ -30,12 +30,61 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
 
 
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """Boolean ``[H, W]`` mask of a compressed (str or bytes counts) or uncompressed RLE."""
-    if isinstance(rle.get("counts"), list):
-        rle = mask_utils.frPyObjects(rle, *rle["size"])
-    elif isinstance(rle.get("counts"), str):
-        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+class RleError(ValueError):
+    """An RLE mask that is malformed, truncated, or not the size of its image."""
+
+
+def _compressed_counts(counts: bytes) -> list[int] | None:
+    """Run lengths of COCO's compressed counts string; None when it is cut mid-number."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                return None
+            char = counts[position] - 48
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position += 1
+            shift += 5
+            if not more and char & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def decode_rle(rle: dict[str, Any], size: tuple[int, int] | None = None) -> np.ndarray:
+    """Boolean ``[H, W]`` mask of a compressed (str or bytes counts) or uncompressed RLE.
+
+    Arguments:
+      rle: ``{"size": [H, W], "counts": ...}``.
+      size: ``(height, width)`` the mask must have (its image's), when known.
+
+    Raises:
+      RleError: the RLE is malformed, its run lengths do not cover exactly H x W pixels
+        (truncated or padded counts), or it is not ``size``.
+    """
+    try:
+        height, width = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+        if isinstance(counts, list):
+            runs = [int(c) for c in counts]
+            rle = mask_utils.frPyObjects(rle, height, width)
+        else:
+            counts = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+            runs = _compressed_counts(counts)
+            rle = {"size": [height, width], "counts": counts}
+    except (KeyError, TypeError, ValueError) as error:
+        raise RleError(f"malformed RLE mask ({error})") from None
+    if runs is None or any(r < 0 for r in runs) or sum(runs) != height * width:
+        raise RleError(
+            f"RLE mask counts do not cover its {width}x{height} pixels (truncated or corrupt)"
+        )
+    if size is not None and (height, width) != tuple(size):
+        raise RleError(f"RLE mask is {width}x{height} but its image is {size[1]}x{size[0]}")
     return mask_utils.decode(rle).astype(bool)
 
 

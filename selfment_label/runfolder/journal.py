@@ -3,7 +3,10 @@
 The journal (``journal.jsonl``) holds one header line with the options that decide the
 results, then one line per finished image (its annotations, or the reason it was skipped).
 Lines are flushed as they are made, so a run killed at any point loses at most the image in
-flight; a torn last line is cut off when the journal is reopened. The lock is an ``flock``
+flight; a torn last line is cut off when the journal is reopened, and a corrupt line in the
+middle is skipped with a warning (the records after it are kept). Each image's record holds
+its content key (file size and modification time in ns): an image changed since it was
+labelled is labelled again, and skipped images are retried on every resume. The lock is an ``flock``
 on ``.lock``: the kernel releases it when the process dies, so a killed run never leaves it
 stuck.
 """
@@ -65,21 +68,40 @@ class RunLock:
             self._fd = None
 
 
+def _is_record(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and entry.get("kind") in ("header", "image", "skip")
+        and (entry["kind"] == "header" or isinstance(entry.get("file_name"), str))
+    )
+
+
 def _valid_lines(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
-    """Parsed journal lines with their byte offsets, and the length of the valid prefix."""
+    """Parsed journal lines with their byte offsets, and where the journal should end.
+
+    A line that is not a journal record is skipped with a warning naming its line number, and
+    the records after it are kept; only a torn last line (cut short, or unreadable) is left
+    out of the returned length, so the caller cuts it off.
+    """
     entries = []
     good_end = 0
+    offset = 0
     with open(path, "rb") as fh:
-        offset = 0
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                entries.append((offset, json.loads(raw)))
-            except json.JSONDecodeError:
-                break
-            offset += len(raw)
-            good_end = offset
+        lines = list(enumerate(fh, start=1))
+    for number, raw in lines:
+        try:
+            entry = json.loads(raw) if raw.endswith(b"\n") else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            entry = None
+        if _is_record(entry):
+            entries.append((offset, entry))
+            good_end = offset + len(raw)
+        elif number < len(lines):
+            logger.warning(
+                "%s line %d is corrupt: skipped, the lines after it are kept", path, number
+            )
+            good_end = offset + len(raw)
+        offset += len(raw)
     return entries, good_end
 
 
@@ -97,6 +119,7 @@ class Journal:
         self.offsets: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
         self.notes: dict[str, dict[str, Any]] = {}
+        self.keys: dict[str, Any] = {}
         fresh = not self.path.exists()
         if not fresh:
             self._reopen()
@@ -121,6 +144,7 @@ class Journal:
     def _index(self, entry: dict[str, Any], offset: int) -> None:
         name = entry["file_name"]
         self.offsets[name] = offset
+        self.keys[name] = entry.get("key")
         if entry["kind"] == "skip":
             self.skipped[name] = entry["reason"]
         else:
@@ -136,9 +160,17 @@ class Journal:
         self._fh.flush()
         return offset
 
-    def done(self, file_name: str) -> bool:
-        """Whether ``file_name`` already has a result (labelled or skipped)."""
-        return file_name in self.offsets
+    def done(self, file_name: str, key: Any = None) -> bool:
+        """Whether ``file_name`` is labelled, from the same bytes when ``key`` is given.
+
+        A skipped image is never done: skips are retried on every resume (the options or the
+        file may have changed since). An image whose content key differs from the one
+        recorded is not done either: it is labelled again and its new record replaces the old.
+        """
+        if file_name not in self.offsets or file_name in self.skipped:
+            return False
+        recorded = self.keys.get(file_name)
+        return key is None or recorded is None or recorded == key
 
     def add(self, entry: dict[str, Any]) -> None:
         """Append one image's result (``kind`` is ``image`` or ``skip``) and flush it."""
@@ -184,6 +216,7 @@ class JournalRecords:
                 fh.seek(self.offsets[name])
                 entry = json.loads(fh.readline())
                 entry.pop("kind", None)
+                entry.pop("key", None)
                 yield entry
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_write_json
-from .coco import decode_rle, load_coco, masks_by_image
+from .coco import RleError, decode_rle, load_coco, masks_by_image
 
 ANNOTATIONS_NAME = "annotations.json"
 RUN_NAME = "run.json"
@@ -37,6 +37,13 @@ REVIEW_NAME = "review.json"
 
 class RunFolderError(RuntimeError):
     """A folder is not a finished run folder, or its files cannot be read."""
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a selfment-label run (``run.json`` + journal, or a lock)."""
+    return (folder / LOCK_NAME).exists() or (
+        (folder / RUN_NAME).is_file() and (folder / JOURNAL_NAME).is_file()
+    )
 
 
 def score_map_path(file_name: str) -> str:
@@ -137,17 +144,14 @@ def union_mask(
     """The union of annotation masks (all levels), ``[height, width]`` boolean.
 
     Raises:
-      RunFolderError: an annotation's RLE is not ``width x height``.
+      RunFolderError: an annotation's RLE is corrupt or not ``width x height``.
     """
     union = np.zeros((height, width), dtype=bool)
     for ann in annotations:
-        mask = decode_rle(ann["segmentation"])
-        if mask.shape != union.shape:
-            raise RunFolderError(
-                f"annotation {ann.get('id')} of {what} is {mask.shape[1]}x{mask.shape[0]} "
-                f"but the image is {width}x{height}"
-            )
-        union |= mask
+        try:
+            union |= decode_rle(ann["segmentation"], (height, width))
+        except RleError as error:
+            raise RunFolderError(f"annotation {ann.get('id')} of {what}: {error}") from None
     return union
 
 

@@ -25,7 +25,7 @@ from .. import __version__
 from ..atomic import atomic_path, atomic_write_json
 from ..config import RunConfig
 from ..data.batching import batches_by_grid, prefetch, stack_pixels
-from ..data.images import DecodedImage, find_images, prepare_image
+from ..data.images import DecodedImage, ImageSkip, find_images, prepare_image
 from ..device import PRECISIONS, resolve_device, small_kernel_threads
 from ..features.backbone import Backbone, build_backbone
 from ..masks import full_size_masks
@@ -34,7 +34,14 @@ from ..segment.registry import make_segmenter
 from ..timing import StageTimer
 from .coco import annotation_record, write_coco_stream
 from .journal import Journal, RunConflict, RunLock
-from .layout import ANNOTATIONS_NAME, JOURNAL_NAME, RUN_NAME, SCORES_DIR, score_map_path
+from .layout import (
+    ANNOTATIONS_NAME,
+    JOURNAL_NAME,
+    RUN_NAME,
+    SCORES_DIR,
+    is_run_folder,
+    score_map_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,8 @@ class RunSummary:
       stages: seconds per stage.
       new_skips: file name -> reason, for the images this invocation skipped.
       notes: file name -> the segmenter's notes (e.g. the eigensolver stopped at its cap).
+      wall_seconds: wall-clock seconds of the whole invocation, model loading and the final
+        COCO writing included.
     """
 
     out_dir: Path
@@ -72,6 +81,7 @@ class RunSummary:
     stages: dict[str, float] = field(default_factory=dict)
     new_skips: dict[str, str] = field(default_factory=dict)
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    wall_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -93,6 +103,21 @@ def backbone_for(config: RunConfig) -> Backbone:
 def default_out_dir(input_dir: Path) -> Path:
     """``./<folder name>-selfment`` in the current directory."""
     return Path.cwd() / f"{input_dir.resolve().name}-selfment"
+
+
+def find_input_images(input_dir: Path, out_dir: Path) -> list[str]:
+    """The images to label: every image under ``input_dir`` except those inside ``out_dir``
+    or any other run folder (a run folder inside the input never labels its own outputs)."""
+    if out_dir.resolve() == input_dir.resolve():
+        raise RunConflict(
+            f"--out {out_dir} is the input folder itself; choose a folder for the run's files"
+        )
+    out = out_dir.resolve()
+    return find_images(
+        input_dir,
+        skip_folder=lambda folder: folder.resolve() == out or is_run_folder(folder),
+        report=True,
+    )
 
 
 def clear_run(out_dir: Path) -> None:
@@ -178,16 +203,19 @@ def label_folder(
       RunConflict: the output folder is busy or holds a run with other options.
       BackboneError: the weights cannot be found or loaded.
     """
+    begin = time.perf_counter()
     config = config or RunConfig()
     input_dir = Path(input_dir)
-    names = find_images(input_dir)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
+    names = find_input_images(input_dir, out_dir)
     if not names:
         raise NoImages(
             f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)"
         )
-    out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
+    load_seconds = 0.0
     if backbone is None:
         backbone = backbone_for(config)
+        load_seconds = time.perf_counter() - begin
     segmenter = segmenter or make_segmenter(config.segment)
     labeller = Labeller(backbone, segmenter, config.precision)
     identity = backbone.identity()
@@ -217,6 +245,9 @@ def label_folder(
         _, summary.annotations = write_coco_stream(out_dir / ANNOTATIONS_NAME, records, info)
         summary.skipped = {n: journal.skipped[n] for n in names if n in journal.skipped}
         summary.notes = {n: journal.notes[n] for n in names if n in journal.notes}
+        if load_seconds:
+            summary.stages = {"load model": load_seconds, **summary.stages}
+        summary.wall_seconds = time.perf_counter() - begin
         provenance = {
             "tool": "selfment-label",
             "version": __version__,
@@ -237,11 +268,21 @@ def label_folder(
             "image_notes": summary.notes,
             "stage_seconds": summary.stages,
             "seconds": round(summary.seconds, 3),
+            "wall_seconds": round(summary.wall_seconds, 3),
             "images_per_second": round(summary.images_per_second, 3),
             **(extra_provenance or {}),
         }
         atomic_write_json(out_dir / RUN_NAME, provenance)
     return summary
+
+
+def content_key(path: Path) -> list[int] | None:
+    """What says an image file is unchanged: ``[size, mtime_ns]`` (None when it is gone)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
 
 
 def _label(
@@ -253,7 +294,8 @@ def _label(
     journal: Journal,
     progress: ProgressCallback | None,
 ) -> RunSummary:
-    todo = [n for n in names if not journal.done(n)]
+    keys = {n: content_key(input_dir / n) for n in names}
+    todo = [n for n in names if not journal.done(n, keys[n])]
     resumed = len(names) - len(todo)
     if resumed:
         logger.info("resuming: %d of %d images already done", resumed, len(names))
@@ -274,8 +316,10 @@ def _label(
     stream = prefetch(todo, decode, workers=config.workers, depth=depth)
     for batch, failures in batches_by_grid(stream, config.batch_size, window=depth):
         for name, error in failures:
+            if not isinstance(error, ImageSkip):
+                raise error
             reason = str(error) or type(error).__name__
-            journal.add({"kind": "skip", "file_name": name, "reason": reason})
+            journal.add({"kind": "skip", "file_name": name, "key": keys[name], "reason": reason})
             new_skips[name] = reason
             done += 1
             logger.warning("skipped %s: %s", name, reason)
@@ -288,7 +332,8 @@ def _label(
         patch_masks = labeller.patch_masks(batch, timer)
         with small_kernel_threads(labeller.device):
             for item, masks in zip(batch, patch_masks, strict=True):
-                _record_image(out_dir, item, masks, config.save_scores, journal, timer)
+                item_key = keys[item.file_name]
+                _record_image(out_dir, item, masks, config.save_scores, journal, timer, item_key)
                 labelled += 1
                 done += 1
                 if progress:
@@ -314,11 +359,13 @@ def _record_image(
     save_scores: bool,
     journal: Journal,
     timer: StageTimer,
+    key: list[int] | None,
 ) -> None:
     annotations = []
     entry: dict[str, Any] = {
         "kind": "image",
         "file_name": item.file_name,
+        "key": key,
         "width": item.width,
         "height": item.height,
     }

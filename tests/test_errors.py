@@ -1,0 +1,152 @@
+"""Errors a user can meet get a sentence, not a traceback: weights, RLEs, full disks."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from safetensors.torch import save_file
+from selfment_label_cli.main import app
+from typer.testing import CliRunner
+
+from selfment_label.features.backbone import build_backbone
+from selfment_label.features.presets import BackboneError
+from selfment_label.runfolder import journal as journal_module
+from selfment_label.runfolder import pipeline
+from selfment_label.runfolder.coco import RleError, decode_rle
+from selfment_label.runfolder.layout import RunFolderError, union_mask
+
+
+def _rle(height: int = 10, width: int = 12) -> dict:
+    mask = np.zeros((height, width), dtype=np.uint8, order="F")
+    mask[2:5, 3:8] = 1
+    rle = mask_utils.encode(mask)
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def test_valid_rle_decodes_and_truncated_counts_are_refused():
+    rle = _rle()
+    assert decode_rle(rle).sum() == 15
+    assert decode_rle({"size": [2, 2], "counts": [1, 2, 1]}).sum() == 2
+    with pytest.raises(RleError, match="do not cover"):
+        decode_rle({**rle, "counts": rle["counts"][:2]})
+    with pytest.raises(RleError, match="do not cover"):
+        decode_rle({"size": [20, 12], "counts": rle["counts"]})
+    with pytest.raises(RleError, match="do not cover"):
+        decode_rle({"size": [2, 2], "counts": [1, 2]})
+    with pytest.raises(RleError, match="malformed"):
+        decode_rle({"counts": rle["counts"]})
+
+
+def test_rle_of_another_size_than_its_image_is_a_sentence():
+    with pytest.raises(RleError, match="12x10 but its image is 12x11"):
+        decode_rle(_rle(), (11, 12))
+    with pytest.raises(RunFolderError, match="annotation 7 of a.jpg: RLE mask is 12x10"):
+        union_mask(12, 11, [{"id": 7, "segmentation": _rle()}], "a.jpg")
+
+
+def test_weights_folder_is_named_a_folder(tmp_path: Path):
+    with pytest.raises(BackboneError, match="is a folder"):
+        build_backbone("dinov2-vits14", weights=tmp_path)
+
+
+class Payload:
+    """Something a pickle-only checkpoint could hold."""
+
+
+@pytest.mark.parametrize("kind", ["truncated-safetensors", "truncated-pth", "pickle-pth"])
+def test_unreadable_weights_are_a_backbone_error(tmp_path: Path, kind: str):
+    tensors = {"patch_embed.proj.weight": torch.zeros(8, 3, 14, 14)}
+    if kind == "truncated-safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file(tensors, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        payload = {"model": Payload()} if kind == "pickle-pth" else tensors
+        torch.save(payload, path, pickle_module=pickle)
+    if kind.startswith("truncated"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(BackboneError, match="cannot read the weights file"):
+        build_backbone("dinov2-vits14", weights=path)
+
+
+def test_weights_of_another_model_name_the_preset_they_look_like(tmp_path: Path):
+    import timm
+
+    small = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    path = tmp_path / "dino_vits16.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+    with pytest.raises(BackboneError) as caught:
+        build_backbone("dinov2-vits14", weights=path)
+    message = str(caught.value)
+    assert "patch 16, dim 384, 12 blocks" in message
+    assert "dino-vits16" in message and "Traceback" not in message
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2, 2)}, str(foreign))
+    with pytest.raises(BackboneError, match="does not hold ViT weights of dinov2-vits14"):
+        build_backbone("dinov2-vits14", weights=foreign)
+
+
+def _text(result) -> str:
+    """The CLI's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "img"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("code", "sentence"),
+    [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"), (errno.EACCES, "permission")],
+)
+def test_full_or_read_only_disk_is_a_sentence_and_nothing_is_lost(
+    images, tmp_path, tiny_backbone, monkeypatch, code, sentence
+):
+    monkeypatch.setattr(pipeline, "backbone_for", lambda config: tiny_backbone)
+    real_append = journal_module.Journal._append
+    calls = []
+
+    def failing_append(self, entry):
+        calls.append(entry)
+        if len(calls) == 3:  # header and first image written, then the disk fails
+            raise OSError(code, "simulated", str(self.path))
+        return real_append(self, entry)
+
+    monkeypatch.setattr(journal_module.Journal, "_append", failing_append)
+    out = tmp_path / "o"
+    args = ["run", str(images), "--out", str(out), "--resolution", "112", "--batch-size", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert sentence in _text(result) and "Traceback" not in result.output
+    monkeypatch.setattr(journal_module.Journal, "_append", real_append)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "already done (resumed)" in again.output
+
+
+def test_train_and_eval_check_their_output_before_working(tmp_path: Path):
+    run_dir = tmp_path / "not-a-run"
+    run_dir.mkdir()
+    folder_out = tmp_path / "a-folder"
+    folder_out.mkdir()
+    result = CliRunner().invoke(
+        app, ["train", str(run_dir), "--out", str(folder_out), "--overwrite"]
+    )
+    assert result.exit_code == 1 and "is a folder" in _text(result)
+    result = CliRunner().invoke(
+        app, ["eval", str(run_dir), "--gt", str(tmp_path), "--per-image", str(folder_out)]
+    )
+    assert result.exit_code == 1 and "is a folder" in _text(result)

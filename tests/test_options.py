@@ -1,0 +1,174 @@
+"""Option validation, exit codes, and which errors become skips."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from selfment_label_cli.main import app
+from typer.testing import CliRunner
+
+from selfment_label.config import (
+    EntitiesConfig,
+    InstancesConfig,
+    RunConfig,
+    SingleConfig,
+    TrainConfig,
+)
+from selfment_label.device import DeviceError, resolve_device
+from selfment_label.runfolder import pipeline
+from selfment_label.runfolder.pipeline import label_folder
+
+BAD_OPTIONS = [
+    (RunConfig, {"resolution": 0}),
+    (RunConfig, {"resolution": 14}),
+    (RunConfig, {"resolution": 100_000}),
+    (RunConfig, {"batch_size": 0}),
+    (RunConfig, {"workers": 0}),
+    (RunConfig, {"max_pixels": 0}),
+    (RunConfig, {"precision": "fp8"}),
+    (SingleConfig, {"tau": math.nan}),
+    (SingleConfig, {"tau": 1.5}),
+    (SingleConfig, {"tau": -1.0}),
+    (SingleConfig, {"ipo_iters": -1}),
+    (SingleConfig, {"temperature": 0.0}),
+    (SingleConfig, {"max_border": math.inf}),
+    (InstancesConfig, {"max_instances": 0}),
+    (InstancesConfig, {"min_area": 2.0}),
+    (EntitiesConfig, {"merge_floor": math.nan}),
+    (EntitiesConfig, {"persistence": -0.1}),
+    (EntitiesConfig, {"min_area": -0.5}),
+    (TrainConfig, {"epochs": 0}),
+    (TrainConfig, {"lr": math.inf}),
+    (TrainConfig, {"lr": -1e-3}),
+    (TrainConfig, {"batch_size": 0}),
+    (TrainConfig, {"temperature": 0.0}),
+    (TrainConfig, {"target_threshold": 1.5}),
+]
+
+
+@pytest.mark.parametrize(("cls", "values"), BAD_OPTIONS)
+def test_bad_option_values_are_refused_with_a_sentence(cls, values):
+    name = next(iter(values))
+    with pytest.raises(ValueError, match=name):
+        cls(**values)
+
+
+def test_defaults_are_valid():
+    for cls in (RunConfig, SingleConfig, InstancesConfig, EntitiesConfig, TrainConfig):
+        cls()
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tiny_backbone):
+    """The CLI in-process, building the tiny backbone instead of downloading one."""
+    monkeypatch.setattr(pipeline, "backbone_for", lambda config: tiny_backbone)
+    return CliRunner()
+
+
+def _images(folder: Path, count: int = 2) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--resolution", "0"],
+        ["--tau", "nan"],
+        ["--tau", "2"],
+        ["--ipo-iters", "-3"],
+        ["--max-pixels", "0"],
+        ["--mode", "entities", "--merge-floor", "inf"],
+    ],
+)
+def test_cli_bad_option_is_a_one_line_usage_error(tiny_cli, tmp_path, args):
+    images = _images(tmp_path / "img")
+    result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    assert "invalid option" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_that_labels_nothing_exits_3(tiny_cli, tmp_path):
+    images = tmp_path / "img"
+    images.mkdir()
+    (images / "fake.png").write_bytes(b"not an image at all")
+    (images / "zero.jpg").write_bytes(b"")
+    result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 3, result.output
+    assert "nothing was labelled" in result.output
+
+
+def test_run_that_labels_something_exits_0(tiny_cli, tmp_path):
+    images = _images(tmp_path / "img")
+    (images / "fake.png").write_bytes(b"not an image at all")
+    args = ["run", str(images), "--out", str(tmp_path / "o"), "--resolution", "112"]
+    result = tiny_cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
+def test_programming_errors_in_decoding_propagate(monkeypatch, tmp_path, tiny_backbone):
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a bad image")
+
+    monkeypatch.setattr(pipeline, "prepare_image", broken)
+    images = _images(tmp_path / "img")
+    with pytest.raises(TypeError, match="a bug"):
+        label_folder(images, tmp_path / "o", RunConfig(resolution=112), backbone=tiny_backbone)
+
+
+def test_cli_shows_traceback_of_a_bug_only_with_verbose(monkeypatch, tiny_cli, tmp_path):
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a bad image")
+
+    monkeypatch.setattr(pipeline, "prepare_image", broken)
+    images = _images(tmp_path / "img")
+    quiet = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o")])
+    assert quiet.exit_code == 1
+    assert "unexpected TypeError" in quiet.output and "-v" in quiet.output
+    assert "Traceback" not in quiet.output
+    loud = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o2"), "-v"])
+    assert loud.exit_code == 1
+    assert "Traceback" in loud.output and "a bug" in loud.output
+
+
+def test_unknown_device_is_a_device_error():
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu9")
+
+
+def test_cli_help_imports_no_heavy_library():
+    code = (
+        "import sys; from selfment_label_cli.main import app; "
+        "heavy = {'torch', 'timm', 'fiftyone', 'pycocotools', 'py_sod_metrics', 'numpy'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_wall_seconds_include_model_loading(monkeypatch, tmp_path, tiny_backbone):
+    def slow_backbone(config):
+        time.sleep(0.3)
+        return tiny_backbone
+
+    monkeypatch.setattr(pipeline, "backbone_for", slow_backbone)
+    images = _images(tmp_path / "img")
+    summary = label_folder(images, tmp_path / "o", RunConfig(resolution=112))
+    assert summary.stages["load model"] >= 0.3
+    assert summary.wall_seconds >= summary.seconds + 0.3
+    result = CliRunner().invoke(app, ["run", str(images), "--out", str(tmp_path / "o2")])
+    assert "load model s" in result.output and "wall s (all)" in result.output
