@@ -84,7 +84,8 @@ class SingleConfig:
         check_range("tau", self.tau, -1.0, 1.0, low_open=True)
         check_int("ipo_iters", self.ipo_iters, 0)
         check_positive("temperature", self.temperature)
-        check_range("max_border", self.max_border, 0.0, 1.0)
+        if not isinstance(self.border_prior, bool):
+            raise ValueError(f"border_prior must be true or false, not {self.border_prior!r}")
 
 
 @dataclass

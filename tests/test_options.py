@@ -38,7 +38,7 @@ BAD_OPTIONS = [
     (SingleConfig, {"tau": -1.0}),
     (SingleConfig, {"ipo_iters": -1}),
     (SingleConfig, {"temperature": 0.0}),
-    (SingleConfig, {"max_border": math.inf}),
+    (SingleConfig, {"border_prior": "yes"}),
     (InstancesConfig, {"max_instances": 0}),
     (InstancesConfig, {"min_area": 2.0}),
     (EntitiesConfig, {"merge_floor": math.nan}),
