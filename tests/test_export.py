@@ -45,6 +45,18 @@ N_IMAGES = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
+def _restore_pil_open():
+    """Importing ultralytics replaces ``PIL.Image.open`` process-wide (a HEIF fallback that
+    tries to pip-install pi-heif on the first unidentified file); put Pillow's back after this
+    module so later tests see the library's real behaviour on broken files."""
+    from PIL import Image as PILImage
+
+    original = PILImage.open
+    yield
+    PILImage.open = original
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _delete_datasets():
     """Delete the datasets this module made."""
     yield
