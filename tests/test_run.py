@@ -453,3 +453,28 @@ def test_corrupt_middle_journal_line_keeps_the_records_after_it(tmp_path, tiny_b
     assert any("line 2 is corrupt" in r.getMessage() for r in caplog.records)
     assert any("torn last line" in r.getMessage() for r in caplog.records)
     assert len(json.loads((out / "annotations.json").read_text())["images"]) == 3
+
+
+@pytest.mark.slow
+def test_object_less_images_get_no_mask_and_a_reason(tmp_path, ecssd_dir, real_backbone):
+    folder = _ecssd_subset(ecssd_dir, tmp_path / "images", ["0010", "0011"])
+    rng = np.random.default_rng(0)
+    width, height = 640, 480
+    Image.new("RGB", (width, height), (128, 128, 128)).save(folder / "grey.png")
+    ramp = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None]
+    Image.fromarray(np.broadcast_to(ramp, (height, width, 3)).copy()).save(folder / "ramp.png")
+    noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
+    checks = ((np.indices((height, width)) // 32).sum(0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(np.stack([checks] * 3, -1)).save(folder / "checker.png")
+    out = tmp_path / "run"
+    summary = label_folder(folder, out, RunConfig(), backbone=real_backbone)
+    empty = {"grey.png", "ramp.png", "noise.png", "checker.png"}
+    assert set(summary.notes) == empty
+    assert all("no distinct object" in n["no_object"] for n in summary.notes.values())
+    coco = json.loads((out / "annotations.json").read_text())
+    names = {image["id"]: image["file_name"] for image in coco["images"]}
+    annotated = {names[a["image_id"]] for a in coco["annotations"]}
+    assert annotated == {"0010.jpg", "0011.jpg"}
+    assert set(names.values()) == empty | annotated  # labelled, not skipped
+    assert set(json.loads((out / "run.json").read_text())["image_notes"]) == empty

@@ -11,10 +11,15 @@ from ..config import SingleConfig, config_options
 from ..timing import StageTimer
 from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization
-from .ncut import normalized_cut
+from .ncut import min_pair_cosine, normalized_cut
 from .scores import border_fraction, stability_score
 
 MAX_BORDER = 0.5
+NO_OBJECT_MIN_COSINE = 0.3
+NO_OBJECT = (
+    "no distinct object: every pair of patches is alike (cosine > "
+    f"{NO_OBJECT_MIN_COSINE}), so any two-way split would be arbitrary"
+)
 EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
 
 
@@ -43,8 +48,11 @@ class NcutIpo(SingleConfig):
             scores = torch.where(swapped, 1.0 - scores, scores)
             confidence = stability_score(torch.where(swapped, ~cut, cut), labels).tolist()
         capped = (~eigen.converged).tolist()
+        alike = (min_pair_cosine(flat) > NO_OBJECT_MIN_COSINE).tolist()
         return [
-            ImageMasks(
+            ImageMasks([], {"no_object": NO_OBJECT})
+            if alike[i]
+            else ImageMasks(
                 [PatchMask(scores=scores[i], score=confidence[i])],
                 {"eigensolver": EIGENSOLVER_CAPPED} if capped[i] else None,
             )
