@@ -291,7 +291,7 @@ def _relabel(
     for sample in view.iter_samples(autosave=True, progress=False):
         image, anns = current[sample.filepath]
         sample.metadata = fo.ImageMetadata(width=int(image["width"]), height=int(image["height"]))
-        for field, detections in _image_detections(anns, mode).items():
+        for field, detections in _image_detections(anns, mode, image).items():
             sample[field] = fo.Detections(detections=detections)
 
 
