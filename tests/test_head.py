@@ -142,6 +142,9 @@ def test_apply_writes_a_valid_run_folder(
     config = RunConfig(save_scores=True, workers=1)
     summary = apply_head(trained.checkpoint, images, out, config, backbone=tiny_backbone)
     assert summary.labelled == 3 and list(summary.skipped) == ["broken.jpg"]
+    # loading the checkpoint counts in the run's model-loading time and wall time
+    assert summary.stages["load model"] > 0
+    assert summary.wall_seconds >= summary.seconds + summary.stages["load model"]
     coco = COCO(str(out / "annotations.json"))
     assert len(coco.getImgIds()) == 3
     for ann in coco.loadAnns(coco.getAnnIds()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ def apply_head(
       HeadError / HeadMismatch: unusable checkpoint, or a backbone other than the head's.
       Everything ``label_folder`` raises.
     """
+    start = time.perf_counter()
     loaded = load_checkpoint(checkpoint)
     meta = loaded.meta
     config = replace(
@@ -126,4 +128,5 @@ def apply_head(
         segmenter=segmenter,
         progress=progress,
         extra_provenance=provenance,
+        load_seconds=time.perf_counter() - start,
     )

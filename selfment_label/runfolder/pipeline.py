@@ -181,6 +181,7 @@ def label_folder(
     segmenter: Segmenter | None = None,
     progress: ProgressCallback | None = None,
     extra_provenance: dict[str, Any] | None = None,
+    load_seconds: float = 0.0,
 ) -> RunSummary:
     """Label every image under ``input_dir`` and write a run folder.
 
@@ -193,6 +194,8 @@ def label_folder(
       segmenter: how tokens become masks (``make_segmenter(config.segment)`` when None).
       progress: called after every image with ``(done, total, file_name, skip_reason)``.
       extra_provenance: more keys for run.json (``apply`` records its head here).
+      load_seconds: seconds the caller already spent loading the model it passes in
+        (counted in the ``load model`` stage and the wall time).
 
     Returns:
       A ``RunSummary``.
@@ -203,7 +206,7 @@ def label_folder(
       RunConflict: the output folder is busy or holds a run with other options.
       BackboneError: the weights cannot be found or loaded.
     """
-    begin = time.perf_counter()
+    begin = time.perf_counter() - load_seconds
     config = config or RunConfig()
     input_dir = Path(input_dir)
     out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
@@ -212,7 +215,6 @@ def label_folder(
         raise NoImages(
             f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)"
         )
-    load_seconds = 0.0
     if backbone is None:
         backbone = backbone_for(config)
         load_seconds = time.perf_counter() - begin
