@@ -53,28 +53,30 @@ from PIL import Image
 
 from .. import __version__
 from ..atomic import atomic_write_text, umask
-from ..config import EXPORT_FORMATS, EXPORT_MEDIA
+from ..config import (
+    EXPORT_FORMATS,
+    EXPORT_MEDIA,
+    EXPORT_SPLIT_SEED,
+    EXPORT_VAL_FRACTION,
+    YOLO_MIN_PIECE_AREA,
+)
 from ..runfolder.coco import annotation_record, write_coco_stream
 from .convert import LABEL, detection_to_mask
 from .dataset import INFO_KEY, PARTS_FIELD, PSEUDO_FIELD
 from .db import ReviewError
 from .split import (
-    DEFAULT_SPLIT_SEED,
-    DEFAULT_VAL_FRACTION,
     SPLITS,
     SplitError,
     hash_splits,
     tag_splits,
 )
-from .yolo import MIN_PIECE_AREA, dataset_yaml, label_rows, yolo_image_name
+from .yolo import dataset_yaml, label_rows, yolo_image_name
 
 if TYPE_CHECKING:
     import fiftyone as fo
 
 logger = logging.getLogger(__name__)
 
-FORMATS = EXPORT_FORMATS
-MEDIA = EXPORT_MEDIA
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 PARTS_DIR = "parts"
@@ -450,10 +452,10 @@ def export_dataset(
     polygons: bool = False,
     media: str = "copy",
     overwrite: bool = False,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    split_seed: int = DEFAULT_SPLIT_SEED,
+    val_fraction: float = EXPORT_VAL_FRACTION,
+    split_seed: int = EXPORT_SPLIT_SEED,
     split_by_tag: bool = False,
-    min_piece_area: int = MIN_PIECE_AREA,
+    min_piece_area: int = YOLO_MIN_PIECE_AREA,
 ) -> ExportSummary:
     """Export a reviewed dataset's labels, split into ``train`` and ``val``.
 
@@ -477,10 +479,10 @@ def export_dataset(
     Raises:
       ExportError: a bad option, or a target that is not empty or is protected.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if media not in MEDIA:
-        raise ExportError(f"unknown media mode {media!r}: choose one of {', '.join(MEDIA)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if media not in EXPORT_MEDIA:
+        raise ExportError(f"unknown media mode {media!r}: choose one of {', '.join(EXPORT_MEDIA)}")
     target = Path(target)
     info = dataset.info.get(INFO_KEY, {})
     fields = [f for f in info.get("label_fields", [PSEUDO_FIELD]) if dataset.has_sample_field(f)]

@@ -18,15 +18,13 @@ logger = logging.getLogger(__name__)
 TRAIN = "train"
 VAL = "val"
 SPLITS = (TRAIN, VAL)
-DEFAULT_VAL_FRACTION = EXPORT_VAL_FRACTION
-DEFAULT_SPLIT_SEED = EXPORT_SPLIT_SEED
 
 
 class SplitError(ValueError):
     """Split options or tags that cannot give a split."""
 
 
-def name_fraction(name: str, seed: int = DEFAULT_SPLIT_SEED) -> float:
+def name_fraction(name: str, seed: int = EXPORT_SPLIT_SEED) -> float:
     """A number in ``[0, 1)`` fixed by ``name`` and ``seed`` (SHA-1 of ``"<seed>:<name>"``).
 
     Arguments:
@@ -38,7 +36,7 @@ def name_fraction(name: str, seed: int = DEFAULT_SPLIT_SEED) -> float:
 
 
 def hash_splits(
-    names: Iterable[str], val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = DEFAULT_SPLIT_SEED
+    names: Iterable[str], val_fraction: float = EXPORT_VAL_FRACTION, seed: int = EXPORT_SPLIT_SEED
 ) -> dict[str, str]:
     """Name -> ``train`` or ``val``: ``val`` when ``name_fraction(name, seed) < val_fraction``.
 

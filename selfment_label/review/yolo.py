@@ -18,7 +18,6 @@ import numpy as np
 
 from ..config import YOLO_MIN_PIECE_AREA
 
-MIN_PIECE_AREA = YOLO_MIN_PIECE_AREA
 IMAGE_DIR_NAME = "images"
 
 
@@ -50,7 +49,7 @@ def _splice(polygon: np.ndarray, ring: np.ndarray) -> np.ndarray:
     return np.concatenate([polygon[: i + 1], ring[j:], ring[: j + 1], polygon[i:]])
 
 
-def mask_polygon(mask: np.ndarray, min_piece_area: int = MIN_PIECE_AREA) -> np.ndarray | None:
+def mask_polygon(mask: np.ndarray, min_piece_area: int = YOLO_MIN_PIECE_AREA) -> np.ndarray | None:
     """One polygon covering a mask's pieces, ``[K, 2]`` pixel coordinates (x, y); None if empty.
 
     Arguments:
@@ -82,7 +81,7 @@ def label_row(polygon: np.ndarray, width: int, height: int, class_id: int = 0) -
 
 
 def label_rows(
-    masks: list[np.ndarray], width: int, height: int, min_piece_area: int = MIN_PIECE_AREA
+    masks: list[np.ndarray], width: int, height: int, min_piece_area: int = YOLO_MIN_PIECE_AREA
 ) -> list[str]:
     """One row per non-empty mask (its pieces joined), in the given order."""
     rows = []
