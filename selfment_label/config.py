@@ -59,8 +59,18 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be above 0, not {value}")
 
 
+class ModeOptions:
+    """What every mode config shares: its mode name and the options it records."""
+
+    mode: ClassVar[str]
+
+    def options(self) -> dict[str, Any]:
+        """The options as recorded in run.json and compared on resume: mode and fields."""
+        return {"mode": self.mode, **asdict(self)}
+
+
 @dataclass
-class SingleConfig:
+class SingleConfig(ModeOptions):
     """Options of ``single`` mode: one main object per image (Normalized Cut, then IPO).
 
     Arguments:
@@ -89,7 +99,7 @@ class SingleConfig:
 
 
 @dataclass
-class InstancesConfig:
+class InstancesConfig(ModeOptions):
     """Options of ``instances`` mode: several objects, disjoint (MaskCut, then IPO).
 
     Arguments:
@@ -114,7 +124,7 @@ class InstancesConfig:
 
 
 @dataclass
-class EntitiesConfig:
+class EntitiesConfig(ModeOptions):
     """Options of ``entities`` mode: entities that cover the image and their parts.
 
     Arguments:
@@ -157,11 +167,6 @@ def mode_config(mode: str, **values: Any) -> ModeConfig:
     cls = MODE_CONFIGS[mode]
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def config_options(config: ModeConfig) -> dict[str, Any]:
-    """A mode config as recorded in run.json and compared on resume: its mode and fields."""
-    return {"mode": config.mode, **asdict(config)}
 
 
 @dataclass

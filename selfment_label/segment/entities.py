@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import EntitiesConfig, config_options
+from ..config import EntitiesConfig
 from ..timing import StageTimer
 from .base import PatchMask
 from .ipo import prototype_scores
@@ -174,10 +174,6 @@ def persistent_regions(
 @dataclass
 class Entities(EntitiesConfig):
     """Label-free entity + part segmenter (options: ``EntitiesConfig``)."""
-
-    def options(self) -> dict[str, Any]:
-        """Options that decide the masks."""
-        return config_options(self)
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """Entities (level 0) then parts (level 1, with ``parent``) for each image."""

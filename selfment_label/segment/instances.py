@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from ..config import InstancesConfig, config_options
+from ..config import InstancesConfig
 from ..timing import StageTimer
 from .base import PatchMask
 from .ipo import iterative_patch_optimization, prototype_scores
@@ -108,10 +107,6 @@ def split_free_patches(
 @dataclass
 class MaskCut(InstancesConfig):
     """Label-free multi-instance segmenter: MaskCut + IPO (options: ``InstancesConfig``)."""
-
-    def options(self) -> dict[str, Any]:
-        """Options that decide the masks."""
-        return config_options(self)
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """Up to ``max_instances`` disjoint ``PatchMask`` per image."""

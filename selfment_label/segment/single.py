@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from ..config import SingleConfig, config_options
+from ..config import SingleConfig
 from ..timing import StageTimer
 from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization
@@ -26,10 +25,6 @@ EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut ma
 @dataclass
 class NcutIpo(SingleConfig):
     """Label-free single-object segmenter: Normalized Cut, then IPO (options: ``SingleConfig``)."""
-
-    def options(self) -> dict[str, Any]:
-        """Options that decide the masks."""
-        return config_options(self)
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
         """One ``PatchMask`` per image."""
