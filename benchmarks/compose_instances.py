@@ -178,17 +178,30 @@ def predict(config: ModeConfig, tokens: list[torch.Tensor], sizes: list[tuple[in
 
 
 def score(composites: list[Composite], predictions) -> dict[str, float]:
-    """Instance recall at IoU 0.5 and mean best IoU (all GT instances, then the pasted objects
-    and the backgrounds' salient objects apart) and regions per image."""
-    ious, kinds = [], []
+    """Instance recall and precision at IoU 0.5, mean best IoU, regions per image.
+
+    Recall and mean best IoU are over the ground-truth instances (all, then the pasted
+    objects and the backgrounds' salient objects apart). Precision is over the predicted
+    regions: a region is a true positive when its IoU with some ground-truth instance (a
+    pasted object or the background's own salient object) is at least 0.5; ``top-level``
+    counts only entities for ``entities`` (parts are not objects of their own).
+    """
+    ious, kinds, region_hits, top_hits = [], [], [], []
     for composite, kept in zip(composites, predictions, strict=True):
         ious += best_ious(composite.instances, [k.mask for k in kept])
         kinds += [n < composite.pasted for n in range(len(composite.instances))]
+        for region in kept:
+            hit = max(best_ious([region.mask], composite.instances), default=0.0) >= 0.5
+            region_hits.append(hit)
+            if region.extra.get("level", 0) == 0:
+                top_hits.append(hit)
     ious_array, pasted = np.array(ious), np.array(kinds)
     report: dict[str, float] = {"instances": len(ious)}
     for label, chosen in (("", slice(None)), ("pasted ", pasted), ("background ", ~pasted)):
         report[f"{label}recall@0.5"] = round(float(np.mean(ious_array[chosen] >= 0.5)), 3)
         report[f"{label}mean_best_iou"] = round(float(np.mean(ious_array[chosen])), 3)
+    report["precision@0.5"] = round(float(np.mean(region_hits)), 3) if region_hits else 0.0
+    report["top-level precision@0.5"] = round(float(np.mean(top_hits)), 3) if top_hits else 0.0
     report["regions_per_image"] = round(float(np.mean([len(k) for k in predictions])), 2)
     return report
 

@@ -134,7 +134,8 @@ def run(
     ),
     border_prior: bool = typer.Option(
         SingleConfig.border_prior,
-        help="Swap a mask that covers most of the frame border for its complement (single); "
+        help="Swap a mask that covers most of the frame border for its complement (single; "
+        "the first instance of instances); "
         "turn off for close-ups whose object fills the frame.",
     ),
     device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),

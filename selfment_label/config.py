@@ -53,6 +53,12 @@ def check_range(name: str, value: Any, low: float, high: float, *, low_open: boo
         raise ValueError(f"{name} must be in {interval}, not {value}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+
+
 def check_positive(name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number above zero."""
     if _number(name, value) <= 0:
@@ -94,8 +100,7 @@ class SingleConfig(ModeOptions):
         check_range("tau", self.tau, -1.0, 1.0, low_open=True)
         check_int("ipo_iters", self.ipo_iters, 0)
         check_positive("temperature", self.temperature)
-        if not isinstance(self.border_prior, bool):
-            raise ValueError(f"border_prior must be true or false, not {self.border_prior!r}")
+        check_bool("border_prior", self.border_prior)
 
 
 @dataclass
@@ -107,6 +112,9 @@ class InstancesConfig(ModeOptions):
       ipo_iters: IPO rounds per instance (0 keeps the raw cuts).
       max_instances: most instances per image.
       min_area: smallest instance, as a fraction of the patches.
+      border_prior: the first cut is swapped like single mode's mask when it covers more
+        than half of the border patches (later instances that run along the frame are
+        background and are always dropped).
     """
 
     mode: ClassVar[str] = "instances"
@@ -115,12 +123,14 @@ class InstancesConfig(ModeOptions):
     ipo_iters: int = SingleConfig.ipo_iters
     max_instances: int = 3
     min_area: float = 0.01
+    border_prior: bool = SingleConfig.border_prior
 
     def __post_init__(self) -> None:
         check_range("tau", self.tau, -1.0, 1.0, low_open=True)
         check_int("ipo_iters", self.ipo_iters, 0)
         check_int("max_instances", self.max_instances, 1)
         check_range("min_area", self.min_area, 0.0, 1.0)
+        check_bool("border_prior", self.border_prior)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Logit-space upsampling of patch scores and the stability score of single-object masks."""
+"""Logit-space upsampling of patch scores and the agreement score of single-object masks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from selfment_label.masks import THRESHOLD, upsample_scores
 from selfment_label.segment import single
-from selfment_label.segment.scores import border_fraction, stability_score
+from selfment_label.segment.scores import agreement_score, border_fraction, centre_start
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 
@@ -38,17 +38,25 @@ def test_hard_labels_step_half_way_and_stay_in_range() -> None:
     assert torch.allclose(batched[0], up)
 
 
-def test_stability_score_hand_computed() -> None:
-    cut = torch.zeros(1, 4, 4, dtype=torch.bool)
-    cut[0, 1:3, 1:3] = True  # 4 interior patches
-    same = stability_score(cut, cut.clone())
-    assert same.tolist() == [1.0]
-    grown = cut.clone()
+def test_agreement_score_hand_computed() -> None:
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, 1:3, 1:3] = True  # 4 interior patches
+    assert agreement_score(mask, mask.clone(), mask.clone()).tolist() == [1.0]
+    grown = mask.clone()
     grown[0, 0, 1:3] = True  # 2 more patches, both on the border row
-    # IoU 4/6; the border has 12 patches, 2 of them inside -> 1 - 2/12
-    assert torch.allclose(stability_score(cut, grown), torch.tensor([4 / 6 * (1 - 2 / 12)]))
-    swapped = ~cut
-    assert stability_score(cut, swapped).tolist() == [0.0]
+    # mask = grown: IoU with the cut 4/6, with the centre start's result 1; the border has 12
+    # patches, 2 of them inside -> x (1 - 2/12)
+    expected = (4 / 6 + 1) / 2 * (1 - 2 / 12)
+    assert torch.allclose(agreement_score(grown, mask, grown), torch.tensor([expected]))
+    # the raw cut kept as the mask (--ipo-iters 0) still has to agree with the blind start
+    assert torch.allclose(agreement_score(mask, mask, ~mask), torch.tensor([0.5]))
+    assert agreement_score(mask, ~mask, ~mask).tolist() == [0.0]
+
+
+def test_centre_start_is_the_central_half() -> None:
+    box = centre_start(2, (8, 6), torch.device("cpu")).reshape(2, 8, 6)
+    assert torch.equal(box[0], box[1])
+    assert box[0, 2:6, 1:5].all() and int(box[0].sum()) == 16
 
 
 def test_border_fraction_counts_each_border_patch_once() -> None:
@@ -59,12 +67,12 @@ def test_border_fraction_counts_each_border_patch_once() -> None:
 
 
 def test_ncut_ipo_swaps_a_mask_that_holds_the_frame(monkeypatch: pytest.MonkeyPatch) -> None:
-    # planted features: a 3x3 object in an 8x8 frame; the cut is forced onto the frame (as a
+    # planted features: a 4x4 object in a 10x10 frame; the cut is forced onto the frame (as a
     # wrong seed does on real images), IPO keeps it, and the border rule swaps it back
     torch.manual_seed(0)
-    rows = cols = 8
+    rows = cols = 10
     inside = torch.zeros(rows, cols, dtype=torch.bool)
-    inside[3:6, 3:6] = True
+    inside[3:7, 3:7] = True
     tokens = torch.eye(16)[inside.long().flatten()] * 4 + 0.1 * torch.randn(rows * cols, 16)
     tokens = tokens.reshape(1, rows, cols, 16)
 
@@ -74,7 +82,8 @@ def test_ncut_ipo_swaps_a_mask_that_holds_the_frame(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(single, "normalized_cut", frame_cut)
     ((swapped,),) = NcutIpo()(tokens, StageTimer())
     assert torch.equal(swapped.scores > THRESHOLD, inside)
-    assert swapped.score == pytest.approx(1.0)  # IPO confirmed the (swapped) cut, no border
+    # IPO confirmed the (swapped) cut, a start from the centre finds it too, no border
+    assert swapped.score == pytest.approx(1.0)
     ((kept,),) = NcutIpo(border_prior=False)(tokens, StageTimer())
     assert torch.equal(kept.scores > THRESHOLD, ~inside)
     assert kept.score == 0.0  # the whole border is in the mask

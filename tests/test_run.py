@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from pycocotools.coco import COCO
 
-from selfment_label.config import RunConfig, SingleConfig
+from selfment_label.config import RunConfig, SingleConfig, mode_config
 from selfment_label.data.images import prepare_image
 from selfment_label.device import DeviceError
 from selfment_label.masks import full_size_masks
@@ -457,21 +457,37 @@ def test_corrupt_middle_journal_line_keeps_the_records_after_it(tmp_path, tiny_b
     assert len(json.loads((out / "annotations.json").read_text())["images"]) == 3
 
 
-@pytest.mark.slow
-def test_object_less_images_get_no_mask_and_a_reason(tmp_path, ecssd_dir, real_backbone):
-    folder = _ecssd_subset(ecssd_dir, tmp_path / "images", ["0010", "0011"])
+def _object_less_images(folder: Path) -> set[str]:
+    """Synthetic images with no distinct object, of several kinds and sizes; their names."""
     rng = np.random.default_rng(0)
-    width, height = 640, 480
-    Image.new("RGB", (width, height), (128, 128, 128)).save(folder / "grey.png")
-    ramp = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None]
-    Image.fromarray(np.broadcast_to(ramp, (height, width, 3)).copy()).save(folder / "ramp.png")
-    noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(folder / "noise.png")
-    checks = ((np.indices((height, width)) // 32).sum(0) % 2 * 255).astype(np.uint8)
-    Image.fromarray(np.stack([checks] * 3, -1)).save(folder / "checker.png")
+    made = {}
+    for width, height in ((640, 480), (224, 224)):
+        size = f"{width}x{height}"
+        made[f"grey_{size}.png"] = np.full((height, width, 3), 128, np.uint8)
+        ramp = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None]
+        made[f"ramp_{size}.png"] = np.broadcast_to(ramp, (height, width, 3)).copy()
+        made[f"noise_{size}.png"] = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        for square in (8, 32, 64):
+            checks = ((np.indices((height, width)) // square).sum(0) % 2 * 255).astype(np.uint8)
+            made[f"checker{square}_{size}.png"] = np.stack([checks] * 3, -1)
+        texture = Image.fromarray(made[f"noise_{size}.png"]).filter(ImageFilter.GaussianBlur(6))
+        made[f"blurred_{size}.png"] = np.asarray(texture)
+    for name, pixels in made.items():
+        Image.fromarray(pixels).save(folder / name)
+    return set(made)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["single", "instances"])
+@pytest.mark.parametrize("resolution", [448, 224])
+def test_object_less_images_get_no_mask_and_a_reason(
+    tmp_path, ecssd_dir, real_backbone, mode, resolution
+):
+    folder = _ecssd_subset(ecssd_dir, tmp_path / "images", ["0010", "0011"])
+    empty = _object_less_images(folder)
     out = tmp_path / "run"
-    summary = label_folder(folder, out, RunConfig(), backbone=real_backbone)
-    empty = {"grey.png", "ramp.png", "noise.png", "checker.png"}
+    config = RunConfig(resolution=resolution, segment=mode_config(mode))
+    summary = label_folder(folder, out, config, backbone=real_backbone)
     assert set(summary.notes) == empty
     assert all("no distinct object" in n["no_object"] for n in summary.notes.values())
     coco = json.loads((out / "annotations.json").read_text())

@@ -2,10 +2,13 @@
 
 The patches of an image are merged bottom-up: at every step the two *adjacent* regions
 (4-connected on the patch grid) whose mean L2-normalised features are the most similar
-(cosine) are merged. This builds a merge tree; a node is born at the similarity of the merge
-that made it and dies at the similarity of the merge that absorbs it. Sweeping the merge
-threshold from 1 down to ``merge_floor``, a node exists for the thresholds in
-``[death, birth]``: its *persistence* is ``birth - max(death, merge_floor)``.
+(cosine) are merged. This builds a merge tree. A node's level is the lowest merge
+similarity on its path from the patches (merging by mean features can make a merged region
+more alike to a neighbour than its halves were to each other; taking the minimum keeps the
+levels monotone, so a parent never sits above its children). A node is born at its level and
+dies at its parent's. Sweeping the merge threshold from 1 down to ``merge_floor``, a node
+exists for the thresholds in ``[death, birth]``: its *persistence* is
+``birth - max(death, merge_floor)``.
 
 - Entities: the top-most nodes that persist for at least ``persistence`` and cover at least
   ``min_area`` of the image (nodes born below the floor are never entities, so the whole image
@@ -19,6 +22,7 @@ separate from the rest of its scope (the image for entities, the entity for part
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +36,7 @@ from .ipo import prototype_scores
 from .scores import confidence_score
 
 NO_EDGE = -np.inf
+HEAP_SLACK = 8
 
 
 @dataclass
@@ -68,17 +73,29 @@ class MergeTree:
         return np.array(sorted(found), dtype=np.int64)
 
 
-def _grid_adjacency(rows: int, cols: int) -> np.ndarray:
+def _grid_edges(rows: int, cols: int) -> list[set[int]]:
     index = np.arange(rows * cols).reshape(rows, cols)
-    adjacent = np.zeros((rows * cols, rows * cols), dtype=bool)
+    neighbours: list[set[int]] = [set() for _ in range(rows * cols)]
     for a, b in ((index[:, :-1], index[:, 1:]), (index[:-1, :], index[1:, :])):
-        adjacent[a.ravel(), b.ravel()] = True
-        adjacent[b.ravel(), a.ravel()] = True
-    return adjacent
+        for i, j in zip(a.ravel().tolist(), b.ravel().tolist(), strict=True):
+            neighbours[i].add(j)
+            neighbours[j].add(i)
+    return neighbours
 
 
 def merge_tree(unit: np.ndarray, grid: tuple[int, int]) -> MergeTree:
     """Merge adjacent regions by cosine similarity of their mean features until one is left.
+
+    Regions live in a sparse adjacency (a neighbour set per region) and the candidate merges
+    in a heap with lazy deletion, compacted whenever it holds more than ``HEAP_SLACK`` entries
+    per region left, so memory is ``O(N * D)`` for ``N`` patches of dimension ``D`` (no
+    ``N x N`` matrix).
+
+    Merging by mean features is not monotone: after ``A`` and ``B`` merge, ``A + B`` may be
+    more alike to a neighbour than ``A`` was to ``B``. A node's level is therefore the
+    lowest merge similarity on its path from the leaves (``min`` of its merge similarity and
+    its children's levels), so a parent is never born above its children and every node's
+    lifetime ``[death, birth]`` is a proper (possibly empty) interval.
 
     Arguments:
       unit: ``[N, D]`` L2-normalised patch tokens.
@@ -89,47 +106,59 @@ def merge_tree(unit: np.ndarray, grid: tuple[int, int]) -> MergeTree:
     """
     n = unit.shape[0]
     sums = unit.astype(np.float64)
-    adjacent = _grid_adjacency(*grid)
-    norms = np.ones(n)
-    sim = np.where(adjacent, sums @ sums.T, NO_EDGE)
-    best = sim.max(1)
-    best_to = sim.argmax(1)
-    node_of = np.arange(n)
+    neighbours = _grid_edges(*grid)
+    node_of = list(range(n))
+    version = [0] * n
     birth = np.ones(2 * n - 1)
     death = np.full(2 * n - 1, NO_EDGE)
     size = np.ones(2 * n - 1, dtype=np.int64)
-    children = np.zeros((n - 1, 2), dtype=np.int64)
+    children = np.zeros((max(n - 1, 0), 2), dtype=np.int64)
+
+    norms = np.maximum(np.linalg.norm(sums, axis=1), 1e-12)
+    heap = []
+    index = np.arange(n).reshape(grid)
+    plane = unit.reshape(*grid, -1)
+    for near, far, low, high in (
+        (plane[:, :-1], plane[:, 1:], index[:, :-1], index[:, 1:]),
+        (plane[:-1], plane[1:], index[:-1], index[1:]),
+    ):
+        cosine = np.einsum("rcd,rcd->rc", near, far).ravel().tolist()
+        heap += [
+            (-c, i, j, 0, 0)
+            for c, i, j in zip(cosine, low.ravel().tolist(), high.ravel().tolist(), strict=True)
+        ]
+    heapq.heapify(heap)
     merges = 0
-    while merges < n - 1:
-        a = int(best.argmax())
-        similarity = best[a]
-        if similarity == NO_EDGE:
-            break
-        b = int(best_to[a])
+    while heap:
+        negative, a, b, version_a, version_b = heapq.heappop(heap)
+        if version[a] != version_a or version[b] != version_b:
+            continue
         node = n + merges
         children[merges] = node_of[a], node_of[b]
-        birth[node] = similarity
-        death[node_of[a]] = death[node_of[b]] = similarity
+        birth[node] = min(-negative, birth[node_of[a]], birth[node_of[b]])
+        death[node_of[a]] = death[node_of[b]] = birth[node]
         size[node] = size[node_of[a]] + size[node_of[b]]
-        node_of[a] = node
         merges += 1
         sums[a] += sums[b]
-        adjacent[a] |= adjacent[b]
-        adjacent[:, a] = adjacent[a]
-        adjacent[b] = adjacent[:, b] = adjacent[a, a] = False
-        norms[a] = max(np.linalg.norm(sums[a]), 1e-12)
-        row = np.where(adjacent[a], (sums @ sums[a]) / (norms * norms[a]), NO_EDGE)
-        sim[a] = sim[:, a] = row
-        sim[b] = sim[:, b] = NO_EDGE
-        best[b] = NO_EDGE
-        stale = np.flatnonzero((best_to == a) | (best_to == b))
-        best[stale] = sim[stale].max(1)
-        best_to[stale] = sim[stale].argmax(1)
-        better = row > best
-        best[better] = row[better]
-        best_to[better] = a
-        best[a] = row.max()
-        best_to[a] = row.argmax()
+        node_of[a] = node
+        version[a] += 1
+        version[b] = -1
+        for other in neighbours[b] - {a}:
+            neighbours[other].discard(b)
+            neighbours[other].add(a)
+        neighbours[a] |= neighbours[b]
+        neighbours[a] -= {a, b}
+        neighbours[b] = set()
+        norms[a] = max(float(np.linalg.norm(sums[a])), 1e-12)
+        around = list(neighbours[a])
+        cosine = (sums[around] @ sums[a]) / (norms[around] * norms[a])
+        for other, value in zip(around, cosine.tolist(), strict=True):
+            low, high = min(a, other), max(a, other)
+            heapq.heappush(heap, (-value, low, high, version[low], version[high]))
+        if len(heap) > HEAP_SLACK * (n - merges):
+            # drop stale candidates so the heap stays O(live edges), not O(all pushes)
+            heap = [e for e in heap if version[e[1]] == e[3] and version[e[2]] == e[4]]
+            heapq.heapify(heap)
     kept = n + merges
     return MergeTree(children[:merges], birth[:kept], death[:kept], size[:kept])
 

@@ -12,9 +12,14 @@ instance, and every other component larger than ``min_area`` that holds fewer th
 corners is an instance too (IPO gathers look-alike objects that lie apart, such as a second
 animal of the same kind, which later cuts on a graph of mostly background rarely find).
 
-The first cut is exactly single mode's cut. From the second on, CutLER's corner rule is used
-too: a cut whose foreground holds three or four of the grid's corners is the background, so
-the split is flipped.
+The first cut is single mode's cut: refined by IPO over the whole image, swapped for its
+complement when it covers more than half of the frame's border patches (``border_prior``), and
+tested for no distinct object (``objectness``: then the image gets no instance and a
+``no_object`` note). From the second cut on, the free patches are mostly background, so a cut
+whose foreground holds three or four of the grid's corners is flipped (CutLER's corner rule),
+and an instance that still holds three corners or more than ``LATER_MAX_BORDER`` of the border
+patches is a piece of background: the search stops there (and such extra components are
+dropped).
 """
 
 from __future__ import annotations
@@ -28,23 +33,27 @@ from scipy import ndimage
 
 from ..config import InstancesConfig
 from ..timing import StageTimer
-from .base import PatchMask
+from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization, prototype_scores
 from .ncut import affinity, second_eigenvector, seed_component
-from .scores import confidence_score
+from .objectness import no_object_reasons
+from .scores import border_fraction, confidence_score, mask_iou
+from .single import border_swap
 
 logger = logging.getLogger(__name__)
 
 OVERLAP_IOU = 0.5
-
-
-def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union > 0 else 0.0
+LATER_MAX_BORDER = 0.3
 
 
 def _corner_count(mask: torch.Tensor) -> int:
     return int(mask[0, 0]) + int(mask[0, -1]) + int(mask[-1, 0]) + int(mask[-1, -1])
+
+
+def is_background(mask: torch.Tensor) -> bool:
+    """Whether a later instance is a piece of background: it holds three or four grid corners
+    (CutLER's rule) or more than ``LATER_MAX_BORDER`` of the grid's border patches."""
+    return _corner_count(mask) >= 3 or float(border_fraction(mask[None])[0]) > LATER_MAX_BORDER
 
 
 def split_components(
@@ -124,7 +133,7 @@ class MaskCut(InstancesConfig):
         seed = torch.where(start, vector.abs(), torch.full_like(vector, -1.0)).argmax()
         return seed_component(labels.view(1, *grid), seed[None])[0].reshape(-1)
 
-    def image_instances(self, tokens: torch.Tensor, timer: StageTimer) -> list[PatchMask]:
+    def image_instances(self, tokens: torch.Tensor, timer: StageTimer) -> ImageMasks:
         """Instances of one image.
 
         Arguments:
@@ -132,51 +141,57 @@ class MaskCut(InstancesConfig):
           timer: stage timer (``ncut`` and ``ipo`` stages).
 
         Returns:
-          The instances, largest-eigenvector-first, each with its own confidence.
+          The instances, largest-eigenvector-first, each with its own confidence; none,
+          with a ``no_object`` note, when the image holds no distinct object.
         """
         rows, cols, dim = tokens.shape
+        grid = (rows, cols)
         flat = tokens.reshape(rows * cols, dim).float()
         unit = torch.nn.functional.normalize(flat, dim=-1)
         free = torch.ones(rows * cols, dtype=torch.bool, device=tokens.device)
         taken: list[torch.Tensor] = []
-        instances: list[PatchMask] = []
+        instances = ImageMasks()
         for index in range(self.max_instances):
             if int(free.sum()) < 2:
                 break
             with timer.stage("ncut"):
                 graph = affinity((flat * free[:, None])[None], self.tau)
                 vector = second_eigenvector(graph).vectors[0]
-                cut = split_free_patches(vector, free, (rows, cols), corner_rule=index > 0)
-                cut = cut.reshape(-1)
+                cut = split_free_patches(vector, free, grid, corner_rule=index > 0).reshape(-1)
             if not bool((cut & free).any()):
                 break
-            if any(_mask_iou(cut, earlier) > OVERLAP_IOU for earlier in taken):
+            if any(float(mask_iou(cut, earlier)) > OVERLAP_IOU for earlier in taken):
                 logger.debug("instance %d overlaps an earlier one: stop", index)
                 break
             with timer.stage("ipo"):
                 refined = iterative_patch_optimization(
                     flat[None], (cut & free)[None], self.ipo_iters, active=free[None]
                 )
-                labels = self._seed_side(refined.labels[0], cut & free, vector, (rows, cols))
+                kept = refined.labels[0]
+                scores = refined.scores[0]
+                if index == 0:
+                    if bool(border_swap(kept.view(1, *grid), self.border_prior)):
+                        kept, cut, scores = ~kept, ~cut, 1.0 - scores
+                    reason = no_object_reasons(flat[None], kept.view(1, *grid))[0]
+                    if reason:
+                        return ImageMasks([], {"no_object": reason})
+                labels = self._seed_side(kept, cut & free, vector, grid)
                 if labels.sum() <= self.min_area * labels.numel():
                     logger.debug("instance %d is too small: stop", index)
                     break
-                if index > 0 and _corner_count(labels.view(rows, cols)) >= 3:
+                if index > 0 and is_background(labels.view(grid)):
                     logger.debug("instance %d is the background: stop", index)
                     break
                 others = [
                     component
-                    for component in split_components(
-                        refined.labels[0] & ~labels, vector, (rows, cols), self.min_area
-                    )
-                    if _corner_count(component.view(rows, cols)) < 3
+                    for component in split_components(kept & ~labels, vector, grid, self.min_area)
+                    if not is_background(component.view(grid))
                 ]
                 for found in [labels, *others][: self.max_instances - len(instances)]:
                     probability = prototype_scores(unit[None], found[None])[0]
                     confidence = float(confidence_score(probability[free], found[free]))
-                    scores = refined.scores[0]
-                    scores = torch.where(found, scores, scores.clamp(max=0.5))
-                    instances.append(PatchMask(scores=scores.reshape(rows, cols), score=confidence))
+                    own = torch.where(found, scores, scores.clamp(max=0.5))
+                    instances.append(PatchMask(scores=own.reshape(grid), score=confidence))
                     taken.append(found)
                     free = free & ~found
             if len(instances) >= self.max_instances:

@@ -10,16 +10,19 @@ from ..config import SingleConfig
 from ..timing import StageTimer
 from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization
-from .ncut import min_pair_cosine, normalized_cut
-from .scores import border_fraction, stability_score
+from .ncut import normalized_cut
+from .objectness import no_object_reasons
+from .scores import agreement_score, border_fraction, centre_start
 
 MAX_BORDER = 0.5
-NO_OBJECT_MIN_COSINE = 0.3
-NO_OBJECT = (
-    "no distinct object: every pair of patches is alike (cosine > "
-    f"{NO_OBJECT_MIN_COSINE}), so any two-way split would be arbitrary"
-)
+SCORE_ROUNDS = 20
 EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
+
+
+def border_swap(labels: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``[B]`` whether each mask covers more than ``MAX_BORDER`` of the grid's border patches
+    (the border prior takes it for the background); all False when the prior is off."""
+    return (border_fraction(labels) > MAX_BORDER) & enabled
 
 
 @dataclass
@@ -27,7 +30,7 @@ class NcutIpo(SingleConfig):
     """Label-free single-object segmenter: Normalized Cut, then IPO (options: ``SingleConfig``)."""
 
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
-        """One ``PatchMask`` per image."""
+        """One ``PatchMask`` per image, or none with a ``no_object`` note."""
         b, rows, cols, dim = tokens.shape
         flat = tokens.reshape(b, rows * cols, dim)
         with timer.stage("ncut"):
@@ -38,15 +41,19 @@ class NcutIpo(SingleConfig):
             )
             labels = refined.labels.reshape(b, rows, cols)
             scores = refined.scores.reshape(b, rows, cols)
-            swapped = (border_fraction(labels) > MAX_BORDER)[:, None, None] & self.border_prior
+            swapped = border_swap(labels, self.border_prior)[:, None, None]
             labels = torch.where(swapped, ~labels, labels)
             scores = torch.where(swapped, 1.0 - scores, scores)
-            confidence = stability_score(torch.where(swapped, ~cut, cut), labels).tolist()
+            blind = iterative_patch_optimization(
+                flat, centre_start(b, (rows, cols), flat.device), SCORE_ROUNDS
+            ).labels.reshape(b, rows, cols)
+            blind = torch.where(border_swap(blind, self.border_prior)[:, None, None], ~blind, blind)
+            confidence = agreement_score(labels, torch.where(swapped, ~cut, cut), blind).tolist()
         capped = (~eigen.converged).tolist()
-        alike = (min_pair_cosine(flat) > NO_OBJECT_MIN_COSINE).tolist()
+        empty = no_object_reasons(flat, labels)
         return [
-            ImageMasks([], {"no_object": NO_OBJECT})
-            if alike[i]
+            ImageMasks([], {"no_object": empty[i]})
+            if empty[i]
             else ImageMasks(
                 [PatchMask(scores=scores[i], score=confidence[i])],
                 {"eigensolver": EIGENSOLVER_CAPPED} if capped[i] else None,
