@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from scipy.stats import mannwhitneyu
 
 from selfment_label.config import (
     DEFAULT_RESOLUTION,
@@ -186,7 +187,7 @@ def score(composites: list[Composite], predictions) -> dict[str, float]:
     pasted object or the background's own salient object) is at least 0.5; ``top-level``
     counts only entities for ``entities`` (parts are not objects of their own).
     """
-    ious, kinds, region_hits, top_hits = [], [], [], []
+    ious, kinds, region_hits, top_hits, top_scores = [], [], [], [], []
     for composite, kept in zip(composites, predictions, strict=True):
         ious += best_ious(composite.instances, [k.mask for k in kept])
         kinds += [n < composite.pasted for n in range(len(composite.instances))]
@@ -195,6 +196,7 @@ def score(composites: list[Composite], predictions) -> dict[str, float]:
             region_hits.append(hit)
             if region.extra.get("level", 0) == 0:
                 top_hits.append(hit)
+                top_scores.append(region.score)
     ious_array, pasted = np.array(ious), np.array(kinds)
     report: dict[str, float] = {"instances": len(ious)}
     for label, chosen in (("", slice(None)), ("pasted ", pasted), ("background ", ~pasted)):
@@ -203,6 +205,14 @@ def score(composites: list[Composite], predictions) -> dict[str, float]:
     report["precision@0.5"] = round(float(np.mean(region_hits)), 3) if region_hits else 0.0
     report["top-level precision@0.5"] = round(float(np.mean(top_hits)), 3) if top_hits else 0.0
     report["regions_per_image"] = round(float(np.mean([len(k) for k in predictions])), 2)
+    hits = np.array(top_hits, dtype=bool)
+    if hits.any() and not hits.all():
+        # AUROC of a low score for finding the false positives (Mann-Whitney U / n1 n2)
+        scores = np.array(top_scores)
+        statistic = mannwhitneyu(scores[hits], scores[~hits]).statistic
+        report["score AUROC for false positives"] = round(
+            float(statistic / (hits.sum() * (~hits).sum())), 3
+        )
     return report
 
 
