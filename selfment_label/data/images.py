@@ -253,7 +253,7 @@ def _guide_image(image: Image.Image, side: int) -> np.ndarray:
     if scale < 1:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)
 
 
 def decoded_image(
