@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -140,20 +141,13 @@ def test_refined_instances_stay_disjoint_and_parts_inside_entities(
     assert seen["siblings"] and seen["parts"] and seen["changed"], seen
 
 
-def _scene(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
-    y, x = rng.integers(5, 25, 2)
-    array[y : y + 35, x : x + 40] = rng.integers(150, 255, 3, dtype=np.uint8)
-    return Image.fromarray(array)
-
-
 @pytest.fixture()
-def scenes(tmp_path: Path) -> Path:
+def scenes(tmp_path: Path, ecssd_dir: Path) -> Path:
+    """Three ecssd-dev images in a folder of their own."""
     folder = tmp_path / "images"
     folder.mkdir()
-    for seed in range(3):
-        _scene(seed).save(folder / f"{seed}.png")
+    for index, stem in enumerate(("0005", "0050", "0150")):
+        shutil.copy(ecssd_dir / "images" / f"{stem}.jpg", folder / f"{index}.jpg")
     return folder
 
 
@@ -183,7 +177,7 @@ def test_saved_score_map_is_the_refined_soft_map(scenes, tmp_path, tiny_backbone
         config = RunConfig(resolution=112, save_scores=True, refine=method)
         label_folder(scenes, out, config, backbone=tiny_backbone)
         coco = json.loads((out / "annotations.json").read_text())
-        image = next(i for i in coco["images"] if i["file_name"] == "0.png")
+        image = next(i for i in coco["images"] if i["file_name"] == "0.jpg")
         maps[method] = np.asarray(Image.open(out / image["score_map"]))
         ann = next(a for a in coco["annotations"] if a["image_id"] == image["id"])
         # the 0.5 mask is the saved map thresholded (up to the map's 8-bit rounding)
@@ -192,7 +186,7 @@ def test_saved_score_map_is_the_refined_soft_map(scenes, tmp_path, tiny_backbone
         assert agree > 0.995, (method, agree)
     labeller = Labeller(tiny_backbone, make_segmenter(SingleConfig()))
     mean, std = tiny_backbone.mean_std
-    item = prepare_image(scenes, "0.png", 112, 14, mean, std, guide_side=REFINE_MAX_SIDE)
+    item = prepare_image(scenes, "0.jpg", 112, 14, mean, std, guide_side=REFINE_MAX_SIDE)
     masks = labeller.patch_masks([item], StageTimer())[0]
     _, union = full_size_masks(masks, item.width, item.height, "guided", item.guide)
     expected = (union.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
@@ -201,41 +195,41 @@ def test_saved_score_map_is_the_refined_soft_map(scenes, tmp_path, tiny_backbone
 
 
 def test_large_images_are_refined_at_the_guide_size_and_upsampled(
-    tmp_path, tiny_backbone, monkeypatch
+    scenes, tmp_path, tiny_backbone, monkeypatch
 ):
     monkeypatch.setattr(refine_module, "REFINE_MAX_SIDE", 48)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    _scene(5, (200, 150)).save(folder / "big.png")
     mean, std = tiny_backbone.mean_std
     item = prepare_image(
-        folder, "big.png", 112, 14, mean, std, guide_side=refine_module.guide_side("guided")
+        scenes, "0.jpg", 112, 14, mean, std, guide_side=refine_module.guide_side("guided")
     )
-    assert item.guide.shape == (36, 48, 3)
+    assert max(item.guide.shape[:2]) == 48 and item.guide.shape[2] == 3
     out = tmp_path / "run"
-    label_folder(folder, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    label_folder(scenes, out, RunConfig(resolution=112), backbone=tiny_backbone)
     coco = json.loads((out / "annotations.json").read_text())
-    (ann,) = coco["annotations"]
-    assert decode_rle(ann["segmentation"]).shape == (150, 200)
+    for ann in coco["annotations"]:
+        image = next(i for i in coco["images"] if i["id"] == ann["image_id"])
+        assert decode_rle(ann["segmentation"]).shape == (image["height"], image["width"])
 
 
-def test_apply_refines_and_records_it(tmp_path, tiny_backbone, scenes):
+@pytest.mark.slow
+def test_apply_refines_and_records_it(tmp_path, real_backbone, scenes):
     run = tmp_path / "run"
-    label_folder(scenes, run, RunConfig(resolution=112, workers=1), backbone=tiny_backbone)
-    head = distil(run, tmp_path / "head.pt", backbone=tiny_backbone).checkpoint
+    label_folder(scenes, run, RunConfig(workers=1), backbone=real_backbone)
+    head = distil(run, tmp_path / "head.pt", backbone=real_backbone).checkpoint
     results = {}
     for method in ("none", "guided"):
         out = tmp_path / f"applied-{method}"
         config = RunConfig(workers=1, refine=method)
-        apply_head(head, scenes, out, config, backbone=tiny_backbone)
+        apply_head(head, scenes, out, config, backbone=real_backbone)
         assert json.loads((out / "run.json").read_text())["options"]["refine"] == method
         results[method] = json.loads((out / "annotations.json").read_text())["annotations"]
+    assert len(results["none"]) == len(results["guided"]) == 3
     assert [a["segmentation"] for a in results["none"]] != [
         a["segmentation"] for a in results["guided"]
     ]
     with pytest.raises(RunConflict, match="refine"):
         apply_head(
-            head, scenes, tmp_path / "applied-none", RunConfig(workers=1), backbone=tiny_backbone
+            head, scenes, tmp_path / "applied-none", RunConfig(workers=1), backbone=real_backbone
         )
 
 
