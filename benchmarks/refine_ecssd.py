@@ -230,6 +230,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=RunConfig.resolution)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default).")
     parser.add_argument("--every", type=int, default=1, help="Only every n-th image.")
+    parser.add_argument("--no-head", action="store_true", help="Only the `run` source.")
     parser.add_argument("--figure", type=Path, default=None, help="Draw the picture here.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the report here.")
     args = parser.parse_args()
@@ -247,12 +248,13 @@ def main() -> None:
         figure,
     )
     results = {"run (NCut+IPO, 0001-0200)": report(run_scores, run_seconds)}
-    head = head_segmenter(args.data, args.work, args.weights, backbone)
-    test = [s for s in stems if int(s) > 100]
-    head_scores, head_seconds = evaluate_source(
-        args.data, test, backbone, head, args.resolution, {}
-    )
-    results["head (apply, 0101-0200)"] = report(head_scores, head_seconds)
+    if not args.no_head:
+        head = head_segmenter(args.data, args.work, args.weights, backbone)
+        test = [s for s in stems if int(s) > 100]
+        head_scores, head_seconds = evaluate_source(
+            args.data, test, backbone, head, args.resolution, {}
+        )
+        results["head (apply, 0101-0200)"] = report(head_scores, head_seconds)
     for name, rows in results.items():
         print_table(name, rows)
     meta = {"threads": torch.get_num_threads(), "resolution": args.resolution}
