@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -87,7 +87,7 @@ def label_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def refine_option() -> str:
+def refine_option() -> Any:
     """The ``--refine`` option, shared by ``run`` and ``apply``."""
     return typer.Option(
         RunConfig.refine,
