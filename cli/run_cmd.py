@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -13,6 +13,7 @@ from selfment_label.config import (
     DEVICE_HELP,
     MODES,
     PRECISION_NAMES,
+    REFINE_METHODS,
     EntitiesConfig,
     InstancesConfig,
     RunConfig,
@@ -69,18 +70,29 @@ def label_errors() -> tuple[type[BaseException], ...]:
     CLI's help stays fast)."""
     from selfment_label.device import DeviceError
     from selfment_label.features.presets import BackboneError
+    from selfment_label.refine import RefineUnavailable
     from selfment_label.runfolder.journal import RunConflict
     from selfment_label.runfolder.layout import RunFolderError
     from selfment_label.runfolder.pipeline import NoImages
 
     return (
         NoImages,
+        RefineUnavailable,
         RunConflict,
         RunFolderError,
         BackboneError,
         DeviceError,
         FileNotFoundError,
         NotADirectoryError,
+    )
+
+
+def refine_option() -> Any:
+    """The ``--refine`` option, shared by ``run`` and ``apply``."""
+    return typer.Option(
+        RunConfig.refine,
+        help=f"Edge refinement of the masks, guided by the image: {', '.join(REFINE_METHODS)} "
+        "(guided filter; dense CRF, needs the crf extra).",
     )
 
 
@@ -150,6 +162,7 @@ def run(
     max_pixels: int = typer.Option(
         RunConfig.max_pixels, help="Skip larger images (decompression bombs)."
     ),
+    refine: str = refine_option(),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     mode: str = typer.Option(
         SingleConfig.mode,
@@ -179,6 +192,7 @@ def run(
     setup_logging(verbose)
     require_choice(mode, MODES, "--mode")
     require_choice(precision, PRECISION_NAMES, "--precision")
+    require_choice(refine, REFINE_METHODS, "--refine")
     with invalid_options():
         segment = mode_config(
             mode,
@@ -201,6 +215,7 @@ def run(
             save_scores=save_scores,
             max_pixels=max_pixels,
             allow_download=not offline,
+            refine=refine,
             segment=segment,
         )
     from selfment_label.runfolder.pipeline import label_folder

@@ -7,18 +7,25 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from selfment_label.config import DEVICE_HELP, REVIEW_EXCLUDE_TAGS, RunConfig, TrainConfig
+from selfment_label.config import (
+    DEVICE_HELP,
+    REFINE_METHODS,
+    REVIEW_EXCLUDE_TAGS,
+    RunConfig,
+    TrainConfig,
+)
 
 from .console import (
     console,
     fail,
     invalid_options,
     make_progress,
+    require_choice,
     require_writable,
     setup_logging,
     user_errors,
 )
-from .run_cmd import label_with_progress
+from .run_cmd import label_with_progress, refine_option
 
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
 
@@ -155,6 +162,7 @@ def apply(
     save_scores: bool = typer.Option(
         RunConfig.save_scores, help="Also save soft probability maps (for threshold-sweep eval)."
     ),
+    refine: str = refine_option(),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
     review: bool = typer.Option(
@@ -175,6 +183,7 @@ def apply(
     from selfment_label.head.apply import apply_head
     from selfment_label.head.checkpoint import HeadError
 
+    require_choice(refine, REFINE_METHODS, "--refine")
     with invalid_options():
         config = RunConfig(
             weights=str(weights) if weights else None,
@@ -183,6 +192,7 @@ def apply(
             workers=workers,
             save_scores=save_scores,
             allow_download=not offline,
+            refine=refine,
         )
     if name and not review:
         raise fail("--name names the dataset to review in: pass --review too")

@@ -25,6 +25,13 @@ EXPORT_MEDIA = ("copy", "symlink", "none")
 EXPORT_VAL_FRACTION = 0.1
 EXPORT_SPLIT_SEED = 0
 YOLO_MIN_PIECE_AREA = 16
+REFINE_METHODS = ("none", "guided", "crf")
+"""Edge refinements of the full-size soft maps (``selfment_label.refine``): none, the fast
+guided filter (kornia) or a dense CRF (pydensecrf2, the ``crf`` extra)."""
+DEFAULT_REFINE = "guided"
+REFINE_MAX_SIDE = 2048
+"""Longest side, in pixels, of the image that guides the refinement: larger images are refined
+at this size and the refined maps upsampled to full size."""
 
 
 def _number(name: str, value: Any) -> float:
@@ -194,6 +201,8 @@ class RunConfig:
       save_scores: also write the soft score map of each image as an 8-bit PNG.
       max_pixels: larger images are skipped as decompression bombs.
       allow_download: whether hub downloads are allowed when no weights file is given.
+      refine: edge refinement of the full-size soft maps, guided by the image: ``none``,
+        ``guided`` (fast guided filter) or ``crf`` (dense CRF, needs the ``crf`` extra).
       segment: the mode and its options (``SingleConfig``, ``InstancesConfig`` or
         ``EntitiesConfig``).
     """
@@ -208,6 +217,7 @@ class RunConfig:
     save_scores: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_download: bool = True
+    refine: str = DEFAULT_REFINE
     segment: ModeConfig = field(default_factory=SingleConfig)
 
     def __post_init__(self) -> None:
@@ -218,6 +228,10 @@ class RunConfig:
         if self.precision not in PRECISION_NAMES:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISION_NAMES)}, not {self.precision!r}"
+            )
+        if self.refine not in REFINE_METHODS:
+            raise ValueError(
+                f"refine must be one of {', '.join(REFINE_METHODS)}, not {self.refine!r}"
             )
         if not isinstance(self.segment, ModeConfig):
             raise ValueError(f"segment must be a mode config, not {self.segment!r}")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import py_sod_metrics as sod
 from PIL import Image
+from scipy import ndimage
 
 from .data.images import IMAGE_EXTENSIONS, find_images
 from .runfolder.layout import RunFolderError, read_run, union_mask
@@ -46,6 +47,8 @@ METRIC_NAMES = (
     "weighted_f",
     "mae",
 )
+BOUNDARY_TOLERANCE = 3
+"""Pixels within which a boundary pixel counts as matched by ``boundary_f_measure``."""
 ROW_METRICS = ("iou", "accuracy", "max_f", "s_measure", "max_e", "weighted_f", "mae")
 
 
@@ -388,3 +391,34 @@ def per_image_csv(report: EvalReport) -> str:
             [row.name, row.gt_file, row.prediction or "", row.source, *values, row.error or ""]
         )
     return buffer.getvalue()
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel inner boundary of a mask: the mask minus its 3x3 erosion."""
+    eroded = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+    return mask & ~eroded
+
+
+def boundary_f_measure(
+    prediction: np.ndarray, gt: np.ndarray, tolerance: float = BOUNDARY_TOLERANCE
+) -> float:
+    """Boundary F-measure of a binary mask (Csurka et al. 2013; DAVIS's contour accuracy F).
+
+    pysodmetrics has no boundary measure. Precision is the share of the prediction's
+    boundary pixels within ``tolerance`` pixels (Euclidean) of a ground-truth boundary pixel,
+    recall the reverse; F is their harmonic mean. Two empty boundaries score 1, one empty
+    boundary 0.
+
+    Arguments:
+      prediction: ``[H, W]`` boolean mask.
+      gt: ``[H, W]`` boolean ground truth.
+      tolerance: matching distance in pixels.
+    """
+    predicted, true = _boundary(prediction.astype(bool)), _boundary(gt.astype(bool))
+    if not predicted.any() or not true.any():
+        return float(predicted.any() == true.any())
+    precision = float((ndimage.distance_transform_edt(~true)[predicted] <= tolerance).mean())
+    recall = float((ndimage.distance_transform_edt(~predicted)[true] <= tolerance).mean())
+    if precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)

@@ -1,10 +1,15 @@
-"""Patch scores -> full-size masks: logit-space bilinear upsampling, threshold, tree layout.
+"""Patch scores -> full-size masks: logit-space bilinear upsampling, edge refinement, tree layout.
 
 Segmenters return soft patch masks with an optional ``parent`` (index of the enclosing mask
-among the same image's masks). At full size the layout rules are:
+among the same image's masks). Siblings (masks with the same parent, top-level masks
+included) are upsampled together as label layers: a background layer ``1 - max`` of their
+scores, then one layer per sibling; an edge refinement (``selfment_label.refine``) may then
+filter the layers guided by the image, and every pixel goes to its highest layer. Without
+refinement that is exactly "above 0.5 and the highest sibling". At full size the layout rules
+are:
 
-- siblings (masks with the same parent, top-level masks included) never overlap: a pixel that
-  several of them claim goes to the one with the highest soft score;
+- siblings never overlap: a pixel that several of them claim goes to the one with the
+  highest (refined) soft score;
 - a child lies inside its parent (it is clipped to it);
 - masks left empty are dropped, and the ``parent`` indices of the remaining masks are renumbered
   so they still point at the right mask (children of a dropped mask are empty by clipping, so
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .refine import guide_tensor, refine_layers
 from .segment.base import PatchMask
 
 THRESHOLD = 0.5
@@ -69,35 +75,44 @@ def _parent(patch_mask: PatchMask) -> int | None:
 
 
 def full_size_masks(
-    patch_masks: list[PatchMask], width: int, height: int
+    patch_masks: list[PatchMask],
+    width: int,
+    height: int,
+    refine: str = "none",
+    guide: np.ndarray | None = None,
 ) -> tuple[list[FullSizeMask], torch.Tensor | None]:
-    """Upsample one image's patch masks and enforce the layout rules.
+    """Upsample one image's patch masks, refine their edges and enforce the layout rules.
 
     Arguments:
       patch_masks: the segmenter's masks for one image; a ``parent`` must point at an
         earlier mask.
       width, height: the image's displayed size.
+      refine: edge refinement (``none``, ``guided``, ``crf``; see ``selfment_label.refine``).
+      guide: ``[h, w, 3]`` uint8 RGB image the refinement follows (the displayed image,
+        possibly shrunk); required unless ``refine`` is ``none``. The maps are refined at
+        its size and then upsampled to ``(height, width)``.
 
     Returns:
-      ``(kept masks in input order, soft union [H, W] of all scores or None)``.
+      ``(kept masks in input order, soft union [H, W] of the (refined) scores or None)``.
     """
     parents = [_parent(p) for p in patch_masks]
     for index, parent in enumerate(parents):
         if parent is not None and not 0 <= parent < index:
             raise ValueError(f"mask {index} has parent {parent}: parents must come first")
+    if refine != "none" and guide is None:
+        raise ValueError(f"refine {refine!r} needs the guide image")
     masks: list[np.ndarray | None] = [None] * len(patch_masks)
     union: torch.Tensor | None = None
     for parent in dict.fromkeys(parents):
         members = [i for i, p in enumerate(parents) if p == parent]
-        soft = upsample_scores(
-            torch.stack([patch_masks[i].scores.float() for i in members]),
-            (height, width),
+        layers = _sibling_layers(
+            [patch_masks[i].scores for i in members], width, height, refine, guide
         )
-        top = soft.max(0).values
+        top = layers[1:].max(0).values
         union = top if union is None else torch.maximum(union, top)
-        owner = soft.argmax(0)
+        owner = layers.argmax(0)
         for slot, index in enumerate(members):
-            mask = ((soft[slot] > THRESHOLD) & (owner == slot)).cpu().numpy()
+            mask = (owner == slot + 1).cpu().numpy()
             if parent is not None:
                 mask &= masks[parent]
             masks[index] = mask
@@ -112,3 +127,24 @@ def full_size_masks(
         new_index[index] = len(kept)
         kept.append(FullSizeMask(mask=mask, score=patch_mask.score, extra=extra))
     return kept, union
+
+
+def _sibling_layers(
+    scores: list[torch.Tensor],
+    width: int,
+    height: int,
+    refine: str,
+    guide: np.ndarray | None,
+) -> torch.Tensor:
+    """``[1 + K, height, width]`` label layers of K siblings: background, then each sibling."""
+    grid = torch.stack([s.float() for s in scores])
+    size = (height, width) if guide is None or refine == "none" else guide.shape[:2]
+    soft = upsample_scores(grid, size)
+    layers = torch.cat([1.0 - soft.max(0, keepdim=True).values, soft])
+    if refine == "none":
+        return layers
+    patch_pixels = (size[0] / grid.shape[-2] + size[1] / grid.shape[-1]) / 2
+    layers = refine_layers(layers, guide_tensor(guide, layers.device), refine, patch_pixels)
+    if size != (height, width):
+        layers = upsample_scores(layers, (height, width))
+    return layers

@@ -21,6 +21,7 @@ from selfment_label.config import RunConfig, SingleConfig, mode_config
 from selfment_label.data.images import prepare_image
 from selfment_label.device import DeviceError
 from selfment_label.masks import full_size_masks
+from selfment_label.refine import guide_side
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict, RunLock
 from selfment_label.runfolder.pipeline import Labeller, NoImages, label_folder
@@ -106,10 +107,13 @@ def test_annotations_give_back_exactly_the_engine_masks(mixed_folder, tmp_path, 
     coco = COCO(str(out / "annotations.json"))
     labeller = Labeller(tiny_backbone, NcutIpo())
     mean, std = tiny_backbone.mean_std
+    refine = RunConfig().refine
     for img in coco.dataset["images"]:
-        item = prepare_image(mixed_folder, img["file_name"], 112, 14, mean, std)
+        item = prepare_image(
+            mixed_folder, img["file_name"], 112, 14, mean, std, guide_side=guide_side(refine)
+        )
         patch_masks = labeller.patch_masks([item], StageTimer())[0]
-        kept, _ = full_size_masks(patch_masks, item.width, item.height)
+        kept, _ = full_size_masks(patch_masks, item.width, item.height, refine, item.guide)
         # an image the engine finds object-less (no_object) has no mask and no annotation
         expected = kept[0].mask if kept else np.zeros((item.height, item.width), bool)
         anns = coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))

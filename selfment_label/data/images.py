@@ -208,6 +208,9 @@ class DecodedImage:
       pixels: ``[3, rows*p, cols*p]`` float32 normalised tensor data (numpy).
       grid: ``(rows, cols)`` patch grid.
       decode_seconds: time spent decoding and resizing.
+      guide: ``[h, w, 3]`` uint8 RGB image that guides the edge refinement of the masks
+        (``selfment_label.refine``), or None when no refinement was asked for. It is the
+        image as decoded (JPEGs at their reduced draft scale), shrunk to ``guide_side``.
     """
 
     file_name: str
@@ -216,6 +219,7 @@ class DecodedImage:
     pixels: np.ndarray
     grid: tuple[int, int]
     decode_seconds: float
+    guide: np.ndarray | None = None
 
 
 def prepare_image(
@@ -226,15 +230,30 @@ def prepare_image(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    guide_side: int | None = None,
 ) -> DecodedImage:
     """Decode, resize to the patch grid and normalise one image (runs in a worker thread).
+
+    ``guide_side``: also keep the RGB image, its long side at most this many pixels, to
+    guide the edge refinement (None: no guide).
 
     Raises:
       ImageSkip: with the reason, for any file that cannot be used.
     """
     start = time.perf_counter()
     image, size = load_image(root / file_name, max_pixels, draft_size=resolution)
-    return decoded_image(image, file_name, size, resolution, patch_size, mean, std, start)
+    return decoded_image(
+        image, file_name, size, resolution, patch_size, mean, std, start, guide_side
+    )
+
+
+def _guide_image(image: Image.Image, side: int) -> np.ndarray:
+    """``image`` as a uint8 ``[h, w, 3]`` array, shrunk so its long side is at most ``side``."""
+    scale = side / max(image.size)
+    if scale < 1:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    return np.array(image, dtype=np.uint8)
 
 
 def decoded_image(
@@ -246,6 +265,7 @@ def decoded_image(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     start: float | None = None,
+    guide_side: int | None = None,
 ) -> DecodedImage:
     """Resize an RGB image to its patch grid and normalise it.
 
@@ -257,6 +277,8 @@ def decoded_image(
       patch_size: the backbone's patch size.
       mean, std: the backbone's normalisation.
       start: ``time.perf_counter()`` when decoding began (decode time counted from there).
+      guide_side: also keep the RGB image as the refinement guide, shrunk so its long side
+        is at most this many pixels (None: no guide).
     """
     start = time.perf_counter() if start is None else start
     width, height = size
@@ -264,6 +286,7 @@ def decoded_image(
     resized = image.resize((cols * patch_size, rows * patch_size), Image.Resampling.BICUBIC)
     array = np.asarray(resized, dtype=np.float32) / 255.0
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    guide = None if guide_side is None else _guide_image(image, guide_side)
     return DecodedImage(
         file_name=file_name,
         width=width,
@@ -271,4 +294,5 @@ def decoded_image(
         pixels=np.ascontiguousarray(array.transpose(2, 0, 1)),
         grid=(rows, cols),
         decode_seconds=time.perf_counter() - start,
+        guide=guide,
     )

@@ -11,9 +11,10 @@ import numpy as np
 from PIL import Image
 
 from ..config import RunConfig
-from ..data.images import decoded_image
+from ..data.images import DecodedImage, decoded_image
 from ..features.backbone import Backbone
 from ..masks import full_size_masks
+from ..refine import check_available, guide_side
 from ..runfolder.pipeline import Labeller, backbone_for
 from ..segment.registry import make_segmenter
 from ..timing import StageTimer
@@ -47,6 +48,7 @@ class SelfmentModel(fom.Model):
     """
 
     def __init__(self, config: RunConfig, backbone: Backbone | None):
+        check_available(config.refine)
         if backbone is None:
             backbone = backbone_for(config)
         self.config = config
@@ -97,8 +99,18 @@ class SelfmentModel(fom.Model):
         images = [_as_rgb(arg) for arg in args]
         mean, std = self.labeller.backbone.mean_std
         patch = self.labeller.backbone.patch_size
+        side = guide_side(self.config.refine)
         decoded = [
-            decoded_image(image, str(i), image.size, self.config.resolution, patch, mean, std)
+            decoded_image(
+                image,
+                str(i),
+                image.size,
+                self.config.resolution,
+                patch,
+                mean,
+                std,
+                guide_side=side,
+            )
             for i, image in enumerate(images)
         ]
         results: list[Any] = [None] * len(decoded)
@@ -109,7 +121,7 @@ class SelfmentModel(fom.Model):
             batch = [decoded[i] for i in indices]
             patch_masks = self.labeller.patch_masks(batch, self.timer)
             for index, item, masks in zip(indices, batch, patch_masks, strict=True):
-                results[index] = _detections_of(masks, item.width, item.height)
+                results[index] = _detections_of(masks, item, self.config.refine)
         return results
 
 
@@ -124,8 +136,8 @@ def _as_rgb(arg: Any) -> Image.Image:
     return Image.fromarray(array[..., :3]).convert("RGB")
 
 
-def _detections_of(masks: list[Any], width: int, height: int) -> fo.Detections:
-    kept, _ = full_size_masks(masks, width, height)
+def _detections_of(masks: list[Any], item: DecodedImage, refine: str) -> fo.Detections:
+    kept, _ = full_size_masks(masks, item.width, item.height, refine, item.guide)
     detections = []
     for index, region in enumerate(kept):
         attributes: dict[str, Any] = {"coco_id": index + 1}

@@ -29,6 +29,7 @@ from ..data.images import DecodedImage, ImageSkip, find_images, prepare_image
 from ..device import PRECISIONS, resolve_device, small_kernel_threads
 from ..features.backbone import Backbone, build_backbone
 from ..masks import full_size_masks
+from ..refine import check_available, guide_side
 from ..segment.base import PatchMask, Segmenter
 from ..segment.registry import make_segmenter
 from ..timing import StageTimer
@@ -205,9 +206,11 @@ def label_folder(
       NoImages: the folder has no images.
       RunConflict: the output folder is busy or holds a run with other options.
       BackboneError: the weights cannot be found or loaded.
+      RefineUnavailable: the refinement asked for needs a package that is not installed.
     """
     begin = time.perf_counter() - load_seconds
     config = config or RunConfig()
+    check_available(config.refine)
     input_dir = Path(input_dir)
     out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
     names = find_input_images(input_dir, out_dir)
@@ -228,6 +231,7 @@ def label_folder(
         "resolution": config.resolution,
         "precision": config.precision,
         "save_scores": config.save_scores,
+        "refine": config.refine,
         **segmenter.options(),
     }
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -307,7 +311,14 @@ def _label(
 
     def decode(name: str) -> DecodedImage:
         return prepare_image(
-            input_dir, name, config.resolution, patch, mean, std, config.max_pixels
+            input_dir,
+            name,
+            config.resolution,
+            patch,
+            mean,
+            std,
+            config.max_pixels,
+            guide_side(config.refine),
         )
 
     done = resumed
@@ -335,7 +346,7 @@ def _label(
         with small_kernel_threads(labeller.device):
             for item, masks in zip(batch, patch_masks, strict=True):
                 item_key = keys[item.file_name]
-                _record_image(out_dir, item, masks, config.save_scores, journal, timer, item_key)
+                _record_image(out_dir, item, masks, config, journal, timer, item_key)
                 labelled += 1
                 done += 1
                 if progress:
@@ -358,7 +369,7 @@ def _record_image(
     out_dir: Path,
     item: DecodedImage,
     masks: list[PatchMask],
-    save_scores: bool,
+    config: RunConfig,
     journal: Journal,
     timer: StageTimer,
     key: list[int] | None,
@@ -372,10 +383,10 @@ def _record_image(
         "height": item.height,
     }
     with timer.stage("masks"):
-        kept, union = full_size_masks(masks, item.width, item.height)
+        kept, union = full_size_masks(masks, item.width, item.height, config.refine, item.guide)
         for region in kept:
             annotations.append(annotation_record(region.mask, region.score, region.extra))
-        if save_scores and union is not None:
+        if config.save_scores and union is not None:
             entry["score_map"] = _write_score_map(out_dir, item.file_name, union)
     entry["annotations"] = annotations
     notes = getattr(masks, "notes", None)
