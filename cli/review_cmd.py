@@ -126,6 +126,7 @@ def review(
     from selfment_label.review.app import app_url, launch_app
     from selfment_label.review.dataset import GT_FIELD, build_dataset
     from selfment_label.review.db import ReviewError
+    from selfment_label.review.embeddings import embeddings_space
     from selfment_label.runfolder.layout import RunFolderError
 
     if status:
@@ -147,8 +148,9 @@ def review(
         )
     if no_launch:
         return
+    spaces = embeddings_space() if embeddings else None
     with console.status("starting the FiftyOne App"):
-        session = launch_app(dataset, port=port, address=address)
+        session = launch_app(dataset, port=port, address=address, spaces=spaces)
     try:
         typer.echo(app_url(session, dataset))
         console.print("Tag samples (e.g. approved / rejected) in the App; Ctrl-C to stop.")

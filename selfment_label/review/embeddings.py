@@ -37,6 +37,8 @@ VISUALIZATION_KEY = "selfment_embeddings"
 """Brain key of the 2-D map shown in the Embeddings panel."""
 SIMILARITY_KEY = "selfment_similarity"
 """Brain key of the similarity index (sort by similarity in the App)."""
+EMBEDDINGS_WORKSPACE = "embeddings"
+"""Saved workspace: the grid beside the Embeddings panel."""
 VISUALIZATION_METHOD = "tsne"
 MAX_PERPLEXITY = 30.0
 PCA_DIMS = 50
@@ -117,6 +119,24 @@ def image_embeddings(
     return embeddings, cache.root
 
 
+def embeddings_space() -> fo.Space:
+    """The App layout of ``EMBEDDINGS_WORKSPACE``: the grid, and the 2-D map beside it."""
+    import fiftyone as fo
+
+    samples = fo.Panel(type="Samples", pinned=True)
+    # FiftyOne 1.22's Embeddings panel keeps the plot it opens in its local state, which a
+    # workspace does not hold: the panel opens on its list of maps, one click from the plot.
+    embeddings = fo.Panel(type="Embeddings")
+    # a space with no active child shows none of its panels
+    return fo.Space(
+        children=[
+            fo.Space(children=[samples], active_child=samples.component_id),
+            fo.Space(children=[embeddings], active_child=embeddings.component_id),
+        ],
+        orientation="horizontal",
+    )
+
+
 def compute_embeddings(
     dataset: fo.Dataset,
     run_dir: str | Path,
@@ -129,7 +149,8 @@ def compute_embeddings(
 ) -> EmbeddingsSummary:
     """Embed the run's samples and store the 2-D map and the similarity index on the dataset.
 
-    Previous results under ``VISUALIZATION_KEY`` and ``SIMILARITY_KEY`` are replaced.
+    Previous results under ``VISUALIZATION_KEY`` and ``SIMILARITY_KEY`` are replaced; the
+    workspace ``EMBEDDINGS_WORKSPACE`` is saved.
 
     Arguments:
       dataset: the run's dataset (built by ``build_dataset``).
@@ -181,6 +202,12 @@ def compute_embeddings(
         metric="cosine",
         brain_key=SIMILARITY_KEY,
         progress=False,
+    )
+    dataset.save_workspace(
+        EMBEDDINGS_WORKSPACE,
+        embeddings_space(),
+        description="the grid beside the image embeddings (lasso a cluster to select it)",
+        overwrite=True,
     )
     left_out = sorted(set(names) - set(found))
     for name in left_out:
