@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -571,6 +572,21 @@ def test_review_gt_embeddings_views_and_app_settings(real_run: Path) -> None:
     assert dataset.info["selfment"]["app_config"]["sidebar_groups"] is not None
 
 
+def _update_session(session, **state) -> None:
+    """Set session attributes (``view``, ``spaces``), waiting for the session's client to
+    connect to a server that is still starting."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            for key, value in state.items():
+                setattr(session, key, value)
+            return
+        except RuntimeError:  # "Client is not connected" yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def _overlay_color(shown: np.ndarray, bare: np.ndarray) -> tuple[np.ndarray, int]:
     """The colour a field's overlay is drawn in, measured from screenshots with and without
     it: where they differ, ``shown = (1 - a) * bare + a * color``; a least-squares fit per
@@ -606,11 +622,12 @@ def test_app_draws_pseudo_and_gt_in_other_colours_and_shows_embeddings(
     try:
         with Browser() as browser:
             for field in ("pseudo", "ground_truth", None):
-                session.view = dataset.select_fields(field) if field else dataset.select_fields()
+                view = dataset.select_fields(field) if field else dataset.select_fields()
+                _update_session(session, view=view)
                 shots[field] = browser.screenshot(_url(port, dataset), tmp_path / f"{field}.png")
-            session.view = None
+            _update_session(session, view=None)
             shots["both"] = browser.screenshot(_url(port, dataset), tmp_path / "review.png")
-            session.spaces = embeddings_space()
+            _update_session(session, spaces=embeddings_space())
             browser.screenshot(_url(port, dataset), tmp_path / "list.png")
             browser.click_text("Dismiss", settle=1)  # the Enterprise upsell card
             browser.click_text("selfment_embeddings", settle=10)
