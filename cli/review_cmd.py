@@ -7,16 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.table import Table
 
 from selfment_label.config import (
+    DEVICE_HELP,
     EXPORT_FORMATS,
     EXPORT_MEDIA,
     EXPORT_SPLIT_SEED,
     EXPORT_VAL_FRACTION,
     YOLO_MIN_PIECE_AREA,
+    RunConfig,
 )
 
-from .console import console, fail, setup_logging, user_errors
+from .console import console, fail, make_progress, setup_logging, user_errors
 
 
 def print_dataset(dataset: Any) -> None:
@@ -26,6 +29,56 @@ def print_dataset(dataset: Any) -> None:
         f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
     )
     views = ", ".join(f"'{view}'" for view in dataset.list_saved_views())
+    console.print(f"saved views: {views}")
+
+
+def add_embeddings(
+    dataset: Any, run_dir: Path, weights: Path | None, device: str, allow_download: bool
+) -> None:
+    """Compute the run's image embeddings into the dataset's brain runs, with progress."""
+    from selfment_label.review.embeddings import compute_embeddings
+
+    with make_progress() as progress:
+        task = progress.add_task("backbone features", total=None)
+        summary = compute_embeddings(
+            dataset,
+            run_dir,
+            weights=weights,
+            device=device,
+            allow_download=allow_download,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    console.print(
+        f"embedded {summary.samples} samples ({summary.dim} dims, features in {summary.cache}): "
+        f"brain runs [bold]{summary.visualization_key}[/] (Embeddings panel) and "
+        f"[bold]{summary.similarity_key}[/] (sort by similarity)"
+    )
+
+
+def print_status(run_dir: Path, name: str | None) -> None:
+    """Print how the review of a run stands, without opening the App."""
+    from selfment_label.review.db import ReviewError
+    from selfment_label.review.status import review_status
+    from selfment_label.runfolder.layout import RunFolderError
+
+    with user_errors(ReviewError, RunFolderError):
+        status = review_status(run_dir, name)
+    table = Table(title=f"review of {run_dir} in dataset {status.dataset}", show_header=False)
+    rows = [
+        ("samples", status.samples),
+        ("tagged approved", status.approved),
+        ("tagged rejected", status.rejected),
+        ("untouched (neither tag)", status.untouched),
+        ("masks the run wrote", status.run_masks),
+        ("masks deleted since the run", status.deleted),
+        ("masks edited since the run", status.edited),
+        ("masks added by the reviewer", status.added),
+        ("images no longer in the dataset", status.samples_gone),
+    ]
+    for label, value in rows:
+        table.add_row(label, str(value))
+    console.print(table)
+    views = ", ".join(f"'{view}'" for view in status.saved_views) or "none"
     console.print(f"saved views: {views}")
 
 
@@ -43,19 +96,49 @@ def review(
         "127.0.0.1", "--address", help="Address the App listens on (0.0.0.0: all interfaces)."
     ),
     no_launch: bool = typer.Option(False, "--no-launch", help="Only build the dataset."),
+    embeddings: bool = typer.Option(
+        False,
+        "--embeddings",
+        help="Embed the images with the run's backbone features (RUN_DIR/features, computed "
+        "there when missing) for the App's Embeddings panel and sort by similarity.",
+    ),
+    weights: Path = typer.Option(
+        None,
+        "--weights",
+        help="With --embeddings: backbone weights, if features must be computed \\[default: "
+        "the run's file, then SELFMENT_WEIGHTS].",
+    ),
+    device: str = typer.Option(
+        RunConfig.device, help=f"With --embeddings: backbone device: {DEVICE_HELP}."
+    ),
+    offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    status: bool = typer.Option(
+        False,
+        "--status",
+        help="Only print how the review stands (tags, masks deleted or edited, saved views); "
+        "the App is not opened.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Build (or update) the run's FiftyOne dataset and open it in the FiftyOne App."""
     setup_logging(verbose)
+    from selfment_label.device import DeviceError, resolve_device
     from selfment_label.review.app import app_url, launch_app
     from selfment_label.review.dataset import GT_FIELD, build_dataset
     from selfment_label.review.db import ReviewError
+    from selfment_label.review.embeddings import embeddings_space
     from selfment_label.runfolder.layout import RunFolderError
 
+    if status:
+        print_status(run_dir, name)
+        return
     if gt is not None and not gt.is_dir():
         raise fail(f"--gt {gt} is not a folder")
     with user_errors(ReviewError, RunFolderError), console.status("building the FiftyOne dataset"):
         dataset = build_dataset(run_dir, name, gt)
+    if embeddings:
+        with user_errors(ReviewError, RunFolderError, DeviceError):
+            add_embeddings(dataset, run_dir, weights, str(resolve_device(device)), not offline)
     print_dataset(dataset)
     if gt is not None:
         with_gt = len(dataset.exists(GT_FIELD)) if dataset.has_sample_field(GT_FIELD) else 0
@@ -65,8 +148,9 @@ def review(
         )
     if no_launch:
         return
+    spaces = embeddings_space() if embeddings else None
     with console.status("starting the FiftyOne App"):
-        session = launch_app(dataset, port=port, address=address)
+        session = launch_app(dataset, port=port, address=address, spaces=spaces)
     try:
         typer.echo(app_url(session, dataset))
         console.print("Tag samples (e.g. approved / rejected) in the App; Ctrl-C to stop.")

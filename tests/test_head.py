@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
-import selfment_label.head.train as head_module
+import selfment_label.head.features as head_features
 from selfment_label.config import RunConfig, TrainConfig
 from selfment_label.features.backbone import Backbone
 from selfment_label.features.cache import (
@@ -115,7 +115,7 @@ def test_train_is_deterministic_and_runs_from_the_cache(
     assert len(cached) == 4 and first.cache_dir == tiny_run / "features"
 
     # Second time: everything is cached, the backbone is never built, the result is identical.
-    monkeypatch.setattr(head_module, "build_backbone", _no_backbone)
+    monkeypatch.setattr(head_features, "build_backbone", _no_backbone)
     second = distil(tiny_run, tmp_path / "b.pt", FAST)
     a, b = load_checkpoint(first.checkpoint), load_checkpoint(second.checkpoint)
     for key, value in a.head.state_dict().items():

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from browser import CHROMIUM, Browser
 from PIL import Image
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
@@ -44,7 +45,6 @@ from selfment_label.runfolder.pipeline import label_folder
 
 fo = pytest.importorskip("fiftyone")
 F = fo.ViewField
-CHROMIUM = Path("/usr/bin/chromium")
 # FiftyOne reuses any embedded database service already running on the machine, so names are
 # made unique to this test session and the datasets are deleted at the end.
 SUFFIX = uuid.uuid4().hex[:8]
@@ -168,6 +168,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _url(port: int, dataset: fo.Dataset) -> str:
+    return f"http://127.0.0.1:{port}/datasets/{dataset.name}"
+
+
 def _server_processes(port: int, parent: psutil.Process | None = None) -> list[psutil.Process]:
     """The App server processes (service wrapper and server) of ``port`` under ``parent``."""
     found = []
@@ -194,32 +198,8 @@ def app_session(run_dir: Path):
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium not installed (/usr/bin/chromium)")
 def test_app_screenshot_is_not_blank(app_session, tmp_path: Path) -> None:
     _, port, dataset = app_session
-    shot = tmp_path / "app.png"
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    try:
-        subprocess.run(
-            [
-                str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                f"--screenshot={shot}",
-                "--window-size=1400,900",
-                "--virtual-time-budget=15000",
-                f"http://127.0.0.1:{port}/datasets/{dataset.name}",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with Browser() as browser:
+        shot = browser.screenshot(_url(port, dataset), tmp_path / "app.png")
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
     assert pixels.std(axis=0).max() > 20
     assert len(np.unique(pixels, axis=0)) > 50
@@ -488,3 +468,186 @@ def test_apply_review_adds_scored_samples_and_the_saved_view(
     assert len(fo.load_dataset(own_name)) == 3
     assert "lowest score first" in fo.load_dataset(own_name).list_saved_views()
     fo.delete_dataset(own_name)
+
+
+# --- the reviewer's first minute: App settings, saved views, embeddings, status ------------
+
+
+def test_status_counts_tags_and_mask_edits(tmp_path: Path, tiny_backbone: Backbone) -> None:
+    images, run = tmp_path / "images", tmp_path / "run"
+    _make_images(images, 5)
+    _label(images, run, tiny_backbone, mode="single")
+    name = f"t-status-{SUFFIX}"
+    runner = CliRunner()
+    before = runner.invoke(app, ["review", str(run), "--name", name, "--status"])
+    assert before.exit_code == 1 and "review the run first" in " ".join(before.output.split())
+    dataset = build_dataset(run, name)
+    names, _ = _edit_review(dataset)  # rejected, approved + masks deleted, approved + edited
+    written = _run_masks(run)
+    last = dataset.sort_by("file_name").last()
+    last.tags.append("rejected")
+    for detection in last.pseudo.detections:  # same mask id, other pixels
+        detection.mask = ~detection.mask
+    last.save()
+    result = runner.invoke(app, ["review", str(run), "--status"])
+    assert result.exit_code == 0, result.output
+    cells = [line.split("│") for line in result.output.splitlines() if line.count("│") == 3]
+    counts = {cell[1].strip(): cell[2].strip() for cell in cells}
+    assert counts["tagged approved"] == "2" and counts["tagged rejected"] == "2"
+    assert counts["untouched (neither tag)"] == "1"
+    assert counts["masks the run wrote"] == str(sum(map(len, written.values())))
+    # the edited sample's mask was replaced by a new one: its own counts as deleted
+    replaced = len(written[names["deleted"]]) + len(written[names["edited"]])
+    assert counts["masks deleted since the run"] == str(replaced)
+    assert counts["masks edited since the run"] == str(len(written[last.file_name]))
+    assert counts["masks added by the reviewer"] == "1"
+    assert "'lowest score first'" in result.output and "'no mask'" in result.output
+
+
+def test_embeddings_without_weights_or_cache_say_why(tmp_path: Path, tiny_backbone) -> None:
+    images, run = tmp_path / "images", tmp_path / "run"
+    _make_images(images, 3)
+    _label(images, run, tiny_backbone, mode="single")  # random weights: no file to reload
+    args = ["review", str(run), "--name", f"t-noweights-{SUFFIX}", "--embeddings"]
+    result = CliRunner().invoke(app, [*args, "--no-launch", "--offline"])
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    assert "error: the feature cache" in message and "--weights" in message
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory, ecssd_dir: Path, real_backbone) -> Path:
+    """A real run (DINOv2 ViT-S/14, 224 px) over 12 ECSSD images, a horizontally flipped copy
+    of 0003.jpg, and a flat grey image (no object); ground truth beside it in ``gt``."""
+    root = tmp_path_factory.mktemp("real-review")
+    images, gt = root / "images", root / "gt"
+    images.mkdir()
+    gt.mkdir()
+    for i in range(1, 13):
+        shutil.copy(ecssd_dir / "images" / f"{i:04d}.jpg", images)
+        shutil.copy(ecssd_dir / "masks" / f"{i:04d}.png", gt)
+    flip = Image.Transpose.FLIP_LEFT_RIGHT
+    Image.open(ecssd_dir / "images" / "0003.jpg").transpose(flip).save(images / "0003f.jpg")
+    Image.open(ecssd_dir / "masks" / "0003.png").transpose(flip).save(gt / "0003f.png")
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(images / "grey.png")
+    label_folder(images, root / "run", RunConfig(resolution=224), backbone=real_backbone)
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_review_gt_embeddings_views_and_app_settings(real_run: Path) -> None:
+    name = f"t-real-{SUFFIX}"
+    gt = real_run.parent / "gt"
+    args = ["review", str(real_run), "--name", name, "--gt", str(gt), "--embeddings"]
+    result = CliRunner().invoke(app, [*args, "--no-launch", "--offline"])
+    assert result.exit_code == 0, result.output
+    for view in ("lowest score first", "not reviewed yet", "no mask"):
+        assert f"'{view}'" in result.output
+    dataset = fo.load_dataset(name)
+    scheme = dataset.app_config.color_scheme
+    colors = {field["path"]: field["fieldColor"] for field in scheme.fields}
+    assert colors["pseudo"] != colors["ground_truth"] and 0 < scheme.opacity < 1
+    groups = [group.name for group in dataset.app_config.sidebar_groups]
+    assert groups[:3] == ["tags", "labels", "review"]
+    assert dataset.load_saved_view("no mask").values("file_name") == ["grey.png"]
+    reason = dataset.load_saved_view("no mask").first().no_mask_reason
+    assert "no distinct object" in reason
+
+    # --embeddings: brain runs on the run's real features, cached for `train` to reuse
+    assert {"selfment_embeddings", "selfment_similarity"} <= set(dataset.list_brain_runs())
+    assert len(list((real_run / "features").rglob("*.pt"))) == 14
+    by_name = dict(zip(dataset.values("file_name"), dataset.values("id"), strict=True))
+    for query, twin in (("0003.jpg", "0003f.jpg"), ("0003f.jpg", "0003.jpg")):
+        nearest = dataset.sort_by_similarity(by_name[query], k=2, brain_key="selfment_similarity")
+        assert nearest.values("file_name") == [query, twin]
+
+    # a rebuild keeps the user's own saved view and colours, and still updates the rest
+    dataset.save_view("my doubtful ones", dataset.match(F("score") < 0.9))
+    dataset.app_config.color_scheme = fo.ColorScheme(color_pool=["#00ff00"], opacity=0.9)
+    dataset.save()
+    dataset = build_dataset(real_run, name)
+    assert "my doubtful ones" in dataset.list_saved_views()
+    assert dataset.app_config.color_scheme.opacity == 0.9
+    assert dataset.info["selfment"]["app_config"]["sidebar_groups"] is not None
+
+
+def _update_session(session, **state) -> None:
+    """Set session attributes (``view``, ``spaces``), waiting for the session's client to
+    connect to a server that is still starting."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            for key, value in state.items():
+                setattr(session, key, value)
+            return
+        except RuntimeError:  # "Client is not connected" yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def _overlay_color(shown: np.ndarray, bare: np.ndarray) -> tuple[np.ndarray, int]:
+    """The colour a field's overlay is drawn in, measured from screenshots with and without
+    it: where they differ, ``shown = (1 - a) * bare + a * color``; a least-squares fit per
+    channel of ``shown - bare`` against ``bare`` gives ``-a`` and ``a * color``."""
+    changed = np.abs(shown.astype(int) - bare.astype(int)).sum(-1) > 40
+    base = bare[changed].astype(float)
+    diff = shown[changed].astype(float) - base
+    color = []
+    for channel in range(3):
+        design = np.stack([base[:, channel], np.ones(len(base))], 1)
+        (slope, intercept), *_ = np.linalg.lstsq(design, diff[:, channel], rcond=None)
+        color.append(intercept / max(-slope, 1e-6))
+    return np.clip(color, 0, 255), int(changed.sum())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium not installed (/usr/bin/chromium)")
+def test_app_draws_pseudo_and_gt_in_other_colours_and_shows_embeddings(
+    real_run: Path, tmp_path: Path
+) -> None:
+    from selfment_label.review.embeddings import embeddings_space
+
+    name = f"t-real-{SUFFIX}"
+    if not fo.dataset_exists(name):
+        pytest.skip("needs test_review_gt_embeddings_views_and_app_settings")
+    dataset = fo.load_dataset(name)
+    dataset.app_config.color_scheme = None  # the user's colours of the previous test
+    dataset.save()
+    dataset = build_dataset(real_run, name)
+    port = _free_port()
+    session = launch_app(dataset, port=port, address="127.0.0.1")
+    shots = {}
+    try:
+        with Browser() as browser:
+            for field in ("pseudo", "ground_truth", None):
+                view = dataset.select_fields(field) if field else dataset.select_fields()
+                _update_session(session, view=view)
+                shots[field] = browser.screenshot(_url(port, dataset), tmp_path / f"{field}.png")
+            _update_session(session, view=None)
+            shots["both"] = browser.screenshot(_url(port, dataset), tmp_path / "review.png")
+            _update_session(session, spaces=embeddings_space())
+            browser.screenshot(_url(port, dataset), tmp_path / "list.png")
+            browser.click_text("Dismiss", settle=1)  # the Enterprise upsell card
+            browser.click_text("selfment_embeddings", settle=10)
+            shots["embeddings"] = browser.save_screenshot(tmp_path / "review-embeddings.png")
+    finally:
+        session.close()
+    pixels = {key: np.asarray(Image.open(path).convert("RGB")) for key, path in shots.items()}
+    pseudo, n_pseudo = _overlay_color(pixels["pseudo"], pixels[None])
+    truth, n_truth = _overlay_color(pixels["ground_truth"], pixels[None])
+    print(
+        f"measured overlay colours: pseudo {pseudo.round()} ({n_pseudo} px), "
+        f"ground_truth {truth.round()} ({n_truth} px)"
+    )
+    assert n_pseudo > 10_000 and n_truth > 10_000
+    assert np.linalg.norm(pseudo - truth) > 120
+    # the embeddings plot: orange-brown points on the panel's grey background (right third)
+    panel = pixels["embeddings"][260:840, 870:].astype(int)
+    points = panel[..., 0] - panel[..., 2] > 60
+    assert points.sum() > 14 * 10
+    docs = os.environ.get("SELFMENT_DOCS")
+    if docs:
+        for key in ("both", "embeddings"):
+            shutil.copy(shots[key], Path(docs) / shots[key].name)

@@ -18,11 +18,11 @@ import torch
 from .. import __version__
 from ..config import TrainConfig
 from ..data.images import grid_for
-from ..features.backbone import Backbone, build_backbone
-from ..features.cache import CacheSettings, FeatureCache, FeatureProgress, ensure_features
-from ..features.presets import get_preset
-from ..runfolder.layout import FEATURES_DIR, RunFolder, read_run, union_mask
-from .checkpoint import CHECKPOINT_FORMAT, HeadError, HeadMismatch, check_identity, save_checkpoint
+from ..features.backbone import Backbone
+from ..features.cache import FeatureCache, FeatureProgress
+from ..runfolder.layout import RunFolder, read_run, union_mask
+from .checkpoint import CHECKPOINT_FORMAT, HeadError, save_checkpoint
+from .features import run_features
 from .model import HIDDEN, PatchHead, head_losses, patch_targets
 
 logger = logging.getLogger(__name__)
@@ -190,42 +190,18 @@ def distil(
     """
     config = config or TrainConfig()
     source = read_run(run_dir)
-    identity = source.backbone
-    preset = get_preset(identity["backbone"])
-    if preset.timm_id != identity.get("timm_id"):
-        raise HeadMismatch(
-            f"the run used {identity.get('timm_id')} but preset {preset.name} is now "
-            f"{preset.timm_id}"
-        )
-
-    recorded = identity.get("weights_file")
-    if weights is None and recorded and Path(recorded).is_file():
-        weights = recorded
-
-    def make_backbone() -> Backbone:
-        built = backbone or build_backbone(
-            preset.name, weights, device, allow_download=allow_download
-        )
-        check_identity(identity, built, "the run's masks were made with")
-        return built
-
-    settings = CacheSettings(
-        backbone=preset.name,
-        timm_id=preset.timm_id,
-        weights_sha256=identity.get("weights_sha256"),
-        resolution=source.resolution,
-        patch_size=preset.patch_size,
-    )
-    cache_root = Path(cache_dir) if cache_dir else source.path / FEATURES_DIR
-    cache = FeatureCache(cache_root, settings)
     masks = list(run_targets(source) if targets is None else targets)
-    entries = ensure_features(
-        cache,
-        source.input_dir,
+    cache, entries = run_features(
+        source,
         [name for name, *_ in masks],
-        make_backbone,
+        cache_dir=cache_dir,
+        weights=weights,
+        device=device,
+        allow_download=allow_download,
+        backbone=backbone,
         progress=feature_progress,
     )
+    settings = cache.settings
     images, left_out = [], {}
     for name, width, height, mask in masks:
         if name not in entries:
@@ -242,9 +218,9 @@ def distil(
         "format": CHECKPOINT_FORMAT,
         "tool_version": __version__,
         "backbone": {
-            "backbone": preset.name,
-            "timm_id": preset.timm_id,
-            "patch_size": preset.patch_size,
+            "backbone": settings.backbone,
+            "timm_id": settings.timm_id,
+            "patch_size": settings.patch_size,
             "weights_sha256": settings.weights_sha256,
         },
         "resolution": settings.resolution,
@@ -263,4 +239,4 @@ def distil(
     }
     out = Path(out)
     save_checkpoint(out, head, meta)
-    return DistilResult(out, len(images), patches, losses, cache_root, left_out)
+    return DistilResult(out, len(images), patches, losses, cache.root, left_out)

@@ -8,20 +8,26 @@ if TYPE_CHECKING:
     import fiftyone as fo
 
 
-def launch_app(dataset: fo.Dataset, port: int = 5151, address: str = "127.0.0.1") -> Any:
+def launch_app(
+    dataset: fo.Dataset,
+    port: int = 5151,
+    address: str = "127.0.0.1",
+    spaces: fo.Space | None = None,
+) -> Any:
     """Launch the FiftyOne App on a dataset (no browser is opened).
 
     Arguments:
       dataset: the dataset to show.
       port: the App's port.
       address: the address the App listens on (``127.0.0.1``: this machine only).
+      spaces: the panels to open (default: the grid).
 
     Returns:
       The ``fo.Session``; call ``close()`` on it to stop the App and its server.
     """
     import fiftyone as fo
 
-    return fo.launch_app(dataset, port=port, address=address, auto=False)
+    return fo.launch_app(dataset, spaces=spaces, port=port, address=address, auto=False)
 
 
 def app_url(session: Any, dataset: fo.Dataset) -> str:

@@ -22,8 +22,10 @@ every sample of that run with the current ones (tags are kept), deletes label fi
 no longer has, and deletes the samples of images the run no longer labels.
 
 The dataset name is recorded in the run folder's ``review.json``; it is the default for the
-next ``review``, ``export`` and ``train --reviewed`` of that run. Every build saves the view
-``LOWEST_SCORE_VIEW``: samples sorted by their best mask score, lowest (and unlabelled) first.
+next ``review``, ``export`` and ``train --reviewed`` of that run. Every build sets each of the
+run's samples' ``score`` (the run's best top-level mask score) and ``no_mask_reason`` (why the
+run wrote no mask for the image, from its notes in ``run.json``), saves the review's views
+(``views``) and its App settings unless the user saved their own (``appconfig``).
 
 ``fiftyone`` is imported inside the functions that need it, so the labelling commands do not
 pay its import time.
@@ -41,22 +43,27 @@ from typing import TYPE_CHECKING, Any
 from ..data.images import find_images
 from ..evaluate import load_gt_mask, load_predictions, match
 from ..runfolder.coco import RleError, decode_rle
-from ..runfolder.layout import read_run, record_reviewing_dataset, reviewing_datasets
+from ..runfolder.layout import RunFolder, read_run, record_reviewing_dataset, reviewing_datasets
+from .appconfig import apply_app_config
 from .convert import mask_to_detection
 from .db import ReviewError, connect
+from .fields import (
+    ENTITIES_FIELD,
+    GT_FIELD,
+    INFO_KEY,
+    NO_MASK_FIELD,
+    PARTS_FIELD,
+    PSEUDO_FIELD,
+    RUN_FIELD,
+    SCORE_FIELD,
+    label_fields,
+)
+from .views import save_review_views
 
 if TYPE_CHECKING:
     import fiftyone as fo
 
 logger = logging.getLogger(__name__)
-
-PSEUDO_FIELD = "pseudo"
-ENTITIES_FIELD = "entities"
-PARTS_FIELD = "parts"
-GT_FIELD = "ground_truth"
-RUN_FIELD = "run_dir"
-INFO_KEY = "selfment"
-LOWEST_SCORE_VIEW = "lowest score first"
 
 
 class NotReviewed(ReviewError):
@@ -89,15 +96,6 @@ def reviewing_dataset(run_dir: str | Path) -> str | None:
     """The latest dataset recorded as reviewing a run folder, or None."""
     names = reviewing_datasets(run_dir)
     return names[-1] if names else None
-
-
-def label_fields(mode: str) -> list[str]:
-    """The detection fields that hold a run's labels, top level first.
-
-    Arguments:
-      mode: the run's mode (``single``, ``instances`` or ``entities``).
-    """
-    return [ENTITIES_FIELD, PARTS_FIELD] if mode == "entities" else [PSEUDO_FIELD]
 
 
 def _image_detections(
@@ -171,8 +169,8 @@ def build_dataset(
     their labels are replaced by the run's current ones (tags kept), label fields the run
     no longer has are deleted, and samples of images the run no longer labels are deleted.
     With ``gt_dir``, samples without ground truth get it in the ``ground_truth`` field. The
-    dataset name is recorded in the run's ``review.json`` and the view ``LOWEST_SCORE_VIEW``
-    is saved.
+    dataset name is recorded in the run's ``review.json``; the review fields, views and App
+    settings are set (see the module's docstring).
 
     Arguments:
       run_dir: a finished run folder (annotations.json and run.json).
@@ -190,7 +188,6 @@ def build_dataset(
       DatabaseError: the database cannot be reached.
     """
     import fiftyone as fo
-    from fiftyone import ViewField as F
 
     run = read_run(Path(run_dir).resolve())
     run_dir, mode, input_dir = run.path, run.mode, run.input_dir
@@ -252,14 +249,55 @@ def build_dataset(
             run=run.provenance,
         )
     info["runs"] = {**runs, str(run_dir): fingerprint}
+    _set_review_fields(dataset, run, current)
+    apply_app_config(dataset, info)
     dataset.info[INFO_KEY] = info
     dataset.save()
-    top = fields[0]
-    by_score = dataset.sort_by(F(f"{top}.detections").map(F("confidence")).max())
-    dataset.save_view(LOWEST_SCORE_VIEW, by_score, overwrite=True)
+    save_review_views(dataset, mode)
     record_reviewing_dataset(run_dir, name)
     logger.info("dataset %s: %d new samples, %d in all", name, len(samples), len(dataset))
     return dataset
+
+
+def no_mask_reason(image: dict[str, Any], notes: dict[str, Any]) -> str:
+    """Why a run wrote no mask for an image: its segmenter's notes, or the general reason.
+
+    Arguments:
+      image: the image's COCO entry (its ``notes``, when the run recorded some there).
+      notes: the segmenter's notes about the image from ``run.json``'s ``image_notes``.
+    """
+    found = {**image.get("notes", {}), **notes}
+    if found:
+        return "; ".join(f"{key}: {value}" for key, value in found.items())
+    return "the run kept no mask (none passed the mode's minimum area and score)"
+
+
+def _set_review_fields(
+    dataset: fo.Dataset,
+    run: RunFolder,
+    current: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+) -> None:
+    """Set ``score`` (best top-level mask score) and ``no_mask_reason`` on the run's samples."""
+    import fiftyone as fo
+
+    for field, kind in ((SCORE_FIELD, fo.FloatField), (NO_MASK_FIELD, fo.StringField)):
+        if not dataset.has_sample_field(field):
+            dataset.add_sample_field(field, kind)
+    notes = run.provenance.get("image_notes", {})
+    scores: dict[str, float | None] = {}
+    reasons: dict[str, str | None] = {}
+    for filepath, (image, anns) in current.items():
+        top = [a["score"] for a in anns if int(a.get("level", 0)) == 0]
+        scores[filepath] = max(top) if top else None
+        reasons[filepath] = (
+            None if anns else no_mask_reason(image, notes.get(image["file_name"], {}))
+        )
+    present = set(dataset.values("filepath"))
+    scores = {path: value for path, value in scores.items() if path in present}
+    reasons = {path: value for path, value in reasons.items() if path in present}
+    if scores:
+        dataset.set_values(SCORE_FIELD, scores, key_field="filepath")
+        dataset.set_values(NO_MASK_FIELD, reasons, key_field="filepath")
 
 
 def _claim_unowned_samples(dataset: fo.Dataset, run_dir: Path) -> None:
