@@ -14,7 +14,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -327,6 +327,10 @@ class Executor(Protocol):
         """Label the job's images."""
         ...
 
+    def model_device(self, config: RunConfig) -> str:
+        """Where the driver builds the model (``config.device`` when it runs it)."""
+        ...
+
     def provenance(self) -> dict[str, Any]:
         """Keys for run.json that say where the work ran (empty for a local run)."""
         ...
@@ -361,6 +365,10 @@ class LocalExecutor:
                 timer.add("decode", item.decode_seconds)
             for finished in labeller.label(batch, timer, config.save_scores):
                 recorder.image(finished)
+
+    def model_device(self, config: RunConfig) -> str:
+        """The run's device: the model runs here."""
+        return config.device
 
     def provenance(self) -> dict[str, Any]:
         """Nothing more than run.json's ``device``."""
@@ -419,7 +427,7 @@ def label_folder(
             f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)"
         )
     if backbone is None:
-        backbone = backbone_for(config)
+        backbone = backbone_for(replace(config, device=executor.model_device(config)))
         load_seconds = time.perf_counter() - begin
     segmenter = segmenter or make_segmenter(config.segment)
     labeller = Labeller(backbone, segmenter, config.precision)
