@@ -148,7 +148,13 @@ class ObjectStoreFolder:
         """
         fs_module = _pyarrow_fs()
         selector = fs_module.FileSelector(self.prefix, recursive=True, allow_not_found=True)
+        bucket = self.prefix.split("/", 1)[0]
         try:
+            if self.filesystem.get_file_info(bucket).type == fs_module.FileType.NotFound:
+                raise StorageError(
+                    f"cannot list {self._uri}: the bucket {bucket!r} does not exist "
+                    "(or these credentials cannot see it)"
+                )
             infos = self.filesystem.get_file_info(selector)
         except OSError as error:
             raise StorageError(f"cannot list {self._uri}: {error}") from None
