@@ -14,27 +14,21 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from pycocotools.coco import COCO
 from selfment_label_cli.main import app
+from test_run import _scene
 from typer.testing import CliRunner
 
 from selfment_label.config import RayConfig, RunConfig
 from selfment_label.device import DeviceError
+from selfment_label.distributed.ray_run import ActorPlan, RayExecutor, RayUnavailable, plan_actors
 from selfment_label.runfolder.layout import RunFolderError, read_run
 from selfment_label.runfolder.pipeline import label_folder
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="the test-s3 extra is not installed")
 
-from selfment_label.distributed.ray_run import (  # noqa: E402  (after the skips)
-    ActorPlan,
-    RayExecutor,
-    RayUnavailable,
-    plan_actors,
-)
 
 BUCKET = "images"
 S3_ENV = {
@@ -73,14 +67,6 @@ def local_ray(s3_endpoint: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-def _scene(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
-    y, x = rng.integers(5, 25, 2)
-    array[y : y + 35, x : x + 40] = rng.integers(150, 255, 3, dtype=np.uint8)
-    return Image.fromarray(array)
 
 
 @pytest.fixture()
