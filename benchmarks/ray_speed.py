@@ -6,8 +6,10 @@ its own run folder (the masks of every Ray run are checked equal to the local ru
 local Ray instance with ``--cpus`` CPUs serves the Ray runs; its start is timed apart. For each
 run the progress callback's timestamps split the labelling time into start-up (until the
 first image is journalled: for Ray, actors starting and receiving the model) and the steady
-rate after it; Ray's overhead per image is the Ray run's steady seconds per image minus the
-local run's.
+rate after it. Wall-clock rates depend on what else the machine runs, so the CPU seconds of
+the whole process tree (this process, and Ray's services, tasks and actors) are sampled too:
+Ray's overhead per image is the Ray run's CPU seconds per image minus the local run's, in
+wall-clock terms the steady seconds per image minus the local run's.
 
     .venv/bin/python benchmarks/ray_speed.py --images 100            # --json FILE
 
@@ -18,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from PIL import Image
 
 from benchmarks.speed import link_images
@@ -43,6 +48,49 @@ GPU_SEGMENT_SECONDS = 0.002
 """NCut + IPO per image on a GPU, batched: assumed launch-bound (~100 small kernels per batch)."""
 
 
+class TreeCpu:
+    """CPU seconds (user + system) of this process and all its descendants over a block, sampled
+    every ``period`` seconds in a thread (a process that ends loses at most one period)."""
+
+    def __init__(self, period: float = 0.25):
+        self.period = period
+        self._start: dict[tuple[int, float], float] = {}
+        self._last: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> dict[tuple[int, float], float]:
+        root = psutil.Process()
+        seen = {}
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+                seen[(process.pid, process.create_time())] = times.user + times.system
+            except psutil.Error:
+                continue
+        return seen
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self._last.update(self._sample())
+
+    def __enter__(self) -> TreeCpu:
+        self._start = self._sample()
+        self._last = dict(self._start)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._sample())
+
+    @property
+    def seconds(self) -> float:
+        """CPU seconds spent in the block."""
+        return sum(cpu - self._start.get(key, 0.0) for key, cpu in self._last.items())
+
+
 @dataclass
 class Timing:
     """One run's figures.
@@ -53,6 +101,7 @@ class Timing:
       first: seconds from the loop's start to the first journalled image.
       steady: seconds per image after the first one.
       stages: seconds per stage, summed over images (and actors).
+      cpu: CPU seconds of the process tree during the run.
     """
 
     name: str
@@ -60,6 +109,7 @@ class Timing:
     first: float
     steady: float
     stages: dict[str, float]
+    cpu: float
 
 
 def timed_run(
@@ -68,17 +118,18 @@ def timed_run(
     """Label ``images`` into ``out`` and time it from the progress callback."""
     stamps: list[float] = []
     start = time.perf_counter()
-    summary = label_folder(
-        images,
-        out,
-        config,
-        backbone=backbone,
-        executor=executor,
-        progress=lambda *_: stamps.append(time.perf_counter()),
-    )
+    with TreeCpu() as cpu:
+        summary = label_folder(
+            images,
+            out,
+            config,
+            backbone=backbone,
+            executor=executor,
+            progress=lambda *_: stamps.append(time.perf_counter()),
+        )
     first = stamps[0] - start
     steady = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
-    return Timing(name, summary.seconds, first, steady, summary.stages)
+    return Timing(name, summary.seconds, first, steady, summary.stages, cpu.seconds)
 
 
 def backbone_gflops(grids: list[tuple[int, int]], dim: int = 384, depth: int = 12) -> float:
@@ -91,12 +142,13 @@ def backbone_gflops(grids: list[tuple[int, int]], dim: int = 384, depth: int = 1
     return total / len(grids) / 1e9
 
 
-def gpu_model(local: Timing, count: int, gflops: float) -> list[dict[str, Any]]:
+def gpu_model(timings: list[Timing], count: int, gflops: float) -> list[dict[str, Any]]:
     """Images/s per GPU: one actor handles an image serially (backbone on the GPU at the
     assumed utilisation, NCut + IPO on the GPU, then full-size masks + RLE on its CPU thread
-    at the measured CPU cost); decoding runs in other CPU tasks and is not on this path."""
-    masks = (local.stages.get("masks", 0.0) + local.stages.get("write", 0.0)) / count
-    decode = local.stages.get("decode", 0.0) / count
+    at the measured CPU cost, the least of the runs: other load only inflates it); decoding
+    runs in other CPU tasks and is not on this path."""
+    masks = min(t.stages.get("masks", 0.0) + t.stages.get("write", 0.0) for t in timings) / count
+    decode = min(t.stages.get("decode", 0.0) for t in timings) / count
     rows = []
     for gpu, tflops in GPU_PEAK_TFLOPS.items():
         backbone = gflops / (tflops * 1e3 * ASSUMED_UTILISATION)
@@ -181,6 +233,8 @@ def _report(timings: list[Timing], count: int, ray_start: float, gflops: float) 
                 "startup_s": round(timing.first, 2),
                 "steady_images_per_s": round(1 / timing.steady, 3),
                 "overhead_ms_per_image": round(1e3 * (timing.steady - local.steady), 1),
+                "cpu_s_per_image": round(timing.cpu / count, 3),
+                "overhead_cpu_ms_per_image": round(1e3 * (timing.cpu - local.cpu) / count, 1),
                 "stage_ms_per_image": {
                     k: round(1e3 * v / count, 1) for k, v in timing.stages.items()
                 },
@@ -188,26 +242,33 @@ def _report(timings: list[Timing], count: int, ray_start: float, gflops: float) 
         )
     return {
         "images": count,
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
+        "cpus": os.cpu_count(),
         "ray_init_s": round(ray_start, 2),
         "runs": runs,
         "backbone_gflops_per_image": round(gflops, 1),
         "assumed_gpu_utilisation": ASSUMED_UTILISATION,
         "assumed_gpu_segment_ms": 1e3 * GPU_SEGMENT_SECONDS,
-        "gpu_model": gpu_model(local, count, gflops),
+        "gpu_model": gpu_model(timings, count, gflops),
     }
 
 
 def _print(report: dict[str, Any]) -> None:
-    print(f"{report['images']} images; ray.init of the local instance {report['ray_init_s']} s")
+    print(
+        f"{report['images']} images, {report['cpus']} CPUs, load average "
+        f"{report['load_average_1_5_15']} at the end; ray.init of the local instance "
+        f"{report['ray_init_s']} s"
+    )
     print(
         f"{'run':<18} {'s':>7} {'img/s':>7} {'start s':>8} {'steady img/s':>13} "
-        f"{'overhead ms/img':>16}"
+        f"{'overhead ms/img':>16} {'CPU s/img':>10} {'overhead CPU ms/img':>20}"
     )
     for run in report["runs"]:
         print(
             f"{run['run']:<18} {run['seconds']:>7} {run['images_per_s']:>7} "
             f"{run['startup_s']:>8} {run['steady_images_per_s']:>13} "
-            f"{run['overhead_ms_per_image']:>16}"
+            f"{run['overhead_ms_per_image']:>16} {run['cpu_s_per_image']:>10} "
+            f"{run['overhead_cpu_ms_per_image']:>20}"
         )
         print(f"    stages ms/image: {run['stage_ms_per_image']}")
     print(
