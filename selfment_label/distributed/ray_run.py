@@ -207,10 +207,12 @@ class RayExecutor:
         settings = DecodeSettings(
             config.resolution, labeller.backbone.patch_size, mean, std, config.max_pixels
         )
-        per_block = math.ceil(len(job.todo) / MAX_BLOCKS)
-        blocks = math.ceil(len(job.todo) / max(config.batch_size, per_block))
-        names = ray.data.from_items(
-            [{"file_name": name} for name in job.todo], override_num_blocks=blocks
+        import pyarrow
+
+        table = pyarrow.table({"file_name": job.todo})  # compact: no Python object per row
+        rows = max(config.batch_size, math.ceil(len(job.todo) / MAX_BLOCKS))
+        names = ray.data.from_arrow(
+            [table.slice(start, rows) for start in range(0, len(job.todo), rows)]
         )
         return (
             names.map_batches(
