@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import RAY_ADDRESS_ENV, RAY_CPU_THREADS_PER_ACTOR, RayConfig, RunConfig
 from ..device import DeviceError, resolve_device
-from ..runfolder.pipeline import LabelJob
+from ..runfolder.pipeline import LabelJob, Labeller
 from .stages import (
     DecodeSettings,
     LabelActor,
@@ -201,14 +201,17 @@ class RayExecutor:
                     _record_rows(batch, job, devices)
             self._provenance = self._describe(ray, resources, plan, devices)
 
-    def _dataset(self, ray: Any, job: LabelJob, labeller: Any, plan: ActorPlan, window: int):
+    def _dataset(
+        self, ray: Any, job: LabelJob, labeller: Labeller, plan: ActorPlan, window: int
+    ) -> Any:
+        """The lazy Ray Data pipeline (a ``ray.data.Dataset``) of the job's images."""
+        import pyarrow
+
         config = job.config
         mean, std = labeller.backbone.mean_std
         settings = DecodeSettings(
             config.resolution, labeller.backbone.patch_size, mean, std, config.max_pixels
         )
-        import pyarrow
-
         table = pyarrow.table({"file_name": job.todo})  # compact: no Python object per row
         rows = max(config.batch_size, math.ceil(len(job.todo) / MAX_BLOCKS))
         names = ray.data.from_arrow(
