@@ -22,7 +22,13 @@ from typer.testing import CliRunner
 
 from selfment_label.config import RayConfig, RunConfig
 from selfment_label.device import DeviceError
-from selfment_label.distributed.ray_run import ActorPlan, RayExecutor, RayUnavailable, plan_actors
+from selfment_label.distributed.ray_run import (
+    ActorPlan,
+    RayExecutor,
+    RayUnavailable,
+    check_reachable,
+    plan_actors,
+)
 from selfment_label.runfolder.layout import RunFolderError, read_run
 from selfment_label.runfolder.pipeline import label_folder
 
@@ -239,6 +245,13 @@ def test_actor_plan_follows_the_cluster():
     assert plan_actors({"CPU": 32.0, "GPU": 4.0}, None, "cpu").num_gpus == 0.0
     with pytest.raises(DeviceError, match="no GPU"):
         plan_actors({"CPU": 8.0}, None, "cuda")
+
+
+def test_unreachable_cluster_fails_fast_in_one_sentence():
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
+        with pytest.raises(RayUnavailable, match=f"cannot connect to the Ray cluster at {address}"):
+            check_reachable(address, timeout=2)
+    check_reachable("auto")  # left to Ray
 
 
 def test_missing_ray_is_one_sentence_naming_the_extra(monkeypatch, tmp_path):

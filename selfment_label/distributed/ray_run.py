@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import re
+import socket
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -40,6 +42,8 @@ from .stages import (
 
 logger = logging.getLogger(__name__)
 
+CONNECT_SECONDS = 5.0
+"""How long a cluster address may take to accept a TCP connection before the run gives up."""
 DECODE_CPUS = 1.0
 """Logical CPUs left to the read/decode tasks (decoding is ~5% of the work at 448 px)."""
 MAX_BLOCKS = 10_000
@@ -103,6 +107,28 @@ def plan_actors(resources: dict[str, float], actors: int | None, device: str) ->
     return ActorPlan(count, share, 0.0, max(1, round(cpus / count)))
 
 
+def check_reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
+    """Fail fast, in one sentence, when a ``host:port`` or ``ray://host:port`` address does not
+    answer (``ray.init`` would retry for minutes); ``auto`` and others are left to Ray.
+
+    Raises:
+      RayUnavailable: nothing accepts a connection there within ``timeout`` seconds.
+    """
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as error:
+        raise RayUnavailable(
+            f"cannot connect to the Ray cluster at {address}: {error} (is it started? "
+            "`ray start --head` prints its address; leave out --ray-address for a local "
+            "instance)"
+        ) from None
+
+
 @contextmanager
 def ray_cluster(address: str | None) -> Iterator[Any]:
     """Connect to the cluster (or start a local instance) for one run, and let it go after.
@@ -116,6 +142,9 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    target = address or os.environ.get(RAY_ADDRESS_ENV)
+    if target:
+        check_reachable(target)
     chatter = logging.INFO if logger.isEnabledFor(logging.DEBUG) else logging.ERROR
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": chatter}
     if address is None and not os.environ.get(RAY_ADDRESS_ENV):
@@ -123,9 +152,8 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as error:
-        where = address or os.environ.get(RAY_ADDRESS_ENV)
         raise RayUnavailable(
-            f"cannot connect to the Ray cluster at {where}: {error} (start one with "
+            f"cannot connect to the Ray cluster at {target}: {error} (start one with "
             "`ray start --head`, or leave out --ray-address for a local instance)"
         ) from None
     try:
