@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,9 +14,11 @@ from selfment_label.config import (
     DEVICE_HELP,
     MODES,
     PRECISION_NAMES,
+    RAY_CPU_THREADS_PER_ACTOR,
     REFINE_METHODS,
     EntitiesConfig,
     InstancesConfig,
+    RayConfig,
     RunConfig,
     SingleConfig,
     mode_config,
@@ -34,7 +37,45 @@ from .console import (
 )
 
 if TYPE_CHECKING:
-    from selfment_label.runfolder.pipeline import ProgressCallback, RunSummary
+    from selfment_label.runfolder.pipeline import Executor, ProgressCallback, RunSummary
+
+IMAGES_HELP = (
+    "Folder of images (searched recursively), or an object storage prefix "
+    "(s3://bucket/prefix; needs the ray extra)."
+)
+RAY_HELP = "Run on a Ray cluster with Ray Data (needs the ray extra)."
+RAY_ADDRESS_HELP = (
+    "With --ray: the cluster (auto, ray://host:port, host:port) \\[default: $RAY_ADDRESS, "
+    "else a local Ray instance for this run]."
+)
+RAY_ACTORS_HELP = (
+    "With --ray: model replicas \\[default: one per GPU; CPU-only: one per "
+    f"{RAY_CPU_THREADS_PER_ACTOR} CPUs]."
+)
+
+
+def ray_executor(
+    ray: bool, address: str | None, actors: int | None, verbose: bool = False
+) -> Executor | None:
+    """The executor ``--ray``/``--ray-address``/``--ray-actors`` ask for (None: this process).
+
+    Ray's own log lines (start-up notices, Ray Data's execution reports) show only with
+    ``verbose``. Exits with one sentence when Ray is not installed or the options do not go
+    together.
+    """
+    if not ray:
+        if address or actors:
+            raise fail("--ray-address and --ray-actors apply to a Ray run: pass --ray too")
+        return None
+    with invalid_options():
+        options = RayConfig(address=address, actors=actors)
+    from selfment_label.distributed.ray_run import RayExecutor, RayUnavailable
+
+    with user_errors(RayUnavailable):
+        executor = RayExecutor(options)
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    return executor
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -68,7 +109,9 @@ def print_summary(summary: RunSummary) -> None:
 def label_errors() -> tuple[type[BaseException], ...]:
     """The library errors a labelling call reports as a sentence (imported on use, so the
     CLI's help stays fast)."""
+    from selfment_label.data.storage import StorageError
     from selfment_label.device import DeviceError
+    from selfment_label.distributed.ray_run import RayUnavailable
     from selfment_label.features.presets import BackboneError
     from selfment_label.refine import RefineUnavailable
     from selfment_label.runfolder.journal import RunConflict
@@ -76,6 +119,8 @@ def label_errors() -> tuple[type[BaseException], ...]:
     from selfment_label.runfolder.pipeline import NoImages
 
     return (
+        RayUnavailable,
+        StorageError,
         NoImages,
         RefineUnavailable,
         RunConflict,
@@ -124,7 +169,7 @@ def label_with_progress(
 
 
 def run(
-    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    images: str = typer.Argument(..., help=IMAGES_HELP),
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
     ),
@@ -186,6 +231,9 @@ def run(
         help="Similarity range an entity or part must survive (entities).",
     ),
     overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
+    ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
+    ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_actors: int = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Find the main object in every image and write annotations.json (COCO) + run.json."""
@@ -218,10 +266,13 @@ def run(
             refine=refine,
             segment=segment,
         )
+    executor = ray_executor(ray, ray_address, ray_actors, verbose)
     from selfment_label.runfolder.pipeline import label_folder
 
     label_with_progress(
-        lambda progress: label_folder(images, out, config, overwrite=overwrite, progress=progress)
+        lambda progress: label_folder(
+            images, out, config, overwrite=overwrite, progress=progress, executor=executor
+        )
     )
 
 

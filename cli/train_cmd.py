@@ -25,7 +25,15 @@ from .console import (
     setup_logging,
     user_errors,
 )
-from .run_cmd import label_with_progress, refine_option
+from .run_cmd import (
+    IMAGES_HELP,
+    RAY_ACTORS_HELP,
+    RAY_ADDRESS_HELP,
+    RAY_HELP,
+    label_with_progress,
+    ray_executor,
+    refine_option,
+)
 
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
 
@@ -147,7 +155,7 @@ def train(
 
 def apply(
     head: Path = typer.Argument(..., help="A head checkpoint made by `selfment-label train`."),
-    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    images: str = typer.Argument(..., help=IMAGES_HELP),
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
     ),
@@ -176,6 +184,9 @@ def apply(
         help="With --review: an existing dataset to add to (e.g. the one the head learnt "
         "from) \\[default: the run folder's own dataset].",
     ),
+    ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
+    ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_actors: int = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
@@ -196,9 +207,10 @@ def apply(
         )
     if name and not review:
         raise fail("--name names the dataset to review in: pass --review too")
+    executor = ray_executor(ray, ray_address, ray_actors, verbose)
     summary = label_with_progress(
         lambda progress: apply_head(
-            head, images, out, config, overwrite=overwrite, progress=progress
+            head, images, out, config, overwrite=overwrite, progress=progress, executor=executor
         ),
         HeadError,
     )

@@ -246,6 +246,32 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "segment"}
 
 
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+RAY_CPU_THREADS_PER_ACTOR = 8
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide a ``--ray`` run goes.
+
+    Arguments:
+      address: the cluster: ``auto`` (the one this machine belongs to), ``ray://host:port``
+        (Ray Client) or a GCS ``host:port``; None reads ``$RAY_ADDRESS``, and without it a
+        local Ray instance is started for the run and stopped after it.
+      actors: model replicas (actors of the labelling pool); None: one per GPU of the cluster,
+        or on a CPU-only cluster one per ``RAY_CPU_THREADS_PER_ACTOR`` CPUs (at least one).
+    """
+
+    address: str | None = None
+    actors: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.actors is not None:
+            check_int("ray_actors", self.actors, 1)
+        if self.address is not None and not str(self.address).strip():
+            raise ValueError("ray_address must not be empty (leave it out for a local instance)")
+
+
 @dataclass
 class TrainConfig:
     """Options of head training.

@@ -7,6 +7,7 @@ reports every failure as an ``ImageSkip`` with a human reason instead of raising
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -17,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -78,22 +80,36 @@ def find_images(
         for name in files:
             if name.startswith("."):
                 continue
-            suffix = Path(name).suffix.lower()
-            if suffix in IMAGE_EXTENSIONS:
+            if is_image_name(name, unsupported):
                 found.append((here / name).relative_to(root).as_posix())
-            else:
-                unsupported[suffix or "(no extension)"] += 1
     if report and skipped_folders:
         logger.warning(
             "not searching %s: selfment-label run folder(s), not input images",
             ", ".join(skipped_folders),
         )
-    if report and unsupported:
+    if report:
+        report_unsupported(unsupported)
+    return sorted(found)
+
+
+def is_image_name(name: str, unsupported: Counter[str] | None = None) -> bool:
+    """Whether a file name has an image extension; other extensions are counted in
+    ``unsupported`` when given."""
+    suffix = Path(name).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return True
+    if unsupported is not None:
+        unsupported[suffix or "(no extension)"] += 1
+    return False
+
+
+def report_unsupported(unsupported: Counter[str]) -> None:
+    """Log one warning counting the files left out for their extension (none: nothing)."""
+    if unsupported:
         kinds = " ".join(sorted(unsupported))
         logger.warning(
             "%d files with unsupported extensions ignored: %s", sum(unsupported.values()), kinds
         )
-    return sorted(found)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -112,7 +128,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def _open(source: Path | io.BytesIO, max_pixels: int) -> Image.Image:
     """``Image.open`` where ``max_pixels``, not PIL's own bomb limit, decides what is too large.
 
     PIL refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` as it opens them; when
@@ -124,9 +140,40 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         if limit is not None and max_pixels > 2 * limit:
             Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            return Image.open(path)
+            return Image.open(source)
         finally:
             Image.MAX_IMAGE_PIXELS = limit
+
+
+def _check_file(path: Path) -> None:
+    """Refuse, as an ``ImageSkip``, what is not a readable, non-empty regular file (reading a
+    FIFO would block)."""
+    try:
+        status = path.stat()
+    except PermissionError:
+        raise ImageSkip("permission denied") from None
+    except OSError as error:
+        raise ImageSkip(f"cannot read: {error}") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageSkip("not a regular file")
+    if status.st_size == 0:
+        raise ImageSkip("empty file (0 bytes)")
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of an image file, after the checks ``load_image`` makes.
+
+    Raises:
+      ImageSkip: with the reason (not a regular file, empty, unreadable).
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise ImageSkip("permission denied") from None
+    except OSError as error:
+        raise ImageSkip(f"cannot read: {error}") from None
 
 
 def load_image(
@@ -149,15 +196,30 @@ def load_image(
       ImageSkip: with the reason, for any file that cannot be used.
     """
     path = Path(path)
+    _check_file(path)
+    return _decode(path, max_pixels, draft_size)
+
+
+def decode_image_bytes(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """``load_image`` for a file's bytes (read from object storage, or by a Ray task).
+
+    Raises:
+      ImageSkip: with the reason, for any bytes that cannot be used.
+    """
+    if not data:
+        raise ImageSkip("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels, draft_size)
+
+
+def _decode(
+    source: Path | io.BytesIO, max_pixels: int, draft_size: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
     try:
-        status = path.stat()
-        if not stat.S_ISREG(status.st_mode):
-            raise ImageSkip("not a regular file")
-        if status.st_size == 0:
-            raise ImageSkip("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open(path, max_pixels) as opened:
+            with _open(source, max_pixels) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageSkip(
@@ -222,8 +284,16 @@ class DecodedImage:
     guide: np.ndarray | None = None
 
 
+class ImageReader(Protocol):
+    """Where image bytes come from when they are not in a local folder (object storage)."""
+
+    def read(self, file_name: str) -> bytes:
+        """The bytes of ``file_name``; raises ``ImageSkip`` with the reason when unreadable."""
+        ...
+
+
 def prepare_image(
-    root: Path,
+    root: str | Path | ImageReader,
     file_name: str,
     resolution: int,
     patch_size: int,
@@ -234,14 +304,23 @@ def prepare_image(
 ) -> DecodedImage:
     """Decode, resize to the patch grid and normalise one image (runs in a worker thread).
 
-    ``guide_side``: also keep the RGB image, its long side at most this many pixels, to
-    guide the edge refinement (None: no guide).
+    Arguments:
+      root: the local folder ``file_name`` is relative to, or a reader of its bytes (an
+        object storage source).
+      file_name: the image, relative to ``root``.
+      resolution, patch_size, mean, std: as ``decoded_image``.
+      max_pixels: larger images are skipped as decompression bombs.
+      guide_side: also keep the RGB image, its long side at most this many pixels, to
+        guide the edge refinement (None: no guide).
 
     Raises:
       ImageSkip: with the reason, for any file that cannot be used.
     """
     start = time.perf_counter()
-    image, size = load_image(root / file_name, max_pixels, draft_size=resolution)
+    if isinstance(root, str | Path):
+        image, size = load_image(Path(root) / file_name, max_pixels, draft_size=resolution)
+    else:
+        image, size = decode_image_bytes(root.read(file_name), max_pixels, draft_size=resolution)
     return decoded_image(
         image, file_name, size, resolution, patch_size, mean, std, start, guide_side
     )

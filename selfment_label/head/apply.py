@@ -14,7 +14,14 @@ from ..config import RunConfig
 from ..features.backbone import Backbone, file_sha256
 from ..masks import THRESHOLD
 from ..runfolder.layout import RUN_NAME
-from ..runfolder.pipeline import ProgressCallback, RunSummary, backbone_for, label_folder
+from ..runfolder.pipeline import (
+    Executor,
+    LocalExecutor,
+    ProgressCallback,
+    RunSummary,
+    backbone_for,
+    label_folder,
+)
 from ..segment.base import PatchMask
 from ..timing import StageTimer
 from .checkpoint import load_checkpoint
@@ -39,6 +46,10 @@ class HeadSegmenter:
     def options(self) -> dict[str, Any]:
         """Options that decide the masks."""
         return {"mode": "head", "head_sha256": self.head_sha256}
+
+    def to(self, device: torch.device | str) -> HeadSegmenter:
+        """This segmenter with its head on ``device`` (a Ray actor moves it to its GPU)."""
+        return HeadSegmenter(self.head.to(device), self.head_sha256)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
@@ -75,6 +86,7 @@ def apply_head(
     overwrite: bool = False,
     backbone: Backbone | None = None,
     progress: ProgressCallback | None = None,
+    executor: Executor | None = None,
 ) -> RunSummary:
     """Label a folder with a trained head; writes the same run folder as ``run``.
 
@@ -91,6 +103,8 @@ def apply_head(
       overwrite: replace a run folder made with other options.
       backbone: a ready backbone (tests); must match the head's.
       progress: called after every image with ``(done, total, file_name, skip_reason)``.
+      executor: where the labelling runs (this process when None; ``RayExecutor``: a Ray
+        cluster).
 
     Raises:
       HeadError / HeadMismatch: unusable checkpoint, or a backbone other than the head's.
@@ -106,8 +120,9 @@ def apply_head(
     )
     if config.weights is None and backbone is None:
         config = replace(config, weights=recorded_weights(meta))
+    executor = executor or LocalExecutor()
     if backbone is None:
-        backbone = backbone_for(config)
+        backbone = backbone_for(replace(config, device=executor.model_device(config)))
     loaded.check_backbone(backbone)
     segmenter = HeadSegmenter(loaded.head.to(backbone.device), loaded.sha256)
     provenance = {
@@ -129,4 +144,5 @@ def apply_head(
         progress=progress,
         extra_provenance=provenance,
         load_seconds=time.perf_counter() - start,
+        executor=executor,
     )

@@ -52,7 +52,9 @@ class SelfmentModel(fom.Model):
         if backbone is None:
             backbone = backbone_for(config)
         self.config = config
-        self.labeller = Labeller(backbone, make_segmenter(config.segment), config.precision)
+        self.labeller = Labeller(
+            backbone, make_segmenter(config.segment), config.precision, config.refine
+        )
         self.timer = StageTimer(backbone.device)
 
     @property

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_write_json
+from ..data.storage import is_uri
 from .coco import RleError, decode_rle, load_coco, masks_by_image
 
 ANNOTATIONS_NAME = "annotations.json"
@@ -75,8 +76,22 @@ class RunFolder:
 
     @property
     def input_dir(self) -> Path:
-        """The folder the run's images came from."""
-        return Path(self._recorded("input_dir"))
+        """The local folder the run's images came from.
+
+        Raises:
+          RunFolderError: the run read its images from object storage (``s3://...``); the
+            consumers of a run (review, train, export) read images from a local folder.
+        """
+        recorded = str(self._recorded("input_dir"))
+        if is_uri(recorded):
+            raise RunFolderError(
+                f"{self.path} was labelled from object storage ({recorded}), and review, train "
+                "and export read images from a local folder: copy them down (for example "
+                f"`aws s3 sync {recorded} ./images`) and run `selfment-label run ./images "
+                f"--out {self.path}` with the same options (images whose size and modification "
+                "time match the journal are not labelled again)"
+            )
+        return Path(recorded)
 
     @property
     def options(self) -> dict[str, Any]:

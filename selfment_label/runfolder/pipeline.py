@@ -8,15 +8,16 @@ and ``run.json`` are written atomically from the journal.
 
 from __future__ import annotations
 
+import io
 import logging
 import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -25,7 +26,8 @@ from .. import __version__
 from ..atomic import atomic_path, atomic_write_json
 from ..config import RunConfig
 from ..data.batching import batches_by_grid, prefetch, stack_pixels
-from ..data.images import DecodedImage, ImageSkip, find_images, prepare_image
+from ..data.images import DecodedImage, ImageSkip, prepare_image
+from ..data.storage import ContentKey, ImageSource, is_uri, open_source
 from ..device import PRECISIONS, resolve_device, small_kernel_threads
 from ..features.backbone import Backbone, build_backbone
 from ..masks import full_size_masks
@@ -101,23 +103,32 @@ def backbone_for(config: RunConfig) -> Backbone:
     )
 
 
-def default_out_dir(input_dir: Path) -> Path:
+def input_name(input_dir: str | Path) -> str:
+    """The input folder's name (a URI's last part)."""
+    if is_uri(input_dir):
+        return str(input_dir).rstrip("/").rsplit("/", 1)[-1]
+    return Path(input_dir).resolve().name
+
+
+def default_out_dir(input_dir: str | Path) -> Path:
     """``./<folder name>-selfment`` in the current directory."""
-    return Path.cwd() / f"{input_dir.resolve().name}-selfment"
+    return Path.cwd() / f"{input_name(input_dir)}-selfment"
 
 
-def find_input_images(input_dir: Path, out_dir: Path) -> list[str]:
-    """The images to label: every image under ``input_dir`` except those inside ``out_dir``
-    or any other run folder (a run folder inside the input never labels its own outputs)."""
+def input_source(input_dir: str | Path, out_dir: Path) -> ImageSource:
+    """The images to label: a URI's objects, or every image under a local folder except those
+    inside ``out_dir`` or any other run folder (a run folder inside the input never labels its
+    own outputs)."""
+    if is_uri(input_dir):
+        return open_source(input_dir)
+    input_dir = Path(input_dir)
     if out_dir.resolve() == input_dir.resolve():
         raise RunConflict(
             f"--out {out_dir} is the input folder itself; choose a folder for the run's files"
         )
     out = out_dir.resolve()
-    return find_images(
-        input_dir,
-        skip_folder=lambda folder: folder.resolve() == out or is_run_folder(folder),
-        report=True,
+    return open_source(
+        input_dir, skip_folder=lambda folder: folder.resolve() == out or is_run_folder(folder)
     )
 
 
@@ -138,20 +149,59 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+@dataclass
+class FinishedImage:
+    """One labelled image, made where the model ran and journalled by the run's driver.
+
+    Arguments:
+      file_name: path relative to the input root.
+      width, height: the image's displayed size.
+      annotations: its annotation records (``annotation_record``).
+      notes: what the segmenter noted about it (empty: nothing).
+      score_png: its soft score map as an 8-bit PNG, when score maps are saved.
+    """
+
+    file_name: str
+    width: int
+    height: int
+    annotations: list[dict[str, Any]]
+    notes: dict[str, Any]
+    score_png: bytes | None = None
+
+
+def _score_png(soft: torch.Tensor) -> bytes:
+    array = (soft.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 class Labeller:
     """Runs a backbone and a segmenter over decoded images and makes full-size masks.
+
+    The same object labels a local run and, inside each Ray actor, a distributed one.
 
     Arguments:
       backbone: the frozen feature extractor.
       segmenter: turns patch tokens into patch masks.
       precision: autocast precision of the backbone (``fp32``, ``fp16``, ``bf16``).
+      refine: edge refinement of the full-size masks (``REFINE_METHODS``); the decoded
+        images must carry their guide (``guide_side(refine)``) unless it is ``none``.
     """
 
-    def __init__(self, backbone: Backbone, segmenter: Segmenter, precision: str = "fp32"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        segmenter: Segmenter,
+        precision: str = "fp32",
+        refine: str = "none",
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.backbone = backbone
         self.segmenter = segmenter
+        self.precision = precision
+        self.refine = refine
         self.autocast = PRECISIONS[precision]
         self.device = backbone.device
 
@@ -162,14 +212,186 @@ class Labeller:
         with small_kernel_threads(self.device):
             return self.segmenter(tokens, timer)
 
+    def label(
+        self, batch: list[DecodedImage], timer: StageTimer, save_scores: bool = False
+    ) -> list[FinishedImage]:
+        """Full-size masks as annotation records (and score maps) for a batch of one grid."""
+        patch_masks = self.patch_masks(batch, timer)
+        finished = []
+        with small_kernel_threads(self.device), timer.stage("masks"):
+            for item, masks in zip(batch, patch_masks, strict=True):
+                kept, union = full_size_masks(
+                    masks, item.width, item.height, self.refine, item.guide
+                )
+                finished.append(
+                    FinishedImage(
+                        file_name=item.file_name,
+                        width=item.width,
+                        height=item.height,
+                        annotations=[
+                            annotation_record(region.mask, region.score, region.extra)
+                            for region in kept
+                        ],
+                        notes=dict(getattr(masks, "notes", None) or {}),
+                        score_png=_score_png(union) if save_scores and union is not None else None,
+                    )
+                )
+        return finished
 
-def _write_score_map(out_dir: Path, file_name: str, soft: torch.Tensor) -> str:
-    rel = score_map_path(file_name)
-    target = out_dir / rel
-    array = (soft.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    with atomic_path(target) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-    return rel
+
+class RunRecorder:
+    """The driver's side of a run: journals finished images and skips as they come, writes
+    score maps into the run folder, counts, and reports progress.
+
+    Arguments:
+      out_dir: the run folder.
+      journal: its open journal.
+      keys: content key of every image of the run.
+      total: images in the run.
+      resumed: images already done by an earlier invocation.
+      progress: called after every image with ``(done, total, file_name, skip_reason)``.
+      timer: the run's stage timer (its ``write`` stage is charged here).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        journal: Journal,
+        keys: dict[str, ContentKey],
+        total: int,
+        resumed: int,
+        progress: ProgressCallback | None,
+        timer: StageTimer,
+    ):
+        self.out_dir = out_dir
+        self.journal = journal
+        self.keys = keys
+        self.total = total
+        self.done = resumed
+        self.labelled = 0
+        self.new_skips: dict[str, str] = {}
+        self.progress = progress
+        self.timer = timer
+
+    def skip(self, file_name: str, reason: str) -> None:
+        """Journal that an image was skipped, and why."""
+        key = self.keys[file_name]
+        self.journal.add({"kind": "skip", "file_name": file_name, "key": key, "reason": reason})
+        self.new_skips[file_name] = reason
+        logger.warning("skipped %s: %s", file_name, reason)
+        self._advance(file_name, reason)
+
+    def image(self, finished: FinishedImage) -> None:
+        """Journal a labelled image (its score map written first, atomically)."""
+        with self.timer.stage("write"):
+            entry: dict[str, Any] = {
+                "kind": "image",
+                "file_name": finished.file_name,
+                "key": self.keys[finished.file_name],
+                "width": finished.width,
+                "height": finished.height,
+            }
+            if finished.score_png is not None:
+                entry["score_map"] = self._write_score_map(finished)
+            entry["annotations"] = finished.annotations
+            if finished.notes:
+                entry["notes"] = finished.notes
+            self.journal.add(entry)
+        self.labelled += 1
+        self._advance(finished.file_name, None)
+
+    def _write_score_map(self, finished: FinishedImage) -> str:
+        rel = score_map_path(finished.file_name)
+        with atomic_path(self.out_dir / rel) as tmp:
+            tmp.write_bytes(finished.score_png or b"")
+        return rel
+
+    def _advance(self, file_name: str, reason: str | None) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total, file_name, reason)
+
+
+@dataclass
+class LabelJob:
+    """What an executor labels, and where its results go.
+
+    Arguments:
+      source: where the images are.
+      todo: the images still to label, in order.
+      config: the run's options.
+      labeller: the engine (the local one; a distributed executor ships it to its workers).
+      recorder: takes every finished image and skip, on the driver.
+    """
+
+    source: ImageSource
+    todo: list[str]
+    config: RunConfig
+    labeller: Labeller
+    recorder: RunRecorder
+
+
+class Executor(Protocol):
+    """Runs a ``LabelJob``: every image of ``todo`` ends in ``recorder.image`` or
+    ``recorder.skip``. A bug (not a bad image) propagates."""
+
+    def __call__(self, job: LabelJob) -> None:
+        """Label the job's images."""
+        ...
+
+    def model_device(self, config: RunConfig) -> str:
+        """Where the driver builds the model (``config.device`` when it runs it)."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """Keys for run.json that say where the work ran (empty for a local run)."""
+        ...
+
+
+class LocalExecutor:
+    """Labels in this process: decoding in background threads, batches of one patch grid."""
+
+    def __call__(self, job: LabelJob) -> None:
+        """Label the job's images in this process."""
+        config, labeller, recorder = job.config, job.labeller, job.recorder
+        timer = recorder.timer
+        mean, std = labeller.backbone.mean_std
+        patch = labeller.backbone.patch_size
+        location = job.source.location
+
+        def decode(name: str) -> DecodedImage:
+            return prepare_image(
+                location,
+                name,
+                config.resolution,
+                patch,
+                mean,
+                std,
+                config.max_pixels,
+                guide_side(config.refine),
+            )
+
+        depth = max(4, 2 * config.batch_size)
+        stream = prefetch(job.todo, decode, workers=config.workers, depth=depth)
+        for batch, failures in batches_by_grid(stream, config.batch_size, window=depth):
+            for name, error in failures:
+                if not isinstance(error, ImageSkip):
+                    raise error
+                recorder.skip(name, str(error) or type(error).__name__)
+            if not batch:
+                continue
+            for item in batch:
+                timer.add("decode", item.decode_seconds)
+            for finished in labeller.label(batch, timer, config.save_scores):
+                recorder.image(finished)
+
+    def model_device(self, config: RunConfig) -> str:
+        """The run's device: the model runs here."""
+        return config.device
+
+    def provenance(self) -> dict[str, Any]:
+        """Nothing more than run.json's ``device``."""
+        return {}
 
 
 def label_folder(
@@ -183,11 +405,13 @@ def label_folder(
     progress: ProgressCallback | None = None,
     extra_provenance: dict[str, Any] | None = None,
     load_seconds: float = 0.0,
+    executor: Executor | None = None,
 ) -> RunSummary:
     """Label every image under ``input_dir`` and write a run folder.
 
     Arguments:
-      input_dir: the image folder (searched recursively).
+      input_dir: the image folder (searched recursively), or an object storage prefix
+        (``s3://bucket/prefix``; needs pyarrow, the ``ray`` extra).
       out_dir: the run folder; default ``./<folder name>-selfment``.
       config: run options (defaults when None).
       overwrite: replace a run folder made with other options.
@@ -197,12 +421,15 @@ def label_folder(
       extra_provenance: more keys for run.json (``apply`` records its head here).
       load_seconds: seconds the caller already spent loading the model it passes in
         (counted in the ``load model`` stage and the wall time).
+      executor: where the labelling runs (``LocalExecutor()`` when None; a
+        ``selfment_label.distributed.RayExecutor`` runs it on a Ray cluster).
 
     Returns:
       A ``RunSummary``.
 
     Raises:
       FileNotFoundError / NotADirectoryError: the input folder is missing.
+      StorageError: the object storage prefix cannot be listed.
       NoImages: the folder has no images.
       RunConflict: the output folder is busy or holds a run with other options.
       BackboneError: the weights cannot be found or loaded.
@@ -211,18 +438,20 @@ def label_folder(
     begin = time.perf_counter() - load_seconds
     config = config or RunConfig()
     check_available(config.refine)
-    input_dir = Path(input_dir)
+    executor = executor or LocalExecutor()
     out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
-    names = find_input_images(input_dir, out_dir)
+    source = input_source(input_dir, out_dir)
+    keys = source.list_images()
+    names = list(keys)
     if not names:
         raise NoImages(
             f"no images found under {input_dir} (looked for jpg, jpeg, png, bmp, webp, tif)"
         )
     if backbone is None:
-        backbone = backbone_for(config)
+        backbone = backbone_for(replace(config, device=executor.model_device(config)))
         load_seconds = time.perf_counter() - begin
     segmenter = segmenter or make_segmenter(config.segment)
-    labeller = Labeller(backbone, segmenter, config.precision)
+    labeller = Labeller(backbone, segmenter, config.precision, config.refine)
     identity = backbone.identity()
     fingerprint = {
         "backbone": identity["backbone"],
@@ -239,12 +468,12 @@ def label_folder(
         _check_out_dir(out_dir, overwrite)
         journal = Journal(out_dir, fingerprint)
         try:
-            summary = _label(input_dir, out_dir, names, config, labeller, journal, progress)
+            summary = _label(out_dir, source, keys, config, labeller, journal, progress, executor)
         finally:
             journal.close()
         records = journal.labelled(names)
         info = {
-            "description": f"selfment-label pseudo-labels of {input_dir.resolve().name}",
+            "description": f"selfment-label pseudo-labels of {input_name(input_dir)}",
             "version": __version__,
             "date_created": started,
         }
@@ -259,7 +488,7 @@ def label_folder(
             "version": __version__,
             "started": started,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "input_dir": str(input_dir.resolve()),
+            "input_dir": source.uri,
             "backbone": identity,
             "options": {**config.shared_options(), **segmenter.options()},
             "device": str(backbone.device),
@@ -276,121 +505,40 @@ def label_folder(
             "seconds": round(summary.seconds, 3),
             "wall_seconds": round(summary.wall_seconds, 3),
             "images_per_second": round(summary.images_per_second, 3),
+            **executor.provenance(),
             **(extra_provenance or {}),
         }
         atomic_write_json(out_dir / RUN_NAME, provenance)
     return summary
 
 
-def content_key(path: Path) -> list[int] | None:
-    """What says an image file is unchanged: ``[size, mtime_ns]`` (None when it is gone)."""
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return [status.st_size, status.st_mtime_ns]
-
-
 def _label(
-    input_dir: Path,
     out_dir: Path,
-    names: list[str],
+    source: ImageSource,
+    keys: dict[str, ContentKey],
     config: RunConfig,
     labeller: Labeller,
     journal: Journal,
     progress: ProgressCallback | None,
+    executor: Executor,
 ) -> RunSummary:
-    keys = {n: content_key(input_dir / n) for n in names}
-    todo = [n for n in names if not journal.done(n, keys[n])]
-    resumed = len(names) - len(todo)
+    todo = [n for n in keys if not journal.done(n, keys[n])]
+    resumed = len(keys) - len(todo)
     if resumed:
-        logger.info("resuming: %d of %d images already done", resumed, len(names))
+        logger.info("resuming: %d of %d images already done", resumed, len(keys))
     timer = StageTimer(labeller.device)
-    mean, std = labeller.backbone.mean_std
-    patch = labeller.backbone.patch_size
-
-    def decode(name: str) -> DecodedImage:
-        return prepare_image(
-            input_dir,
-            name,
-            config.resolution,
-            patch,
-            mean,
-            std,
-            config.max_pixels,
-            guide_side(config.refine),
-        )
-
-    done = resumed
-    labelled = 0
-    new_skips: dict[str, str] = {}
+    recorder = RunRecorder(out_dir, journal, keys, len(keys), resumed, progress, timer)
     start = time.perf_counter()
-    depth = max(4, 2 * config.batch_size)
-    stream = prefetch(todo, decode, workers=config.workers, depth=depth)
-    for batch, failures in batches_by_grid(stream, config.batch_size, window=depth):
-        for name, error in failures:
-            if not isinstance(error, ImageSkip):
-                raise error
-            reason = str(error) or type(error).__name__
-            journal.add({"kind": "skip", "file_name": name, "key": keys[name], "reason": reason})
-            new_skips[name] = reason
-            done += 1
-            logger.warning("skipped %s: %s", name, reason)
-            if progress:
-                progress(done, len(names), name, reason)
-        if not batch:
-            continue
-        for item in batch:
-            timer.add("decode", item.decode_seconds)
-        patch_masks = labeller.patch_masks(batch, timer)
-        with small_kernel_threads(labeller.device):
-            for item, masks in zip(batch, patch_masks, strict=True):
-                item_key = keys[item.file_name]
-                _record_image(out_dir, item, masks, config, journal, timer, item_key)
-                labelled += 1
-                done += 1
-                if progress:
-                    progress(done, len(names), item.file_name, None)
-    seconds = time.perf_counter() - start
+    if todo:
+        executor(LabelJob(source, todo, config, labeller, recorder))
     return RunSummary(
         out_dir=out_dir,
-        total=len(names),
-        labelled=labelled,
+        total=len(keys),
+        labelled=recorder.labelled,
         resumed=resumed,
         skipped={},
         annotations=0,
-        seconds=seconds,
+        seconds=time.perf_counter() - start,
         stages=timer.as_dict(),
-        new_skips=new_skips,
+        new_skips=recorder.new_skips,
     )
-
-
-def _record_image(
-    out_dir: Path,
-    item: DecodedImage,
-    masks: list[PatchMask],
-    config: RunConfig,
-    journal: Journal,
-    timer: StageTimer,
-    key: list[int] | None,
-) -> None:
-    annotations = []
-    entry: dict[str, Any] = {
-        "kind": "image",
-        "file_name": item.file_name,
-        "key": key,
-        "width": item.width,
-        "height": item.height,
-    }
-    with timer.stage("masks"):
-        kept, union = full_size_masks(masks, item.width, item.height, config.refine, item.guide)
-        for region in kept:
-            annotations.append(annotation_record(region.mask, region.score, region.extra))
-        if config.save_scores and union is not None:
-            entry["score_map"] = _write_score_map(out_dir, item.file_name, union)
-    entry["annotations"] = annotations
-    notes = getattr(masks, "notes", None)
-    if notes:
-        entry["notes"] = notes
-    with timer.stage("write"):
-        journal.add(entry)

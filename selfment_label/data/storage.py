@@ -1,0 +1,210 @@
+"""Where the images are: a local folder, or a prefix in object storage (``s3://bucket/prefix``).
+
+An ``ImageSource`` lists the images under its root with a content key per image (what says a
+file is unchanged since it was labelled: ``[size, mtime_ns]``) and reads an image's bytes.
+File names are POSIX paths relative to the root, in a local folder as under a prefix, so the
+COCO ``file_name`` is the same wherever the images live.
+
+Object storage goes through pyarrow's filesystems (``pyarrow.fs.FileSystem.from_uri``):
+``s3://`` (credentials, region and ``AWS_ENDPOINT_URL`` from the usual AWS environment),
+``gs://``, ``abfs://`` and ``hdfs://`` where pyarrow was built with them. pyarrow comes with
+the ``ray`` extra; a local folder needs nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from .images import (
+    ImageReader,
+    ImageSkip,
+    find_images,
+    is_image_name,
+    read_image_file,
+    report_unsupported,
+)
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+logger = logging.getLogger(__name__)
+
+URI_PATTERN = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
+ContentKey = list[int] | None
+
+
+class StorageError(RuntimeError):
+    """Object storage that cannot be listed, or a URI no filesystem understands."""
+
+
+def is_uri(images: str | Path) -> bool:
+    """Whether ``images`` names object storage (``scheme://...``) rather than a local path."""
+    return isinstance(images, str) and bool(URI_PATTERN.match(images))
+
+
+class ImageSource(Protocol):
+    """The images of a run: listed once by the driver, read by whoever decodes them."""
+
+    @property
+    def uri(self) -> str:
+        """The root as recorded in run.json (an absolute folder, or the URI)."""
+        ...
+
+    @property
+    def location(self) -> Path | ImageReader:
+        """What ``prepare_image`` decodes from: the local folder, or this source."""
+        ...
+
+    def list_images(self) -> dict[str, ContentKey]:
+        """Every image's file name (sorted) -> its content key (None when it cannot be had)."""
+        ...
+
+    def read(self, file_name: str) -> bytes:
+        """The bytes of one image; raises ``ImageSkip`` with the reason when unreadable."""
+        ...
+
+
+def content_key(path: Path) -> ContentKey:
+    """What says a local image file is unchanged: ``[size, mtime_ns]`` (None when it is gone)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return [status.st_size, status.st_mtime_ns]
+
+
+@dataclass
+class LocalFolder:
+    """Images in a local folder, searched recursively.
+
+    Arguments:
+      root: the folder.
+      skip_folder: called with each sub-folder; True leaves it out (run folders).
+    """
+
+    root: Path
+    skip_folder: Callable[[Path], bool] | None = None
+
+    @property
+    def uri(self) -> str:
+        """The folder, absolute."""
+        return str(self.root.resolve())
+
+    @property
+    def location(self) -> Path:
+        """The folder (decoded lazily from the file, so a bomb is refused before reading it)."""
+        return self.root
+
+    def list_images(self) -> dict[str, ContentKey]:
+        """Images under the folder (run folders left out, with one warning) and their keys."""
+        names = find_images(self.root, skip_folder=self.skip_folder, report=True)
+        return {name: content_key(self.root / name) for name in names}
+
+    def read(self, file_name: str) -> bytes:
+        """The file's bytes (not a regular file, empty or unreadable: ``ImageSkip``)."""
+        return read_image_file(self.root / file_name)
+
+
+class ObjectStoreFolder:
+    """Images under a prefix of object storage, through a pyarrow filesystem.
+
+    Arguments:
+      uri: ``scheme://bucket/prefix`` (``s3://``, ``gs://``, ...).
+
+    Raises:
+      StorageError: pyarrow is missing or does not know the scheme.
+    """
+
+    def __init__(self, uri: str):
+        self._uri = uri.rstrip("/")
+        fs_module = _pyarrow_fs()
+        try:
+            self.filesystem, self.prefix = fs_module.FileSystem.from_uri(self._uri)
+        except (ValueError, OSError, ImportError) as error:
+            raise StorageError(f"cannot open {uri}: {error}") from None
+        self.prefix = self.prefix.rstrip("/")
+
+    @property
+    def uri(self) -> str:
+        """The URI, without a trailing slash."""
+        return self._uri
+
+    @property
+    def location(self) -> ObjectStoreFolder:
+        """This source: images are decoded from the bytes it reads."""
+        return self
+
+    def list_images(self) -> dict[str, ContentKey]:
+        """Images under the prefix (hidden names left out) and their ``[size, mtime_ns]``.
+
+        Raises:
+          StorageError: the prefix cannot be listed (no such bucket, no access, no network).
+        """
+        fs_module = _pyarrow_fs()
+        selector = fs_module.FileSelector(self.prefix, recursive=True, allow_not_found=True)
+        bucket = self.prefix.split("/", 1)[0]
+        try:
+            if self.filesystem.get_file_info(bucket).type == fs_module.FileType.NotFound:
+                raise StorageError(
+                    f"cannot list {self._uri}: the bucket {bucket!r} does not exist "
+                    "(or these credentials cannot see it)"
+                )
+            infos = self.filesystem.get_file_info(selector)
+        except OSError as error:
+            raise StorageError(f"cannot list {self._uri}: {error}") from None
+        found: dict[str, ContentKey] = {}
+        unsupported: Counter[str] = Counter()
+        for info in infos:
+            if info.type != fs_module.FileType.File:
+                continue
+            name = info.path[len(self.prefix) :].lstrip("/")
+            if any(part.startswith(".") for part in name.split("/")):
+                continue
+            if is_image_name(name, unsupported):
+                mtime = info.mtime_ns
+                found[name] = [int(info.size), int(mtime)] if mtime is not None else None
+        report_unsupported(unsupported)
+        return dict(sorted(found.items()))
+
+    def read(self, file_name: str) -> bytes:
+        """The object's bytes (missing or unreadable: ``ImageSkip``)."""
+        try:
+            with self.filesystem.open_input_stream(f"{self.prefix}/{file_name}") as stream:
+                return stream.read()
+        except PermissionError:
+            raise ImageSkip("permission denied") from None
+        except OSError as error:
+            raise ImageSkip(f"cannot read: {error}") from None
+
+
+def _pyarrow_fs() -> pyarrow.fs:
+    try:
+        import pyarrow.fs
+    except ImportError:
+        raise StorageError(
+            'object storage input needs pyarrow: pip install -e ".[ray]" (or pip install pyarrow)'
+        ) from None
+    return pyarrow.fs
+
+
+def open_source(
+    images: str | Path, skip_folder: Callable[[Path], bool] | None = None
+) -> ImageSource:
+    """The image source ``images`` names: a URI (object storage) or a local folder.
+
+    Arguments:
+      images: ``scheme://bucket/prefix`` or a folder path.
+      skip_folder: for a local folder, which sub-folders to leave out.
+
+    Raises:
+      StorageError: a URI no filesystem understands, or pyarrow missing.
+    """
+    if is_uri(images):
+        return ObjectStoreFolder(str(images))
+    return LocalFolder(Path(images), skip_folder)

@@ -1,0 +1,1 @@
+"""Labelling on a Ray cluster (``run --ray``, ``apply --ray``): needs the ``ray`` extra."""
