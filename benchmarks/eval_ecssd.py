@@ -8,6 +8,7 @@ then the seconds per image of every stage (from each run's ``run.json``).
 
     .venv/bin/python benchmarks/eval_ecssd.py                    # all 200 images, defaults
     .venv/bin/python benchmarks/eval_ecssd.py --limit 40 --resolution 518 --tau 0.2
+    .venv/bin/python benchmarks/eval_ecssd.py --refine none       # the Quality table's figures
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from scipy.stats import mannwhitneyu, spearmanr
 
-from selfment_label.config import RunConfig, SingleConfig
-from selfment_label.evaluate import METRIC_NAMES, evaluate_run
+from selfment_label.config import REFINE_METHODS, RunConfig, SingleConfig
+from selfment_label.evaluate import METRIC_NAMES, EvalReport, evaluate_run
 from selfment_label.features.backbone import build_backbone
-from selfment_label.runfolder.layout import RUN_NAME
+from selfment_label.runfolder.layout import ANNOTATIONS_NAME, RUN_NAME
 from selfment_label.runfolder.pipeline import label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--tau", type=float, default=SingleConfig.tau)
     parser.add_argument("--ipo-iters", type=int, default=SingleConfig.ipo_iters)
+    parser.add_argument("--refine", choices=REFINE_METHODS, default=defaults.refine)
     parser.add_argument("--limit", type=int, default=0, help="Use only the first N images.")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default).")
     parser.add_argument("--work", type=Path, default=None, help="Keep the run folders here.")
@@ -82,6 +86,7 @@ def main() -> None:
             resolution=args.resolution,
             segment=SingleConfig(tau=args.tau, ipo_iters=iters),
             save_scores=True,
+            refine=args.refine,
         )
         out = work / f"run-ipo{iters}"
         label_folder(images, out, config, overwrite=True, backbone=backbone)
@@ -93,12 +98,37 @@ def main() -> None:
             "seconds_per_image": {s: t / labelled for s, t in run["stage_seconds"].items()},
             "wall_seconds_per_image": run["seconds"] / labelled,
             "options": run["options"],
+            "score": score_quality(out, report),
         }
     print_results(results, images)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def score_quality(run_dir: Path, report: EvalReport) -> dict[str, float]:
+    """How well the mask score finds bad masks: Spearman with the image's IoU and the AUROC of
+    a low score for masks with IoU < 0.5 (best-scored mask per image; images with none and
+    no_object images left out), and how many images got no mask."""
+    coco = json.loads((run_dir / ANNOTATIONS_NAME).read_text())
+    names = {image["id"]: image["file_name"] for image in coco["images"]}
+    best: dict[str, float] = {}
+    for annotation in coco["annotations"]:
+        name = names[annotation["image_id"]]
+        best[name] = max(best.get(name, 0.0), annotation["score"])
+    pairs = [(best[r.prediction], r.metrics["iou"]) for r in report.rows if r.prediction in best]
+    scores, ious = (np.array(values) for values in zip(*pairs, strict=True))
+    bad = ious < 0.5
+    quality = {
+        "images without a mask": len(names) - len(best),
+        "masks with IoU < 0.5": int(bad.sum()),
+        "score Spearman with IoU": float(spearmanr(scores, ious).statistic),
+    }
+    if bad.any() and not bad.all():
+        statistic = mannwhitneyu(scores[~bad], scores[bad]).statistic
+        quality["score AUROC for IoU < 0.5"] = float(statistic / (bad.sum() * (~bad).sum()))
+    return quality
 
 
 def print_results(results: dict[str, dict], images: Path) -> None:
@@ -111,6 +141,9 @@ def print_results(results: dict[str, dict], images: Path) -> None:
     for metric in METRIC_NAMES:
         table.add_row(metric, *(f"{r['metrics'][metric]:.4f}" for r in results.values()))
     table.add_row("images evaluated", *(str(r["images_evaluated"]) for r in results.values()))
+    for key in dict.fromkeys(k for r in results.values() for k in r["score"]):
+        cells = [f"{r['score'].get(key, float('nan')):.4g}" for r in results.values()]
+        table.add_row(key, *cells)
     stages = dict.fromkeys(s for r in results.values() for s in r["seconds_per_image"])
     for stage in (*stages, "wall"):
         key = "wall_seconds_per_image" if stage == "wall" else None
