@@ -5,7 +5,7 @@ and evaluated against their ground truth with ``selfment_label.evaluate`` (pysod
 the bare backbone forward of every precision is timed in interleaved rounds in this one
 process, so the speed ratio is fair on a busy machine.
 
-    .venv/bin/python benchmarks/bench_precision.py --images 24 --precisions fp32 bf16
+    .venv/bin/python -m benchmarks.bench_precision --images 24 --precisions fp32 bf16
 """
 
 from __future__ import annotations

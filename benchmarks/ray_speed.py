@@ -11,7 +11,7 @@ the whole process tree (this process, and Ray's services, tasks and actors) are 
 Ray's overhead per image is the Ray run's CPU seconds per image minus the local run's, in
 wall-clock terms the steady seconds per image minus the local run's.
 
-    .venv/bin/python benchmarks/ray_speed.py --images 100            # --json FILE
+    .venv/bin/python -m benchmarks.ray_speed --images 100            # --json FILE
 
 The cost model is a model, not a measurement: no GPU was available. See ``gpu_model``.
 """
