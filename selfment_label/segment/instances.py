@@ -35,7 +35,7 @@ from ..config import InstancesConfig
 from ..timing import StageTimer
 from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization, prototype_scores
-from .ncut import affinity, second_eigenvector, seed_component
+from .ncut import linked, pair_cosine, second_eigenvector, seed_component
 from .objectness import no_object_reasons
 from .scores import border_fraction, confidence_score, mask_iou
 from .single import border_swap
@@ -155,8 +155,8 @@ class MaskCut(InstancesConfig):
             if int(free.sum()) < 2:
                 break
             with timer.stage("ncut"):
-                graph = affinity((flat * free[:, None])[None], self.tau)
-                vector = second_eigenvector(graph).vectors[0]
+                cosine = pair_cosine((flat * free[:, None])[None])
+                vector = second_eigenvector(linked(cosine, self.tau)).vectors[0]
                 cut = split_free_patches(vector, free, grid, corner_rule=index > 0).reshape(-1)
             if not bool((cut & free).any()):
                 break
@@ -172,7 +172,7 @@ class MaskCut(InstancesConfig):
                 if index == 0:
                     if bool(border_swap(kept.view(1, *grid), self.border_prior)):
                         kept, cut, scores = ~kept, ~cut, 1.0 - scores
-                    reason = no_object_reasons(flat[None], kept.view(1, *grid))[0]
+                    reason = no_object_reasons(cosine, kept.view(1, *grid))[0]
                     if reason:
                         return ImageMasks([], {"no_object": reason})
                 labels = self._seed_side(kept, cut & free, vector, grid)

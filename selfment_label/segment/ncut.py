@@ -21,10 +21,34 @@ from ..config import SingleConfig
 logger = logging.getLogger(__name__)
 
 
+def pair_cosine(tokens: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every pair of patches, ``[B, N, N]`` in the tokens' dtype.
+
+    Arguments:
+      tokens: ``[B, N, D]`` patch tokens.
+    """
+    unit = torch.nn.functional.normalize(tokens, dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
+def linked(cosine: torch.Tensor, tau: float = SingleConfig.tau, eps: float = 1e-5) -> torch.Tensor:
+    """TokenCut's binary affinity from pair cosines: 1 above ``tau``, ``eps`` elsewhere.
+
+    Arguments:
+      cosine: ``[B, N, N]`` pair cosines (``pair_cosine``).
+      tau: cosine similarity above which two patches are linked with weight 1.
+      eps: weight of every other edge (keeps the graph connected).
+
+    Returns:
+      ``[B, N, N]`` affinity in the cosines' dtype.
+    """
+    return torch.where(cosine > tau, torch.ones_like(cosine), torch.full_like(cosine, eps))
+
+
 def affinity(
     tokens: torch.Tensor, tau: float = SingleConfig.tau, eps: float = 1e-5
 ) -> torch.Tensor:
-    """TokenCut's binary affinity of L2-normalised tokens.
+    """TokenCut's binary affinity of L2-normalised tokens (``linked(pair_cosine(tokens))``).
 
     Arguments:
       tokens: ``[B, N, D]`` patch tokens.
@@ -34,9 +58,7 @@ def affinity(
     Returns:
       ``[B, N, N]`` affinity in the tokens' dtype.
     """
-    unit = torch.nn.functional.normalize(tokens, dim=-1)
-    cos = unit @ unit.transpose(1, 2)
-    return torch.where(cos > tau, torch.ones_like(cos), torch.full_like(cos, eps))
+    return linked(pair_cosine(tokens), tau, eps)
 
 
 @dataclass
@@ -219,18 +241,19 @@ def bipartition(vectors: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def normalized_cut(
-    tokens: torch.Tensor, grid: tuple[int, int], tau: float = SingleConfig.tau, eps: float = 1e-5
+    cosine: torch.Tensor, grid: tuple[int, int], tau: float = SingleConfig.tau, eps: float = 1e-5
 ) -> tuple[torch.Tensor, EigenResult]:
     """Foreground patch masks of a batch of images that share one patch grid.
 
     Arguments:
-      tokens: ``[B, N, D]`` patch tokens.
+      cosine: ``[B, N, N]`` pair cosines of the patch tokens (``pair_cosine``; the caller
+        keeps them for the other tests it makes on the same pairs).
       grid: ``(rows, cols)`` of the patch grid.
       tau: affinity threshold.
       eps: weight of unlinked pairs.
 
     Returns:
-      ``([B, rows, cols]`` boolean masks on the tokens' device, the eigen result).
+      ``([B, rows, cols]`` boolean masks on the cosines' device, the eigen result).
     """
-    result = second_eigenvector(affinity(tokens, tau, eps))
+    result = second_eigenvector(linked(cosine, tau, eps))
     return bipartition(result.vectors, grid), result

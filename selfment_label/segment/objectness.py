@@ -31,19 +31,17 @@ ALIKE = (
 )
 
 
-def min_pair_cosine(tokens: torch.Tensor) -> torch.Tensor:
+def min_pair_cosine(cosine: torch.Tensor) -> torch.Tensor:
     """Smallest cosine similarity between two different patches of each image.
 
     Arguments:
-      tokens: ``[B, N, D]`` patch tokens.
+      cosine: ``[B, N, N]`` pair cosines (``ncut.pair_cosine``).
 
     Returns:
       ``[B]`` minima (1 for a single-patch grid).
     """
-    unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
-    cos = unit @ unit.transpose(1, 2)
-    eye = torch.eye(cos.shape[-1], dtype=torch.bool, device=cos.device)
-    return cos.masked_fill(eye, 1.0).flatten(1).amin(-1)
+    eye = torch.eye(cosine.shape[-1], dtype=torch.bool, device=cosine.device)
+    return cosine.masked_fill(eye, 1.0).flatten(1).amin(-1)
 
 
 def largest_piece(labels: torch.Tensor) -> tuple[int, float]:
@@ -62,17 +60,17 @@ def largest_piece(labels: torch.Tensor) -> tuple[int, float]:
     return count, float(sizes.max() / sizes.sum())
 
 
-def no_object_reasons(tokens: torch.Tensor, labels: torch.Tensor) -> list[str | None]:
+def no_object_reasons(cosine: torch.Tensor, labels: torch.Tensor) -> list[str | None]:
     """Why each image of a batch holds no distinct object, or None when it does.
 
     Arguments:
-      tokens: ``[B, N, D]`` patch tokens.
+      cosine: ``[B, N, N]`` pair cosines of the patch tokens (``ncut.pair_cosine``).
       labels: ``[B, rows, cols]`` boolean refined foreground of each image's cut.
 
     Returns:
       One reason (a sentence for run.json and the journal) or None per image.
     """
-    alike = (min_pair_cosine(tokens) > MIN_PAIR_COSINE).tolist()
+    alike = (min_pair_cosine(cosine) > MIN_PAIR_COSINE).tolist()
     reasons: list[str | None] = []
     for index, image_alike in enumerate(alike):
         if image_alike:

@@ -10,7 +10,7 @@ from ..config import SingleConfig
 from ..timing import StageTimer
 from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization
-from .ncut import normalized_cut
+from .ncut import normalized_cut, pair_cosine
 from .objectness import no_object_reasons
 from .scores import agreement_score, border_fraction, centre_start
 
@@ -34,7 +34,8 @@ class NcutIpo(SingleConfig):
         b, rows, cols, dim = tokens.shape
         flat = tokens.reshape(b, rows * cols, dim)
         with timer.stage("ncut"):
-            cut, eigen = normalized_cut(flat, (rows, cols), tau=self.tau)
+            cosine = pair_cosine(flat)
+            cut, eigen = normalized_cut(cosine, (rows, cols), tau=self.tau)
         with timer.stage("ipo"):
             refined = iterative_patch_optimization(
                 flat, cut.reshape(b, -1), self.ipo_iters, temperature=self.temperature
@@ -50,7 +51,7 @@ class NcutIpo(SingleConfig):
             blind = torch.where(border_swap(blind, self.border_prior)[:, None, None], ~blind, blind)
             confidence = agreement_score(labels, torch.where(swapped, ~cut, cut), blind).tolist()
         capped = (~eigen.converged).tolist()
-        empty = no_object_reasons(flat, labels)
+        empty = no_object_reasons(cosine, labels)
         return [
             ImageMasks([], {"no_object": empty[i]})
             if empty[i]
