@@ -192,7 +192,7 @@ def score(composites: list[Composite], predictions) -> dict[str, float]:
         ious += best_ious(composite.instances, [k.mask for k in kept])
         kinds += [n < composite.pasted for n in range(len(composite.instances))]
         for region in kept:
-            hit = max(best_ious([region.mask], composite.instances), default=0.0) >= 0.5
+            hit = best_ious([region.mask], composite.instances)[0] >= 0.5
             region_hits.append(hit)
             if region.extra.get("level", 0) == 0:
                 top_hits.append(hit)

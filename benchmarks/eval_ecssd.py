@@ -118,13 +118,13 @@ def score_quality(run_dir: Path, report: EvalReport) -> dict[str, float]:
         name = names[annotation["image_id"]]
         best[name] = max(best.get(name, 0.0), annotation["score"])
     pairs = [(best[r.prediction], r.metrics["iou"]) for r in report.rows if r.prediction in best]
+    quality: dict[str, float] = {"images without a mask": len(names) - len(best)}
+    if len(pairs) < 2:
+        return quality
     scores, ious = (np.array(values) for values in zip(*pairs, strict=True))
     bad = ious < 0.5
-    quality = {
-        "images without a mask": len(names) - len(best),
-        "masks with IoU < 0.5": int(bad.sum()),
-        "score Spearman with IoU": float(spearmanr(scores, ious).statistic),
-    }
+    quality["masks with IoU < 0.5"] = int(bad.sum())
+    quality["score Spearman with IoU"] = float(spearmanr(scores, ious).statistic)
     if bad.any() and not bad.all():
         statistic = mannwhitneyu(scores[~bad], scores[bad]).statistic
         quality["score AUROC for IoU < 0.5"] = float(statistic / (bad.sum() * (~bad).sum()))
