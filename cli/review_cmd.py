@@ -15,11 +15,20 @@ from selfment_label.config import (
     EXPORT_MEDIA,
     EXPORT_SPLIT_SEED,
     EXPORT_VAL_FRACTION,
+    PRECISION_HELP,
+    PRECISION_NAMES,
     YOLO_MIN_PIECE_AREA,
     RunConfig,
 )
 
-from .console import console, fail, make_progress, setup_logging, user_errors
+from .console import (
+    console,
+    fail,
+    make_progress,
+    require_choice,
+    setup_logging,
+    user_errors,
+)
 
 
 def print_dataset(dataset: Any) -> None:
@@ -33,7 +42,12 @@ def print_dataset(dataset: Any) -> None:
 
 
 def add_embeddings(
-    dataset: Any, run_dir: Path, weights: Path | None, device: str, allow_download: bool
+    dataset: Any,
+    run_dir: Path,
+    weights: Path | None,
+    device: str,
+    precision: str,
+    allow_download: bool,
 ) -> None:
     """Compute the run's image embeddings into the dataset's brain runs, with progress."""
     from selfment_label.review.embeddings import compute_embeddings
@@ -45,6 +59,7 @@ def add_embeddings(
             run_dir,
             weights=weights,
             device=device,
+            precision=precision,
             allow_download=allow_download,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
@@ -111,6 +126,9 @@ def review(
     device: str = typer.Option(
         RunConfig.device, help=f"With --embeddings: backbone device: {DEVICE_HELP}."
     ),
+    precision: str = typer.Option(
+        RunConfig.precision, help=f"With --embeddings: {PRECISION_HELP.lower()}."
+    ),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     status: bool = typer.Option(
         False,
@@ -132,13 +150,16 @@ def review(
     if status:
         print_status(run_dir, name)
         return
+    require_choice(precision, PRECISION_NAMES, "--precision")
     if gt is not None and not gt.is_dir():
         raise fail(f"--gt {gt} is not a folder")
     with user_errors(ReviewError, RunFolderError), console.status("building the FiftyOne dataset"):
         dataset = build_dataset(run_dir, name, gt)
     if embeddings:
         with user_errors(ReviewError, RunFolderError, DeviceError):
-            add_embeddings(dataset, run_dir, weights, str(resolve_device(device)), not offline)
+            add_embeddings(
+                dataset, run_dir, weights, str(resolve_device(device)), precision, not offline
+            )
     print_dataset(dataset)
     if gt is not None:
         with_gt = len(dataset.exists(GT_FIELD)) if dataset.has_sample_field(GT_FIELD) else 0

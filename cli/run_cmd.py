@@ -13,6 +13,7 @@ from rich.table import Table
 from selfment_label.config import (
     DEVICE_HELP,
     MODES,
+    PRECISION_HELP,
     PRECISION_NAMES,
     RAY_CPU_THREADS_PER_ACTOR,
     REFINE_METHODS,
@@ -141,6 +142,11 @@ def refine_option() -> Any:
     )
 
 
+def precision_option() -> Any:
+    """The ``--precision`` option, shared by ``run``, ``apply``, ``train`` and ``review``."""
+    return typer.Option(RunConfig.precision, help=f"{PRECISION_HELP}.")
+
+
 def label_with_progress(
     label: Callable[[ProgressCallback], RunSummary], *errors: type[BaseException]
 ) -> RunSummary:
@@ -196,9 +202,7 @@ def run(
         "turn off for close-ups whose object fills the frame.",
     ),
     device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
-    precision: str = typer.Option(
-        RunConfig.precision, help=f"Backbone precision: {', '.join(PRECISION_NAMES)}."
-    ),
+    precision: str = precision_option(),
     batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),
     workers: int = typer.Option(RunConfig.workers, min=1, help="Decoding threads."),
     save_scores: bool = typer.Option(

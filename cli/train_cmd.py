@@ -9,6 +9,7 @@ from rich.table import Table
 
 from selfment_label.config import (
     DEVICE_HELP,
+    PRECISION_NAMES,
     REFINE_METHODS,
     REVIEW_EXCLUDE_TAGS,
     RunConfig,
@@ -31,6 +32,7 @@ from .run_cmd import (
     RAY_ADDRESS_HELP,
     RAY_HELP,
     label_with_progress,
+    precision_option,
     ray_executor,
     refine_option,
 )
@@ -63,6 +65,7 @@ def train(
     device: str = typer.Option(
         RunConfig.device, help=f"Backbone device for feature extraction: {DEVICE_HELP}."
     ),
+    precision: str = precision_option(),
     offline: bool = typer.Option(False, help="Never download weights from the hub."),
     overwrite: bool = typer.Option(False, help="Replace an existing checkpoint file."),
     reviewed: bool = typer.Option(
@@ -95,6 +98,7 @@ def train(
     from selfment_label.head.train import distil
     from selfment_label.runfolder.layout import RunFolderError
 
+    require_choice(precision, PRECISION_NAMES, "--precision")
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     if not reviewed and (name or tags):
@@ -135,6 +139,7 @@ def train(
             cache_dir=cache,
             weights=weights,
             device=str(resolve_device(device)),
+            precision=precision,
             allow_download=not offline,
             feature_progress=on_feature,
             train_progress=on_step,
@@ -165,6 +170,7 @@ def apply(
         "trained with, if unchanged; then SELFMENT_WEIGHTS].",
     ),
     device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
+    precision: str = precision_option(),
     batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),
     workers: int = typer.Option(RunConfig.workers, min=1, help="Decoding threads."),
     save_scores: bool = typer.Option(
@@ -195,10 +201,12 @@ def apply(
     from selfment_label.head.checkpoint import HeadError
 
     require_choice(refine, REFINE_METHODS, "--refine")
+    require_choice(precision, PRECISION_NAMES, "--precision")
     with invalid_options():
         config = RunConfig(
             weights=str(weights) if weights else None,
             device=device,
+            precision=precision,
             batch_size=batch_size,
             workers=workers,
             save_scores=save_scores,

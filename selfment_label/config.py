@@ -18,7 +18,12 @@ DEFAULT_RESOLUTION = 448
 MIN_RESOLUTION = 28
 MAX_RESOLUTION = 8192
 DEFAULT_MAX_PIXELS = 120_000_000
-PRECISION_NAMES = ("fp32", "fp16", "bf16")
+PRECISION_NAMES = ("auto", "fp32", "fp16", "bf16")
+DEFAULT_PRECISION = "auto"
+PRECISION_HELP = (
+    "Backbone precision: auto (bf16 on CPUs with native bf16 and on CUDA GPUs that have it, "
+    "fp16 on older CUDA GPUs, fp32 elsewhere), fp32, fp16 or bf16"
+)
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 EXPORT_FORMATS = ("coco", "yolo", "masks")
 EXPORT_MEDIA = ("copy", "symlink", "none")
@@ -195,7 +200,8 @@ class RunConfig:
       weights: local weights file (else ``$SELFMENT_WEIGHTS``, else the hub).
       resolution: pixels on the long side of the resized image.
       device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-      precision: ``fp32``, ``fp16`` or ``bf16`` autocast for the backbone.
+      precision: backbone precision: ``auto`` (resolved per device by
+        ``selfment_label.device.resolve_precision``), ``fp32``, ``fp16`` or ``bf16``.
       batch_size: images per backbone batch (images of one patch grid).
       workers: decoding threads.
       save_scores: also write the soft score map of each image as an 8-bit PNG.
@@ -211,7 +217,7 @@ class RunConfig:
     weights: str | None = None
     resolution: int = DEFAULT_RESOLUTION
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     batch_size: int = 4
     workers: int = 2
     save_scores: bool = False

@@ -13,13 +13,14 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
 from ..config import DEFAULT_BACKBONE
+from .bf16_cpu import bf16_cpu_model
 from .presets import WEIGHTS_ENV, BackboneError, BackbonePreset, get_preset, presets_like
 
 logger = logging.getLogger(__name__)
@@ -158,12 +159,16 @@ class Backbone:
       preset: the preset it was built from.
       weights_file: the local weights file used, if any.
       weights_sha256: sha256 of that file, or None for hub weights.
+
+    The float32 ``model`` is never changed; a reduced-precision form is built from it the
+    first time it is asked for (``patch_tokens``) and kept.
     """
 
     model: torch.nn.Module
     preset: BackbonePreset
     weights_file: Path | None
     weights_sha256: str | None
+    _bf16_cpu: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def patch_size(self) -> int:
@@ -198,27 +203,34 @@ class Backbone:
             "weights_sha256": self.weights_sha256,
         }
 
+    def _forward(self, batch: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """``forward_features`` in ``dtype``: bf16 on a CPU runs the cast model
+        (``bf16_cpu_model``), other reduced precisions autocast the float32 model."""
+        if dtype == torch.bfloat16 and batch.device.type == "cpu":
+            if self._bf16_cpu is None:
+                self._bf16_cpu = bf16_cpu_model(self.model)
+            return self._bf16_cpu.forward_features(batch.to(torch.bfloat16))
+        with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.model.forward_features(batch)
+
     @torch.inference_mode()
-    def patch_tokens(
-        self, batch: torch.Tensor, autocast_dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
+    def patch_tokens(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Last-layer patch tokens (after the final norm, prefix tokens dropped).
 
         Arguments:
           batch: normalised images ``[B, 3, H, W]`` with H and W multiples of the patch size,
             on the backbone's device.
-          autocast_dtype: optional reduced precision (``torch.float16``/``bfloat16``).
+          dtype: reduced precision of the backbone (``torch.float16``/``bfloat16``), or
+            None for float32 (``selfment_label.device.Precision.dtype``).
 
         Returns:
-          ``[B, H/p, W/p, D]`` float32 tokens.
+          ``[B, H/p, W/p, D]`` float32 tokens, whatever the precision.
         """
         b, _, h, w = batch.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
-        enabled = autocast_dtype is not None
-        with torch.autocast(batch.device.type, dtype=autocast_dtype, enabled=enabled):
-            tokens = self.model.forward_features(batch)
+        tokens = self._forward(batch, dtype)
         prefix = int(getattr(self.model, "num_prefix_tokens", 1))
         tokens = tokens[:, prefix:, :].float()
         return tokens.reshape(b, h // p, w // p, -1)

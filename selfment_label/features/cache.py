@@ -1,7 +1,7 @@
 """On-disk cache of backbone patch tokens, so a head trains without re-running the backbone.
 
 A cache folder holds one sub-folder per feature setting (backbone preset, timm id, weights
-sha256, resolution, patch size, feature dimension); its name is a hash of those settings and
+sha256, resolution, patch size, backbone precision); its name is a hash of those settings and
 it carries them in ``settings.json``. Inside, one file per image is named from the image's
 relative path and the sha256 of its bytes, and repeats the settings, the path and the hash,
 which are checked on every read: features made with other settings, or of another file of
@@ -24,6 +24,7 @@ import torch
 from ..atomic import atomic_path, atomic_write_json
 from ..data.batching import batches_by_grid, prefetch, stack_pixels
 from ..data.images import DecodedImage, prepare_image
+from ..device import PRECISIONS
 from .backbone import Backbone, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class CacheSettings:
       weights_sha256: sha256 of the weights file (None for hub weights).
       resolution: pixels on the long side fed to the backbone.
       patch_size: side of a patch in pixels.
+      precision: the backbone precision used (``fp32``, ``fp16``, ``bf16``; never ``auto``):
+        features of another precision are other features.
     """
 
     backbone: str
@@ -60,16 +63,26 @@ class CacheSettings:
     weights_sha256: str | None
     resolution: int
     patch_size: int
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"cache precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"
+            )
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, resolution: int) -> CacheSettings:
-        """The settings of ``backbone`` run at ``resolution``."""
+    def for_backbone(
+        cls, backbone: Backbone, resolution: int, precision: str = "fp32"
+    ) -> CacheSettings:
+        """The settings of ``backbone`` run at ``resolution`` in ``precision``."""
         return cls(
             backbone=backbone.preset.name,
             timm_id=backbone.preset.timm_id,
             weights_sha256=backbone.weights_sha256,
             resolution=int(resolution),
             patch_size=backbone.patch_size,
+            precision=precision,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -245,14 +258,14 @@ def ensure_features(
     if not missing:
         return entries
     backbone = backbone_factory()
-    actual = CacheSettings.for_backbone(backbone, cache.settings.resolution)
+    settings = cache.settings
+    actual = CacheSettings.for_backbone(backbone, settings.resolution, settings.precision)
     if actual != cache.settings:
         raise CacheError(
             f"the backbone built for feature extraction ({actual}) does not match the "
             f"settings the features are wanted for ({cache.settings})"
         )
     mean, std = backbone.mean_std
-    settings = cache.settings
 
     def decode(name: str) -> DecodedImage:
         return prepare_image(input_dir, name, settings.resolution, settings.patch_size, mean, std)
@@ -264,7 +277,8 @@ def ensure_features(
             logger.warning("no features for %s: %s", name, error)
         if not batch:
             continue
-        tokens = backbone.patch_tokens(stack_pixels(batch, backbone.device))
+        pixels = stack_pixels(batch, backbone.device)
+        tokens = backbone.patch_tokens(pixels, PRECISIONS[settings.precision])
         for item, item_tokens in zip(batch, tokens, strict=True):
             name = item.file_name
             entries[name] = cache.save(name, missing[name], item.width, item.height, item_tokens)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from ..config import DEFAULT_PRECISION
+from ..device import resolve_precision
 from ..features.backbone import Backbone, build_backbone
 from ..features.cache import CacheSettings, FeatureCache, FeatureProgress, ensure_features
 from ..features.presets import get_preset
@@ -23,6 +27,7 @@ def run_features(
     cache_dir: str | Path | None = None,
     weights: str | Path | None = None,
     device: str = "cpu",
+    precision: str = DEFAULT_PRECISION,
     allow_download: bool = True,
     backbone: Backbone | None = None,
     progress: FeatureProgress | None = None,
@@ -36,6 +41,8 @@ def run_features(
       weights: backbone weights file, when features must be computed (default: the file
         recorded in run.json, then ``$SELFMENT_WEIGHTS``, then the hub).
       device: device of the backbone, when features must be computed.
+      precision: backbone precision (``auto`` resolved on ``device``, or on the ready
+        ``backbone``'s device); the cache keeps each precision's features apart.
       allow_download: whether hub downloads are allowed.
       backbone: a ready backbone (tests); must match the run's.
       progress: called with ``(done, total)`` while features are gathered.
@@ -72,6 +79,9 @@ def run_features(
         weights_sha256=identity.get("weights_sha256"),
         resolution=source.resolution,
         patch_size=preset.patch_size,
+        precision=resolve_precision(
+            precision, backbone.device if backbone else torch.device(device)
+        ).name,
     )
     cache = FeatureCache(Path(cache_dir) if cache_dir else source.path / FEATURES_DIR, settings)
     entries = ensure_features(cache, source.input_dir, file_names, make_backbone, progress=progress)

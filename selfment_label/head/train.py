@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import TrainConfig
+from ..config import DEFAULT_PRECISION, TrainConfig
 from ..data.images import grid_for
 from ..features.backbone import Backbone
 from ..features.cache import FeatureCache, FeatureProgress
@@ -154,6 +154,7 @@ def distil(
     cache_dir: str | Path | None = None,
     weights: str | Path | None = None,
     device: str = "cpu",
+    precision: str = DEFAULT_PRECISION,
     allow_download: bool = True,
     backbone: Backbone | None = None,
     feature_progress: FeatureProgress | None = None,
@@ -174,6 +175,7 @@ def distil(
       weights: backbone weights file, when features must be computed (default: the file
         recorded in run.json, then ``$SELFMENT_WEIGHTS``, then the hub).
       device: device of the backbone, when features must be computed.
+      precision: backbone precision of the features (``auto``: from the hardware).
       allow_download: whether hub downloads are allowed.
       backbone: a ready backbone (tests); must match the run's.
       feature_progress: called with ``(done, total)`` while features are gathered.
@@ -197,6 +199,7 @@ def distil(
         cache_dir=cache_dir,
         weights=weights,
         device=device,
+        precision=precision,
         allow_download=allow_download,
         backbone=backbone,
         progress=feature_progress,
@@ -224,6 +227,7 @@ def distil(
             "weights_sha256": settings.weights_sha256,
         },
         "resolution": settings.resolution,
+        "feature_precision": settings.precision,
         "feature_dim": feature_dim,
         "hidden": HIDDEN,
         "training": asdict(config),

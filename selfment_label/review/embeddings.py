@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..config import DEFAULT_PRECISION
 from ..features.cache import CacheError, FeatureProgress
 from ..features.presets import BackboneError
 from ..head.checkpoint import HeadMismatch
@@ -71,6 +72,7 @@ def image_embeddings(
     *,
     weights: str | Path | None = None,
     device: str = "cpu",
+    precision: str = DEFAULT_PRECISION,
     allow_download: bool = True,
     backbone: Backbone | None = None,
     progress: FeatureProgress | None = None,
@@ -82,6 +84,7 @@ def image_embeddings(
       file_names: images wanted, relative to the run's input folder.
       weights: backbone weights file, when features must be computed (default: the run's).
       device: device of the backbone, when features must be computed.
+      precision: backbone precision of the features (``auto``: from the hardware).
       allow_download: whether hub downloads are allowed.
       backbone: a ready backbone (tests); must match the run's.
       progress: called with ``(done, total)`` while features are gathered.
@@ -98,6 +101,7 @@ def image_embeddings(
             file_names,
             weights=weights,
             device=device,
+            precision=precision,
             allow_download=allow_download,
             backbone=backbone,
             progress=progress,
@@ -143,6 +147,7 @@ def compute_embeddings(
     *,
     weights: str | Path | None = None,
     device: str = "cpu",
+    precision: str = DEFAULT_PRECISION,
     allow_download: bool = True,
     backbone: Backbone | None = None,
     progress: FeatureProgress | None = None,
@@ -155,7 +160,7 @@ def compute_embeddings(
     Arguments:
       dataset: the run's dataset (built by ``build_dataset``).
       run_dir: the run folder whose samples are embedded.
-      weights, device, allow_download, backbone, progress: as for ``image_embeddings``.
+      weights, device, precision, allow_download, backbone, progress: as for ``image_embeddings``.
 
     Raises:
       ReviewError: fewer than two samples, or features cannot be had.
@@ -171,6 +176,7 @@ def compute_embeddings(
         names,
         weights=weights,
         device=device,
+        precision=precision,
         allow_download=allow_download,
         backbone=backbone,
         progress=progress,

@@ -24,11 +24,11 @@ from PIL import Image
 
 from .. import __version__
 from ..atomic import atomic_path, atomic_write_json
-from ..config import RunConfig
+from ..config import DEFAULT_PRECISION, RunConfig
 from ..data.batching import batches_by_grid, prefetch, stack_pixels
 from ..data.images import DecodedImage, ImageSkip, prepare_image
 from ..data.storage import ContentKey, ImageSource, is_uri, open_source
-from ..device import PRECISIONS, resolve_device, small_kernel_threads
+from ..device import resolve_device, resolve_precision, small_kernel_threads
 from ..features.backbone import Backbone, build_backbone
 from ..masks import full_size_masks
 from ..refine import check_available, guide_side
@@ -184,7 +184,8 @@ class Labeller:
     Arguments:
       backbone: the frozen feature extractor.
       segmenter: turns patch tokens into patch masks.
-      precision: autocast precision of the backbone (``fp32``, ``fp16``, ``bf16``).
+      precision: precision of the backbone (``auto``, ``fp32``, ``fp16``, ``bf16``), resolved
+        on the backbone's device (``choice``).
       refine: edge refinement of the full-size masks (``REFINE_METHODS``); the decoded
         images must carry their guide (``guide_side(refine)``) unless it is ``none``.
     """
@@ -193,22 +194,20 @@ class Labeller:
         self,
         backbone: Backbone,
         segmenter: Segmenter,
-        precision: str = "fp32",
+        precision: str = DEFAULT_PRECISION,
         refine: str = "none",
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.backbone = backbone
         self.segmenter = segmenter
         self.precision = precision
         self.refine = refine
-        self.autocast = PRECISIONS[precision]
         self.device = backbone.device
+        self.choice = resolve_precision(precision, self.device)
 
     def patch_masks(self, batch: list[DecodedImage], timer: StageTimer) -> list[list[PatchMask]]:
         """Patch masks for a batch of images that share one grid."""
         with timer.stage("backbone"):
-            tokens = self.backbone.patch_tokens(stack_pixels(batch, self.device), self.autocast)
+            tokens = self.backbone.patch_tokens(stack_pixels(batch, self.device), self.choice.dtype)
         with small_kernel_threads(self.device):
             return self.segmenter(tokens, timer)
 
@@ -458,7 +457,7 @@ def label_folder(
         "timm_id": identity["timm_id"],
         "weights_sha256": identity["weights_sha256"],
         "resolution": config.resolution,
-        "precision": config.precision,
+        "precision": labeller.choice.name,
         "save_scores": config.save_scores,
         "refine": config.refine,
         **segmenter.options(),
@@ -492,6 +491,7 @@ def label_folder(
             "backbone": identity,
             "options": {**config.shared_options(), **segmenter.options()},
             "device": str(backbone.device),
+            "precision": labeller.choice.as_dict(),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "images_found": summary.total,
