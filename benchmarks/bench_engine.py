@@ -4,6 +4,7 @@ Without arguments it measures the shared dev set with the shared backbone:
 
     .venv/bin/python benchmarks/bench_engine.py
     .venv/bin/python benchmarks/bench_engine.py IMAGES --weights FILE --resolution 448 --no-rss
+    .venv/bin/python benchmarks/bench_engine.py --device cuda --precision fp32 --precision fp16
 """
 
 from __future__ import annotations
@@ -40,6 +41,27 @@ DEFAULT_IMAGES = SHARED / "data" / "ecssd-dev" / "images"
 DEFAULT_WEIGHTS = SHARED / "weights" / "dinov2_vits14.safetensors"
 
 
+def throughput_table(report: BenchReport) -> Table:
+    """One column per resolution and precision: stage costs, images/s, ratio to bare fp32."""
+    table = Table(title="throughput (decode runs in worker threads, overlapped)")
+    table.add_column("measure")
+    columns = [(t, name) for t in report.throughput for name in t.runs]
+    for t, name in columns:
+        table.add_column(f"{t.resolution} px {name} ({t.runs[name].used})", justify="right")
+    table.add_row("images per round", *[str(t.images) for t, _ in columns])
+    stages = dict.fromkeys(s for t, name in columns for s in t.runs[name].stage_ms)
+    for stage in stages:
+        table.add_row(
+            f"{stage} ms/image",
+            *[f"{t.runs[name].stage_ms.get(stage, 0.0):.1f}" for t, name in columns],
+        )
+    table.add_row("end-to-end images/s", *[f"{t.runs[n].end_to_end_ips:.3f}" for t, n in columns])
+    table.add_row("bare backbone images/s", *[f"{t.runs[n].bare_ips:.3f}" for t, n in columns])
+    table.add_row("bare fp32 backbone images/s", *[f"{t.bare_fp32_ips:.3f}" for t, _ in columns])
+    table.add_row("end-to-end / bare fp32", *[f"{t.ratio(n):.3f}" for t, n in columns])
+    return table
+
+
 def print_report(report: BenchReport) -> None:
     """Machine, throughput per resolution, NCut check, memory and targets as rich tables."""
     machine = report.machine
@@ -50,18 +72,7 @@ def print_report(report: BenchReport) -> None:
         f"load average {machine['load_average']}"
     )
     if report.throughput:
-        table = Table(title="throughput (decode runs in worker threads, overlapped)")
-        table.add_column("measure")
-        for row in report.throughput:
-            table.add_column(f"{row.resolution} px", justify="right")
-        rows = report.throughput
-        table.add_row("images per round", *[str(r.images) for r in rows])
-        for stage in dict.fromkeys(s for r in rows for s in r.stage_ms):
-            table.add_row(f"{stage} ms/image", *[f"{r.stage_ms.get(stage, 0.0):.1f}" for r in rows])
-        table.add_row("end-to-end images/s", *[f"{r.end_to_end_ips:.3f}" for r in rows])
-        table.add_row("bare backbone images/s", *[f"{r.bare_ips:.3f}" for r in rows])
-        table.add_row("ratio", *[f"{r.ratio:.3f}" for r in rows])
-        console.print(table)
+        console.print(throughput_table(report))
     if report.ncut:
         n = report.ncut
         console.print(
@@ -110,8 +121,10 @@ def bench(
     ),
     batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),
     workers: int = typer.Option(RunConfig.workers, min=1, help="Decoding threads of the pipeline."),
-    precision: str = typer.Option(
-        RunConfig.precision, help=f"Backbone precision: {', '.join(PRECISION_NAMES)}."
+    precision: list[str] = typer.Option(
+        ["fp32", RunConfig.precision],
+        help=f"Backbone precision(s) of the end-to-end runs, each compared with the bare fp32 "
+        f"backbone; repeat the option: {', '.join(PRECISION_NAMES)}.",
     ),
     limit: int = typer.Option(24, min=1, help="Images per throughput round."),
     rounds: int = typer.Option(2, min=1, help="Interleaved bare/end-to-end rounds (best kept)."),
@@ -126,7 +139,8 @@ def bench(
 ) -> None:
     """Time each stage, compare end-to-end labelling with a bare backbone, check targets."""
     setup_logging(verbose)
-    require_choice(precision, PRECISION_NAMES, "--precision")
+    for name in precision:
+        require_choice(name, PRECISION_NAMES, "--precision")
     if weights is None and not os.environ.get(WEIGHTS_ENV) and DEFAULT_WEIGHTS.is_file():
         weights = DEFAULT_WEIGHTS
     config = BenchConfig(
@@ -137,7 +151,7 @@ def bench(
         resolutions=tuple(resolution),
         batch_size=batch_size,
         workers=workers,
-        precision=precision,
+        precisions=tuple(dict.fromkeys(precision)),
         limit=limit,
         rounds=rounds,
         ncut=ncut,

@@ -9,6 +9,7 @@ then the seconds per image of every stage (from each run's ``run.json``).
     .venv/bin/python benchmarks/eval_ecssd.py                    # all 200 images, defaults
     .venv/bin/python benchmarks/eval_ecssd.py --limit 40 --resolution 518 --tau 0.2
     .venv/bin/python benchmarks/eval_ecssd.py --refine none       # the Quality table's figures
+    .venv/bin/python benchmarks/eval_ecssd.py --precision fp32    # the quality gate of auto
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import mannwhitneyu, spearmanr
 
-from selfment_label.config import REFINE_METHODS, RunConfig, SingleConfig
+from selfment_label.config import PRECISION_NAMES, REFINE_METHODS, RunConfig, SingleConfig
 from selfment_label.evaluate import METRIC_NAMES, EvalReport, evaluate_run
 from selfment_label.features.backbone import build_backbone
 from selfment_label.runfolder.layout import ANNOTATIONS_NAME, RUN_NAME
@@ -47,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tau", type=float, default=SingleConfig.tau)
     parser.add_argument("--ipo-iters", type=int, default=SingleConfig.ipo_iters)
     parser.add_argument("--refine", choices=REFINE_METHODS, default=defaults.refine)
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default=defaults.precision)
     parser.add_argument("--limit", type=int, default=0, help="Use only the first N images.")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default).")
     parser.add_argument("--work", type=Path, default=None, help="Keep the run folders here.")
@@ -87,6 +89,7 @@ def main() -> None:
             segment=SingleConfig(tau=args.tau, ipo_iters=iters),
             save_scores=True,
             refine=args.refine,
+            precision=args.precision,
         )
         out = work / f"run-ipo{iters}"
         label_folder(images, out, config, overwrite=True, backbone=backbone)

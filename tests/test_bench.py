@@ -52,19 +52,25 @@ def test_run_bench_reports_every_stage_and_target(scenes, tiny_backbone):
         rounds=1,
         ncut_grid=(6, 7),
         rss_counts=(),
+        precisions=("fp32", "bf16"),
     )
     report = run_bench(config, backbone=tiny_backbone)
     assert [t.resolution for t in report.throughput] == [56, 84]
     for row in report.throughput:
-        assert row.images == 4
-        assert row.bare_ips > 0 and row.end_to_end_ips > 0
-        assert row.ratio == pytest.approx(row.end_to_end_ips / row.bare_ips)
-        assert {"backbone", "ncut", "ipo", "masks", "write"} <= set(row.stage_ms)
+        assert row.images == 4 and row.bare_fp32_ips > 0
+        assert set(row.runs) == {"fp32", "bf16"}
+        for name, run in row.runs.items():
+            assert run.used == name and run.bare_ips > 0 and run.end_to_end_ips > 0
+            assert row.ratio(name) == pytest.approx(run.end_to_end_ips / row.bare_fp32_ips)
+            assert {"backbone", "ncut", "ipo", "masks", "write"} <= set(run.stage_ms)
     assert report.ncut is not None and report.ncut["patches"] == 42
     names = [t.name for t in report.targets]
-    assert len(names) == 4 and "NCut eigenvector |cos| vs scipy" in names
+    assert len(names) == 6 and "NCut eigenvector |cos| vs scipy" in names
+    bounds = {t.name.split(" / ")[0]: t.bound for t in report.targets if "end-to-end" in t.name}
+    assert bounds == {"end-to-end fp32 (fp32)": 0.85, "end-to-end bf16 (bf16)": 2.0}
     assert report.machine["torch_threads"] == torch.get_num_threads()
-    assert report.as_dict()["throughput"][0]["resolution"] == 56
+    as_dict = report.as_dict()["throughput"][0]
+    assert as_dict["resolution"] == 56 and "ratio_to_bare_fp32" in as_dict["runs"]["bf16"]
 
 
 def test_ncut_check_agrees_with_scipy(scenes, tiny_backbone):

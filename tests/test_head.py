@@ -89,7 +89,8 @@ def test_cache_never_serves_other_settings_or_files(tmp_path: Path) -> None:
     assert cache.lookup("b/img.jpg", "f" * 64) is None
     assert cache.lookup("a/img.jpg", "0" * 64) is None
     assert cache.load(entry, "b/img.jpg") is None
-    for change in ({"resolution": 224}, {"weights_sha256": "other"}, {"backbone": "x"}):
+    changes = ({"resolution": 224}, {"weights_sha256": "other"}, {"backbone": "x"})
+    for change in (*changes, {"precision": "bf16"}):
         other = FeatureCache(tmp_path, dataclasses.replace(base, **change))
         assert other.folder != cache.folder
         assert other.lookup("a/img.jpg", "f" * 64) is None
