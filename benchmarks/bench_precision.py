@@ -6,7 +6,9 @@ Each round times, for every precision: the bare backbone over pre-decoded images
 trained once on fp32 features, and feature extraction into a fresh cache (what ``train``
 does when a run's features are not cached). The best round of each is kept. Start-up is a
 10-image ``label_folder`` run that loads the model itself (its ``load model`` stage and its
-wall time). Masks of every precision are compared with fp32's (mean and lowest IoU).
+wall time). Masks of every precision are compared with fp32's (mean and lowest IoU) and
+evaluated against the ground truth (the head's too: trained on fp32 features, applied on
+features of each precision).
 
     .venv/bin/python -m benchmarks.bench_precision --images 16 --precisions fp32 auto
 """
@@ -26,6 +28,7 @@ from benchmarks.speed import bare_backbone_seconds, decode_all, link_images, mac
 from selfment_label.config import DEFAULT_RESOLUTION, RunConfig, TrainConfig
 from selfment_label.data.images import find_images
 from selfment_label.device import resolve_precision
+from selfment_label.evaluate import evaluate_run
 from selfment_label.features.backbone import Backbone, build_backbone
 from selfment_label.features.cache import CacheSettings, FeatureCache, ensure_features
 from selfment_label.head.apply import apply_head
@@ -67,6 +70,12 @@ def mask_agreement(reference: Path, other: Path) -> dict[str, float]:
     return {"mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious))}
 
 
+def quality(run_dir: Path, gt: Path) -> dict[str, float]:
+    """maxF, IoU and MAE of a run's masks against the ground truth."""
+    metrics = evaluate_run(run_dir, gt).metrics
+    return {k: round(metrics[k], 4) for k in ("max_f", "iou", "mae")}
+
+
 def feature_seconds(
     backbone: Backbone, images: Path, names: list[str], precision: str, resolution: int, cache: Path
 ) -> float:
@@ -89,10 +98,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     backbone = build_backbone("dinov2-vits14", args.weights, "cpu", allow_download=False)
     images = args.data / "images"
     names = find_images(images)[: args.images]
-    subset, small = work / "images", work / "startup"
-    subset.mkdir()
-    small.mkdir()
+    subset, small, gt = work / "images", work / "startup", work / "gt"
+    for folder in (subset, small, gt):
+        folder.mkdir()
     link_images(images, names, subset)
+    link_images(args.data / "masks", [f"{Path(n).stem}.png" for n in names], gt)
     link_images(images, names[:STARTUP_IMAGES], small)
     decoded = decode_all(images, names, args.resolution, backbone)
 
@@ -161,6 +171,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "startup_10_images": {k: figures[k] for k in ("load_model_s", "wall_s")},
             "run_masks_vs_fp32": mask_agreement(work / "run-fp32", work / f"run-{precision}"),
             "apply_masks_vs_fp32": mask_agreement(work / "apply-fp32", work / f"apply-{precision}"),
+            "run_vs_gt": quality(work / f"run-{precision}", gt),
+            "apply_vs_gt": quality(work / f"apply-{precision}", gt),
         }
     return report
 

@@ -9,7 +9,7 @@ then the seconds per image of every stage (from each run's ``run.json``).
     .venv/bin/python benchmarks/eval_ecssd.py                    # all 200 images, defaults
     .venv/bin/python benchmarks/eval_ecssd.py --limit 40 --resolution 518 --tau 0.2
     .venv/bin/python benchmarks/eval_ecssd.py --refine none       # the Quality table's figures
-    .venv/bin/python benchmarks/eval_ecssd.py --precision fp32    # the quality gate of auto
+    .venv/bin/python benchmarks/eval_ecssd.py --ipo-only --precision fp32  # gate of auto
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ipo-iters", type=int, default=SingleConfig.ipo_iters)
     parser.add_argument("--refine", choices=REFINE_METHODS, default=defaults.refine)
     parser.add_argument("--precision", choices=PRECISION_NAMES, default=defaults.precision)
+    parser.add_argument(
+        "--ipo-only", action="store_true", help="Only the NCut+IPO run (the default labelling)."
+    )
     parser.add_argument("--limit", type=int, default=0, help="Use only the first N images.")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default).")
     parser.add_argument("--work", type=Path, default=None, help="Keep the run folders here.")
@@ -82,6 +85,8 @@ def main() -> None:
     images, masks = subset(args.data, args.limit, work)
     backbone = build_backbone("dinov2-vits14", weights=args.weights, device="cpu")
     variants = {"NCut only": 0, "NCut+IPO": args.ipo_iters}
+    if args.ipo_only:
+        del variants["NCut only"]
     results = {}
     for name, iters in variants.items():
         config = RunConfig(
