@@ -125,6 +125,8 @@ class PrecisionRun:
       bare_ips: best bare backbone images/s in that precision.
       end_to_end_ips: best end-to-end ``label_folder`` images/s.
       stage_ms: ms/image per stage of the best end-to-end round.
+      peak_gpu_mib: peak GPU memory allocated by torch during the end-to-end runs (None on
+        a CPU).
     """
 
     asked: str
@@ -132,6 +134,7 @@ class PrecisionRun:
     bare_ips: float
     end_to_end_ips: float
     stage_ms: dict[str, float]
+    peak_gpu_mib: float | None = None
 
 
 @dataclass
@@ -300,6 +303,8 @@ def measure_throughput(
     bare = dict.fromkeys(sides, float("inf"))
     e2e = dict.fromkeys(config.precisions, float("inf"))
     stages: dict[str, dict[str, float]] = {}
+    peaks: dict[str, float] = {}
+    cuda = backbone.device.type == "cuda"
     for round_index in range(config.rounds):
         for precision in sides:
             seconds = bare_backbone_seconds(backbone, decoded, config.batch_size, precision)
@@ -314,6 +319,8 @@ def measure_throughput(
                 batch_size=config.batch_size,
                 workers=config.workers,
             )
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(backbone.device)
             start = time.perf_counter()
             summary = label_folder(
                 subset,
@@ -323,6 +330,9 @@ def measure_throughput(
                 backbone=backbone,
             )
             seconds = time.perf_counter() - start
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(backbone.device) / 2**20
+                peaks[precision] = max(peaks.get(precision, 0.0), peak)
             logger.info(
                 "%d px %s round %d: bare %.2f s, end-to-end %.2f s",
                 resolution,
@@ -343,6 +353,7 @@ def measure_throughput(
             bare_ips=len(names) / bare[precision],
             end_to_end_ips=len(names) / e2e[precision],
             stage_ms=stages[precision],
+            peak_gpu_mib=peaks.get(precision),
         )
         for precision in config.precisions
     }

@@ -105,3 +105,22 @@ def test_auto_masks_match_fp32_on_real_images(
     ious = mask_ious(runs["fp32"], runs["auto"])
     assert len(ious) == 4
     assert min(ious.values()) >= 0.98, f"IoU between auto and fp32 masks: {ious}"
+
+
+@pytest.mark.cuda
+def test_cuda_auto_masks_match_the_cpus(weights_path: Path, ecssd_dir: Path, tmp_path: Path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("0001.jpg", "0002.jpg", "0003.jpg", "0004.jpg"):
+        (images / name).symlink_to((ecssd_dir / "images" / name).resolve())
+    runs = {}
+    for device, precision in (("cpu", "fp32"), ("cuda", "auto")):
+        runs[device] = tmp_path / device
+        config = RunConfig(weights=str(weights_path), device=device, precision=precision)
+        label_folder(images, runs[device], config)
+    recorded = json.loads((runs["cuda"] / RUN_NAME).read_text())["precision"]
+    assert recorded["used"] in ("bf16", "fp16", "fp32") and recorded["asked"] == "auto"
+    ious = mask_ious(runs["cpu"], runs["cuda"])
+    assert min(ious.values()) >= 0.98, f"IoU between CUDA auto and CPU fp32 masks: {ious}"
