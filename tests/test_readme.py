@@ -12,12 +12,15 @@ is touched: run this module under the shared lock (``flock /work/wt/fiftyone.loc
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import re
 import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from selfment_label_cli.main import app
@@ -182,6 +185,36 @@ def test_every_benchmark_command_names_a_script_and_its_options(command: Command
         )
     for option in (arg for arg in args if arg.startswith("--")):
         assert declares_option(source, option), f"{command.where}: {script.name} has no {option}"
+
+
+PYTHON_BLOCKS = [
+    block for page in PAGES for block in code_blocks(page) if block.language == "python"
+]
+
+
+def provides(module: ModuleType, name: str) -> bool:
+    """Whether a module has ``name``; the package's public names, imported on first use, are
+    read from its ``__all__`` so that none is imported (FiftyOne, Ray)."""
+    if module.__name__ == "selfment_label":
+        return name in module.__all__
+    return hasattr(module, name)
+
+
+@pytest.mark.parametrize(
+    "block", PYTHON_BLOCKS, ids=[f"{b.page.relative_to(ROOT)}:{b.line}" for b in PYTHON_BLOCKS]
+)
+def test_every_python_block_compiles_and_imports_what_exists(block: Block):
+    tree = ast.parse(block.text, filename=f"{block.page.name}:{block.line}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "selfment_label":
+            try:
+                module = importlib.import_module(node.module)
+            except ModuleNotFoundError as error:
+                if error.name.startswith("selfment_label"):
+                    raise
+                pytest.skip(f"{node.module} needs {error.name}, not installed")
+            missing = [alias.name for alias in node.names if not provides(module, alias.name)]
+            assert not missing, f"{block.page.name}:{block.line}: {node.module} has no {missing}"
 
 
 def github_anchor(heading: str) -> str:
