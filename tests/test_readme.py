@@ -290,6 +290,7 @@ def shown_facts(output: str) -> set[tuple[str, ...]]:
     return facts
 
 
+# what `review` prints only once the App runs (the test adds --no-launch)
 APP_LINE = re.compile(r"https?://|Tag samples")
 
 
