@@ -29,7 +29,7 @@ from selfment_label.runfolder.pipeline import label_folder
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 FULL = {"resolutions": (448, 896), "batch_sizes": (1, 8, 32), "limit": 64, "masks": 50}
-QUICK = {"resolutions": (112,), "batch_sizes": (1, 2), "limit": 4, "masks": 3}
+QUICK = {"resolutions": (112,), "batch_sizes": (2,), "limit": 4, "masks": 2}
 COLUMNS = ("resolution", "batch", "precision", "bare img/s", "run img/s", "run / bare fp32")
 CONCRETE = tuple(name for name in PRECISION_NAMES if name != "auto")
 
@@ -73,12 +73,14 @@ def mask_rows(args: argparse.Namespace, count: int, work: Path) -> list[dict[str
     images.mkdir()
     link_images(args.data / "images", find_images(args.data / "images")[:count], images)
     cpu = work / "cpu-fp32"
-    label_folder(images, cpu, RunConfig(weights=str(args.weights), device="cpu", precision="fp32"))
+    on_cpu = build_backbone("dinov2-vits14", args.weights, "cpu", allow_download=False)
+    label_folder(images, cpu, RunConfig(device="cpu", precision="fp32"), backbone=on_cpu)
+    backbone = build_backbone("dinov2-vits14", args.weights, args.device, allow_download=False)
     rows = []
     for precision in (*CONCRETE, "auto"):
         out = work / f"{args.device}-{precision}"
-        config = RunConfig(weights=str(args.weights), device=args.device, precision=precision)
-        label_folder(images, out, config)
+        config = RunConfig(device=args.device, precision=precision)
+        label_folder(images, out, config, backbone=backbone)
         ious = list(mask_ious(cpu, out).values())
         rows.append(
             {

@@ -47,7 +47,11 @@ for step in "${steps[@]}"; do
     status=0
     eval "$step" || status=$?
     if [ "$status" != 0 ]; then
-      [ "$status" = 3 ] && echo "torch sees no CUDA device: the CUDA path stays unmeasured" >&2
+      if [ "$status" = 3 ]; then
+        echo "torch sees no CUDA device: the CUDA path stays unmeasured" >&2
+      else
+        echo "step failed (exit $status; 124: it ran past its timeout)" >&2
+      fi
       exit "$status"
     fi
     echo "  ($((SECONDS - start)) s)"

@@ -1,4 +1,4 @@
-"""The backbone in bf16 on a CPU: its fastest form measured (docs/speed.md).
+"""The backbone in bf16 on a CPU: its fastest form measured (docs/speed-report.md).
 
 The weights are cast to bf16 once and the input follows, so no matrix product recasts its
 weights on every call (what ``torch.autocast`` does on a CPU). Each ``nn.Linear`` then runs
