@@ -27,14 +27,16 @@ esac
 if [ "$mode" = "--cpu" ]; then
   check_args=(--device cpu --quick)
   tests=(tests/test_precision.py)
+  limit=1800  # a 2-core CPU shared with other jobs
 else
   check_args=(--device cuda)
   tests=(tests)
+  limit=420
 fi
 steps=(
   "$PYTHON -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)'"
   "timeout 120 $PYTHON -m pytest -q -m cuda ${tests[*]}"
-  "timeout 420 $PYTHON -m benchmarks.gpu_check ${check_args[*]} --json $OUT/gpu_check.json"
+  "timeout $limit $PYTHON -m benchmarks.gpu_check ${check_args[*]} --json $OUT/gpu_check.json"
 )
 if [ "$mode" = "--cpu" ]; then
   steps=("${steps[@]:1}")
