@@ -96,7 +96,7 @@ def mask_rows(args: argparse.Namespace, count: int, work: Path) -> list[dict[str
 
 def print_table(facts: dict[str, Any], speed: list[dict[str, Any]], masks: list[dict]) -> None:
     """The check's one table (speed rows, then mask rows)."""
-    console = Console()
+    console = Console(width=160)
     console.print(f"{facts['device_name']} ({facts['device']}), torch {facts['torch']}")
     table = Table(title="gpu_check: images/s, ratio to the bare fp32 backbone, masks vs CPU fp32")
     for column in (
