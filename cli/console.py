@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -112,17 +110,6 @@ def describe_os_error(error: OSError) -> str:
     elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         advice = "; choose an --out you can write to"
     return f"cannot use a file{where}: {what}{advice}"
-
-
-def require_writable(path: Path, option: str) -> None:
-    """Fail before any work when the file ``path`` could not be written (``option`` named)."""
-    folder = path.parent if path.parent != Path("") else Path(".")
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if path.is_dir():
-        raise fail(f"{option} {path} is a folder; give a file name")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise fail(f"{option} {path} cannot be written (permission denied or read-only)")
 
 
 @contextmanager

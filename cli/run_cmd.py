@@ -113,6 +113,7 @@ def label_errors() -> tuple[type[BaseException], ...]:
     from selfment_label.device import DeviceError
     from selfment_label.distributed.ray_run import RayUnavailable
     from selfment_label.features.presets import BackboneError
+    from selfment_label.outputs import OutputError
     from selfment_label.refine import RefineUnavailable
     from selfment_label.runfolder.journal import RunConflict
     from selfment_label.runfolder.layout import RunFolderError
@@ -125,6 +126,7 @@ def label_errors() -> tuple[type[BaseException], ...]:
         RefineUnavailable,
         RunConflict,
         RunFolderError,
+        OutputError,
         BackboneError,
         DeviceError,
         FileNotFoundError,

@@ -20,6 +20,8 @@ from ..runfolder.pipeline import (
     ProgressCallback,
     RunSummary,
     backbone_for,
+    check_run_target,
+    default_out_dir,
     label_folder,
 )
 from ..segment.base import PatchMask
@@ -111,6 +113,7 @@ def apply_head(
       Everything ``label_folder`` raises.
     """
     start = time.perf_counter()
+    check_run_target(Path(out_dir) if out_dir else default_out_dir(input_dir), overwrite)
     loaded = load_checkpoint(checkpoint)
     meta = loaded.meta
     config = replace(

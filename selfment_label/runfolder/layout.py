@@ -34,6 +34,10 @@ LOCK_NAME = ".lock"
 SCORES_DIR = "scores"
 FEATURES_DIR = "features"
 REVIEW_NAME = "review.json"
+RUN_FILES = frozenset(
+    {ANNOTATIONS_NAME, RUN_NAME, JOURNAL_NAME, LOCK_NAME, SCORES_DIR, FEATURES_DIR, REVIEW_NAME}
+)
+"""The names a run folder keeps for itself: no other output may take them."""
 
 
 class RunFolderError(RuntimeError):
