@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from typer.testing import CliRunner
 
 from selfment_label.config import RayConfig, RunConfig
 from selfment_label.device import DeviceError
+from selfment_label.distributed import ray_run
 from selfment_label.distributed.ray_run import (
     ActorPlan,
     RayExecutor,
@@ -29,6 +33,7 @@ from selfment_label.distributed.ray_run import (
     check_reachable,
     plan_actors,
 )
+from selfment_label.runfolder import pipeline
 from selfment_label.runfolder.layout import RunFolderError, read_run
 from selfment_label.runfolder.pipeline import label_folder
 
@@ -252,6 +257,77 @@ def test_unreachable_cluster_fails_fast_in_one_sentence():
         with pytest.raises(RayUnavailable, match=f"cannot connect to the Ray cluster at {address}"):
             check_reachable(address, timeout=2)
     check_reachable("auto")  # left to Ray
+
+
+@contextmanager
+def tcp_server(reply: bytes | None) -> Iterator[str]:
+    """A server on 127.0.0.1 that accepts every connection, sends ``reply`` and closes it (None:
+    keeps it open and says nothing, ever); stopped, with its connections, on exit."""
+    server = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            if reply is not None:
+                connection.sendall(reply)
+                connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for connection in connections:
+            connection.close()
+        thread.join(timeout=5)
+
+
+def test_an_address_that_is_not_ray_fails_in_one_sentence_before_the_model_loads(
+    monkeypatch, tmp_path
+):
+    with tcp_server(None) as silent:
+        for address in (silent, f"ray://{silent}"):
+            with pytest.raises(RayUnavailable, match="did not answer as a Ray cluster within 1 s"):
+                check_reachable(address, timeout=1)
+        monkeypatch.setattr(ray_run, "CONNECT_SECONDS", 1.0)
+        monkeypatch.setattr(pipeline, "backbone_for", _no_model)
+        args = ["run", str(tmp_path), "--ray", "--ray-address", silent]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert f"{silent} accepts connections" in " ".join(result.output.split())
+    with tcp_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as web:
+        with pytest.raises(RayUnavailable, match=r"is not a Ray cluster: it answered b'HTTP/1.1"):
+            check_reachable(web, timeout=5)
+    with tcp_server(b"") as closing:
+        with pytest.raises(RayUnavailable, match="not a Ray cluster"):
+            check_reachable(closing, timeout=5)
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the Ray address was checked")
+
+
+def test_a_real_ray_cluster_passes_the_handshake(local_ray):
+    check_reachable(ray.get_runtime_context().gcs_address, timeout=5)
+
+
+def test_an_object_storage_endpoint_that_never_answers_is_named(monkeypatch, tmp_path):
+    from selfment_label.data import storage
+
+    monkeypatch.setattr(storage, "ENDPOINT_SECONDS", 1.0)
+    with tcp_server(None) as silent:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{silent}")
+        with pytest.raises(storage.StorageError, match=f"http://{silent} accepts connections"):
+            label_folder(f"s3://{BUCKET}/x", tmp_path / "o", backbone=None)
+    query = f"s3://{BUCKET}/x?endpoint_override=127.0.0.1:1&scheme=http"
+    with pytest.raises(storage.StorageError, match="cannot reach .* http://127.0.0.1:1"):
+        label_folder(query, tmp_path / "o")
 
 
 def test_missing_ray_is_one_sentence_naming_the_extra(monkeypatch, tmp_path):
