@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +52,15 @@ def resolve_weights_path(weights: str | Path | None) -> Path | None:
     return path
 
 
+def error_summary(error: BaseException) -> str:
+    """The first line of an error's message (torch's readers explain at length over many
+    lines), else the error's type; for a pickle torch would not load, what it means."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it is not a plain tensor file (torch refuses to unpickle it safely)"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors or .pth/.pt checkpoint and unwrap the usual containers."""
     try:
@@ -61,10 +71,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors, zip and pickle readers raise many types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BackboneError(
             f"cannot read the weights file {path}: it is truncated, corrupt, or holds more "
-            f"than tensors (only plain tensor checkpoints are loaded; {reason})"
+            f"than tensors (only plain tensor checkpoints are loaded; {error_summary(error)})"
         ) from None
     for key in ("teacher", "model", "state_dict", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
