@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -99,6 +100,51 @@ def test_cli_bad_option_is_a_one_line_usage_error(tiny_cli, tmp_path, args):
     assert "invalid option" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (["--min-area", "nan"], "min_area must be a finite number, not nan"),
+        (["--mode", "entities", "--persistence", "nan"], "persistence must be a finite number"),
+        (["--min-area", "2"], "min_area must be in [0.0, 1.0], not 2.0"),
+    ],
+)
+def test_a_nan_option_is_named_not_a_number(tiny_cli, tmp_path, args, sentence):
+    images = _images(tmp_path / "img")
+    mode = [] if "--mode" in args else ["--mode", "instances"]
+    result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o"), *mode, *args])
+    assert result.exit_code == 2, result.output
+    assert sentence in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (["--max-instances", "5"], "--max-instances is an option of --mode instances, not of"),
+        (["--mode", "entities", "--tau", "0.3"], "--tau is an option of --mode single or --mode"),
+        (["--merge-floor", "0.5"], "--merge-floor is an option of --mode entities"),
+        (["--mode", "entities", "--no-border-prior"], "--border-prior is an option of"),
+    ],
+)
+def test_options_of_another_mode_are_refused(tiny_cli, tmp_path, args, sentence):
+    images = _images(tmp_path / "img")
+    result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    assert sentence in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_of_the_chosen_mode_are_taken(tiny_cli, tmp_path):
+    images = _images(tmp_path / "img")
+    args = ["--mode", "instances", "--max-instances", "2", "--min-area", "0.05", "--tau", "0.3"]
+    out = tmp_path / "o"
+    result = tiny_cli.invoke(
+        app, ["run", str(images), "--out", str(out), "--resolution", "112", *args]
+    )
+    assert result.exit_code == 0, result.output
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert (options["max_instances"], options["min_area"], options["tau"]) == (2, 0.05, 0.3)
 
 
 def test_run_that_labels_nothing_exits_3(tiny_cli, tmp_path):
