@@ -16,10 +16,11 @@ from safetensors.torch import save_file
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
-from selfment_label.config import RunConfig
+from selfment_label.config import RunConfig, TrainConfig
 from selfment_label.features.backbone import build_backbone
 from selfment_label.features.presets import BackboneError
 from selfment_label.head import features as head_features
+from selfment_label.head.train import distil
 from selfment_label.review.export import ExportError, check_target
 from selfment_label.runfolder import journal as journal_module
 from selfment_label.runfolder import pipeline
@@ -96,6 +97,36 @@ def test_weights_of_another_model_name_the_preset_they_look_like(tmp_path: Path)
     save_file({"weight": torch.zeros(2, 2)}, str(foreign))
     with pytest.raises(BackboneError, match="does not hold ViT weights of dinov2-vits14"):
         build_backbone("dinov2-vits14", weights=foreign)
+
+
+def test_commands_without_backbone_option_ask_for_the_right_weights(
+    tiny_run: Path, images: Path, tmp_path: Path, tiny_backbone
+):
+    """``apply`` and ``train`` have no --backbone (the head or the run fixes the preset): a
+    weights file of another model asks for the preset's weights instead of suggesting it."""
+    import timm
+
+    small = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    foreign = tmp_path / "dino_vits16.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(foreign))
+    head = distil(tiny_run, tmp_path / "head.pt", TrainConfig(epochs=1), backbone=tiny_backbone)
+    for command in (
+        ["apply", str(head.checkpoint), str(images), "--out", str(tmp_path / "o")],
+        [
+            "train",
+            str(tiny_run),
+            "--out",
+            str(tmp_path / "again.pt"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+    ):
+        result = CliRunner().invoke(app, [*command, "--weights", str(foreign)])
+        assert result.exit_code == 1, result.output
+        text = _text(result)
+        assert "holds weights of another model (patch 16, dim 384, 12 blocks)" in text
+        assert "needs the weights of dinov2-vits14: pass its weights file with --weights" in text
+        assert "--backbone" not in text
 
 
 def _text(result) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..features.backbone import Backbone, file_sha256
+from ..features.backbone import Backbone, WeightsMismatch, file_sha256
 from ..masks import THRESHOLD
 from ..runfolder.layout import RUN_NAME
 from ..runfolder.pipeline import (
@@ -125,7 +125,10 @@ def apply_head(
         config = replace(config, weights=recorded_weights(meta))
     executor = executor or LocalExecutor()
     if backbone is None:
-        backbone = backbone_for(replace(config, device=executor.model_device(config)))
+        try:
+            backbone = backbone_for(replace(config, device=executor.model_device(config)))
+        except WeightsMismatch as error:
+            raise error.for_fixed_preset("the head") from None
     loaded.check_backbone(backbone)
     segmenter = HeadSegmenter(loaded.head.to(backbone.device), loaded.sha256)
     provenance = {
