@@ -110,6 +110,23 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path):
         load_image(path)
 
 
+def test_bomb_is_refused_by_max_pixels_not_pil_limit_and_without_warnings(tmp_path: Path, recwarn):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 M pixels: above PIL's own error limit
+    with pytest.raises(ImageSkip) as caught:
+        load_image(path)
+    assert str(caught.value) == (
+        "too large: 20000x20000 = 400,000,000 pixels exceeds the limit of 120,000,000 "
+        "(raise it with --max-pixels)"
+    )
+    # between PIL's warning and error limits, decoded in threads as a run does: no warning
+    Image.new("1", (10000, 10000)).save(tmp_path / "big.png")
+    jobs = [tmp_path / "big.png"] * 8
+    results = list(prefetch(jobs, lambda p: load_image(p, max_pixels=50_000_000), workers=4))
+    assert all(isinstance(error, ImageSkip) for _, error in results)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_permission_denied_is_skipped(tmp_path: Path, monkeypatch):
     path = tmp_path / "locked.png"
     _photo().save(path)

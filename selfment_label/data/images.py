@@ -13,7 +13,6 @@ import os
 import stat
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,17 +177,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open(source: Path | io.BytesIO, max_pixels: int) -> Image.Image:
-    """``Image.open`` where ``max_pixels``, not PIL's own bomb limit, decides what is too large.
-
-    PIL refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` as it opens them; when
-    ``max_pixels`` is higher, that limit is raised for this one call (under a lock) and put
-    back at once, so the process keeps its own setting.
+def _open(source: Path | io.BytesIO) -> Image.Image:
+    """``Image.open`` without PIL's own bomb check, which would refuse (or warn about) an image
+    by PIL's limit rather than ``--max-pixels``: the caller checks the size ``open`` read from
+    the header before anything is decoded. The process's limit is lifted for this one call
+    (under a lock) and put back at once; PIL still checks what it decodes later (frames, tiles).
     """
     with _PIL_LIMIT_LOCK:
         limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and max_pixels > 2 * limit:
-            Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None
         try:
             return Image.open(source)
         finally:
@@ -267,21 +264,19 @@ def _decode(
     source: Path | io.BytesIO, max_pixels: int, draft_size: int | None
 ) -> tuple[Image.Image, tuple[int, int]]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open(source, max_pixels) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageSkip(
-                        f"too large: {width}x{height} = {width * height:,} pixels exceeds "
-                        f"the limit of {max_pixels:,} (raise it with --max-pixels)"
-                    )
-                if opened.getexif().get(ORIENTATION_TAG, 1) in ROTATED_ORIENTATIONS:
-                    width, height = height, width
-                if draft_size and opened.format == "JPEG":
-                    opened.draft("RGB", (draft_size, draft_size))
-                opened.load()
-                image = _to_rgb(ImageOps.exif_transpose(opened))
+        with _open(source) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise ImageSkip(
+                    f"too large: {width}x{height} = {width * height:,} pixels exceeds "
+                    f"the limit of {max_pixels:,} (raise it with --max-pixels)"
+                )
+            if opened.getexif().get(ORIENTATION_TAG, 1) in ROTATED_ORIENTATIONS:
+                width, height = height, width
+            if draft_size and opened.format == "JPEG":
+                opened.draft("RGB", (draft_size, draft_size))
+            opened.load()
+            image = _to_rgb(ImageOps.exif_transpose(opened))
     except ImageSkip:
         raise
     except PermissionError:
@@ -289,7 +284,9 @@ def _decode(
     except UnidentifiedImageError:
         raise ImageSkip("not an image (unrecognised or corrupt file)") from None
     except Image.DecompressionBombError as error:
-        raise ImageSkip(f"too large (decompression bomb guard): {error}") from None
+        raise ImageSkip(
+            f"a frame or tile is too large for PIL's decompression bomb guard: {error}"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageSkip(f"cannot decode: {error}") from None
     if min(width, height) < MIN_SIDE:
