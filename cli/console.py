@@ -47,16 +47,48 @@ def setup_logging(verbose: bool) -> None:
 
 
 class RateColumn(ProgressColumn):
-    """Items per second."""
+    """Items per second: for a task with a ``labelled_now`` field, those items over the time
+    since the task began (images a run resumes count as done, not in the rate; nor does a
+    burst of one batch's images inflate it); for others, rich's recent speed."""
 
     def __init__(self, unit: str = "img"):
         super().__init__()
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        """Show the task's speed."""
-        speed = task.finished_speed or task.speed
+        """Show the task's rate."""
+        labelled = task.fields.get("labelled_now")
+        if labelled is None:
+            speed = task.finished_speed or task.speed
+        else:
+            speed = labelled / task.elapsed if task.elapsed else None
         return Text(f"{speed:.2f} {self.unit}/s" if speed else f"-- {self.unit}/s", style="cyan")
+
+
+class LabelProgress:
+    """The progress callback of a labelling call: moves the bar over every image (resumed ones
+    included) and counts the images done by this invocation for the rate.
+
+    Arguments:
+      progress: the bar's ``Progress``.
+    """
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task = progress.add_task("loading model…", total=None)
+        self.resumed: int | None = None
+
+    def __call__(self, done: int, total: int, name: str, reason: str | None) -> None:
+        """Called after every image with ``(done, total, file name, skip reason)``."""
+        if self.resumed is None:
+            self.resumed = done - 1
+        self.progress.update(
+            self.task,
+            completed=done,
+            total=total,
+            description="labelling",
+            labelled_now=done - self.resumed,
+        )
 
 
 def make_progress(unit: str = "img") -> Progress:

@@ -30,6 +30,7 @@ from selfment_label.features.presets import PRESETS
 from .console import (
     EXIT_NOTHING_LABELLED,
     EXIT_USAGE,
+    LabelProgress,
     console,
     fail,
     invalid_options,
@@ -174,12 +175,7 @@ def label_with_progress(
         always reported).
     """
     with user_errors(*label_errors(), *errors), make_progress() as progress:
-        task = progress.add_task("loading model…", total=None)
-
-        def on_image(done: int, total: int, name: str, reason: str | None) -> None:
-            progress.update(task, completed=done, total=total, description="labelling")
-
-        summary = label(on_image)
+        summary = label(LabelProgress(progress))
     print_summary(summary)
     if summary.total and len(summary.skipped) == summary.total:
         raise fail(

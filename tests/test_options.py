@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from rich.progress import Progress
+from selfment_label_cli.console import LabelProgress, RateColumn
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
@@ -218,3 +220,19 @@ def test_wall_seconds_include_model_loading(monkeypatch, tmp_path, tiny_backbone
     assert summary.wall_seconds >= summary.seconds + 0.3
     result = CliRunner().invoke(app, ["run", str(images), "--out", str(tmp_path / "o2")])
     assert "load model s" in result.output and "wall s (all)" in result.output
+
+
+def test_the_rate_counts_only_images_labelled_now():
+    """A resumed run: 100 images already done, then 4 labelled in one batch 10 s after the
+    start, then 4 more 10 s later: 0.4 img/s, not the speed of the batch's burst."""
+    clock = [0.0]
+    progress = Progress(RateColumn(), get_time=lambda: clock[0], disable=True)
+    on_image = LabelProgress(progress)
+    column = RateColumn()
+    task = progress.tasks[0]
+    for batch in range(2):
+        clock[0] = 10.0 * (batch + 1)
+        for i in range(4):
+            clock[0] += 0.0001
+            on_image(100 + 4 * batch + i + 1, 200, f"{batch}-{i}.png", None)
+        assert column.render(task).plain == "0.40 img/s"  # rich's speed: 10000, then 0.70
