@@ -95,12 +95,12 @@ def train(
     from selfment_label.outputs import OutputError
     from selfment_label.runfolder.layout import RunFolderError
 
-    if out.exists() and not overwrite and not out.is_dir():
-        raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     if not reviewed and (name or tags):
         raise fail("--name and --tags choose a reviewed dataset: pass --reviewed too")
     with user_errors(OutputError):
         check_train_outputs(run_dir, out, cache)
+    if out.exists() and not overwrite:
+        raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     with invalid_options():
         config = TrainConfig(
             epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed

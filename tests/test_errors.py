@@ -218,9 +218,11 @@ def test_train_never_writes_over_an_input_image_or_a_run_file(tiny_run, images, 
         (images / "1.png", "lies inside or holds the run's input folder"),
         (images / "new" / "head.pt", "lies inside or holds the run's input folder"),
     ):
-        result = CliRunner().invoke(app, ["train", str(tiny_run), "--out", str(out), "--overwrite"])
-        assert result.exit_code == 1, result.output
-        assert reason in _text(result) and "Traceback" not in result.output
+        for overwrite in ([], ["--overwrite"]):
+            args = ["train", str(tiny_run), "--out", str(out), *overwrite]
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 1, result.output
+            assert reason in _text(result) and "Traceback" not in result.output
     cache = CliRunner().invoke(app, ["train", str(tiny_run), "--cache", str(images / "c")])
     assert cache.exit_code == 1 and "the feature cache" in _text(cache)
     after = {p: p.read_bytes() for p in [*images.iterdir(), *tiny_run.iterdir()] if p.is_file()}

@@ -24,6 +24,7 @@ from selfment_label.masks import full_size_masks
 from selfment_label.refine import guide_side
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict, RunLock
+from selfment_label.runfolder.layout import score_map_path
 from selfment_label.runfolder.pipeline import Labeller, NoImages, label_folder
 from selfment_label.segment.base import ImageMasks
 from selfment_label.segment.single import NcutIpo
@@ -500,6 +501,14 @@ def test_a_file_name_of_255_bytes_gets_a_score_map(tmp_path, tiny_backbone):
         assert (out / path).is_file() and len(os.fsencode(Path(path).name)) <= 255
     again = label_folder(images, out, config, backbone=tiny_backbone)
     assert again.resumed == 3 and again.labelled == 0
+
+
+@pytest.mark.parametrize("key", ["a/../../x.jpg", "../x.jpg", "a//b.jpg", "./x.jpg", "a_.._x.jpg"])
+def test_score_maps_stay_inside_scores_whatever_the_object_key(key):
+    path = score_map_path(key)
+    assert path.startswith("scores/") and ".." not in path.split("/")
+    assert "" not in path.split("/") and "." not in path.split("/")
+    assert path != score_map_path(key.replace("/", "_")) or "/" not in key
 
 
 def _object_less_images(folder: Path) -> set[str]:

@@ -60,11 +60,15 @@ them all)."""
 
 def score_map_path(file_name: str) -> str:
     """Relative path, inside a run folder, of an image's soft score map: ``scores/<file
-    name>.png``, or, when that name would be longer than ``SCORE_NAME_BYTES``, the name cut
-    short with a hash of the whole file name (``scores/<start>-<hash>.png``)."""
+    name>.png``, or, when that name would be longer than ``SCORE_NAME_BYTES`` or the file
+    name has empty, ``.`` or ``..`` parts (object keys may), a name inside ``scores/`` with a
+    hash of the whole file name (``scores/<start>-<hash>.png``)."""
     folder, _, name = file_name.rpartition("/")
+    unsafe = any(part in ("", ".", "..") for part in file_name.split("/"))
+    if unsafe:  # an object key such as a/../../x.jpg must not lead out of scores/
+        folder, name = "", file_name.replace("/", "_")
     stored = f"{name}.png"
-    if len(os.fsencode(stored)) > SCORE_NAME_BYTES:
+    if unsafe or len(os.fsencode(stored)) > SCORE_NAME_BYTES:
         digest = hashlib.sha256(os.fsencode(file_name)).hexdigest()[:16]
         stored = f"{truncate_name(name, SCORE_NAME_BYTES - len(digest) - 5)}-{digest}.png"
     return "/".join(part for part in (SCORES_DIR, folder, stored) if part)
