@@ -101,7 +101,8 @@ def refuse_options_of_other_modes(context: typer.Context, mode: str) -> None:
 
 def print_summary(summary: RunSummary) -> None:
     """The final table: counts, seconds per stage, throughput."""
-    table = Table(title=f"selfment-label -> {summary.out_dir}", show_header=False)
+    title = f"selfment-label -> {summary.out_dir}"
+    table = Table(title=title, show_header=False, min_width=len(title))  # the title on one line
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
     table.add_row("images found", str(summary.total))
