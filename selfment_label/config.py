@@ -91,9 +91,10 @@ class SingleConfig(ModeOptions):
       ipo_iters: Iterative Patch Optimization rounds (0 keeps the raw cut).
       temperature: softness of the prototype scores ``sigmoid(margin / temperature)``; it
         shapes the soft map (threshold sweeps, MAE), not the 0.5 mask.
-      border_prior: a mask that covers more than half of the image's border patches is
-        taken for the background and swapped with its complement (turn off for close-ups
-        and product shots whose object fills the frame).
+      border_prior: a mask that holds a larger share of the image's border patches than of
+        the image (it runs along the frame) is taken for the background and swapped with its
+        complement; each side is judged relative to its size, so close-ups whose object
+        touches most of the frame keep their object (turn off to keep the cut's own side).
     """
 
     mode: ClassVar[str] = "single"
@@ -119,8 +120,8 @@ class InstancesConfig(ModeOptions):
       ipo_iters: IPO rounds per instance (0 keeps the raw cuts).
       max_instances: most instances per image.
       min_area: smallest instance, as a fraction of the patches.
-      border_prior: the first cut is swapped like single mode's mask when it covers more
-        than half of the border patches (later instances that run along the frame are
+      border_prior: the first cut is swapped like single mode's mask when it holds a larger
+        share of the border patches than of the image (later instances that run along the frame are
         background and are always dropped).
     """
 

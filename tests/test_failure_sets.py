@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.failure_sets import band, closeup, squeezer
+from benchmarks.failure_sets import closeup, squeezer
 from selfment_label.data.images import MIN_SHORT_PATCHES, decoded_image, grid_for
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
@@ -59,3 +59,16 @@ def test_a_thin_real_image_is_labelled_like_the_whole_one(real_backbone, ecssd_d
     thin, thin_truth = squeezer(13)(image, truth, index)
     whole = iou(label(real_backbone, image), truth)
     assert iou(label(real_backbone, thin), thin_truth) >= whole - 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem, index", [("0002", 1), ("0041", 40), ("0003", 2)])
+def test_a_closeup_keeps_its_object(real_backbone, ecssd_dir, stem, index):
+    # crops in which the object fills 60-90 % of the frame: 0002 and 0041's object holds more
+    # than half of the border patches and was swapped for the strip beside it; 0003's cut
+    # fell on the background, holding 41 % of the border for 19 % of the frame, and was kept
+    image, truth = source(ecssd_dir, stem)
+    crop, crop_truth = closeup(image, truth, index)
+    mask = label(real_backbone, crop)
+    assert iou(mask, ~crop_truth) <= 0.5, "the mask is the background"
+    assert iou(mask, crop_truth) > 0.7

@@ -255,8 +255,9 @@ def grid_for(width: int, height: int, resolution: int, patch_size: int) -> tuple
     Each side is rounded to the nearest multiple of the patch size, with at least two patches
     per side (tiny images are upsampled). A thin image keeps a short side of at least
     ``MIN_SHORT_PATCHES`` patches (half the long side's count at a ``resolution`` too low for
-    that, so images up to 2:1 are never changed), its long side growing with it: a strip one or two patches high cannot hold an object (a
-    1600 x 120 photo at 448 px was a 2 x 32 grid). The long side is capped at
+    that, so images up to 2:1 are never changed), its long side growing with it: a strip one
+    or two patches high cannot hold an object (a 1600 x 120 photo at 448 px was a 2 x 32
+    grid). The long side is capped at
     ``MAX_LONG_FACTOR`` x ``resolution`` (at the default 448 px: never more patches than the
     square grid; the aspect ratio gives way past 16:1).
     """

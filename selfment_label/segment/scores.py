@@ -86,3 +86,22 @@ def border_fraction(labels: torch.Tensor) -> torch.Tensor:
         [labels[:, 0], labels[:, -1], labels[:, 1:-1, 0], labels[:, 1:-1, -1]], dim=-1
     )
     return border.float().mean(-1)
+
+
+def frame_excess(labels: torch.Tensor) -> torch.Tensor:
+    """How much larger a mask's share of the grid's border patches is than its share of the grid.
+
+    A region placed at random holds as large a share of the border as of the grid (0). An
+    object holds less of the border than its size would give it (the frame cuts it, if at
+    all, less than it cuts the scene around it); a background runs along the frame and holds
+    more. A mask and its complement have opposite excesses, so its sign compares both sides
+    of a cut at once, whatever their sizes: a close-up whose subject fills 75 % of the frame
+    and holds 60 % of the border is still the object.
+
+    Arguments:
+      labels: ``[B, rows, cols]`` boolean masks.
+
+    Returns:
+      ``[B]`` excesses in [-1, 1].
+    """
+    return border_fraction(labels) - labels.flatten(1).float().mean(-1)

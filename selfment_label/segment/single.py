@@ -12,17 +12,23 @@ from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization
 from .ncut import normalized_cut, pair_cosine
 from .objectness import no_object_reasons
-from .scores import agreement_score, border_fraction, centre_start
+from .scores import agreement_score, centre_start, frame_excess
 
-MAX_BORDER = 0.5
 SCORE_ROUNDS = 20
 EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
 
 
 def border_swap(labels: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """``[B]`` whether each mask covers more than ``MAX_BORDER`` of the grid's border patches
-    (the border prior takes it for the background); all False when the prior is off."""
-    return (border_fraction(labels) > MAX_BORDER) & enabled
+    """``[B]`` whether each mask is the background side of its cut: it holds a larger share of
+    the grid's border patches than of the grid (``frame_excess`` > 0), so its complement holds
+    less; all False when the prior is off.
+
+    Both sides are compared, each relative to its size. The rule it replaces swapped any mask
+    holding more than half of the border patches: it took close-ups (the subject touching
+    most of the frame) and a photo under a band of sky for the background. Measured on the
+    failure sets of ``benchmarks/failure_sets.py`` and on ecssd-dev: docs/quality.md.
+    """
+    return (frame_excess(labels) > 0) & enabled
 
 
 @dataclass
