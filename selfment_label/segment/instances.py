@@ -170,7 +170,7 @@ class MaskCut(InstancesConfig):
                 kept = refined.labels[0]
                 scores = refined.scores[0]
                 if index == 0:
-                    if bool(border_swap(kept.view(1, *grid), self.border_prior)):
+                    if bool(border_swap(kept.view(1, *grid), flat[None], self.border_prior)):
                         kept, cut, scores = ~kept, ~cut, 1.0 - scores
                     reason = no_object_reasons(cosine, kept.view(1, *grid))[0]
                     if reason:

@@ -105,3 +105,25 @@ def frame_excess(labels: torch.Tensor) -> torch.Tensor:
       ``[B]`` excesses in [-1, 1].
     """
     return border_fraction(labels) - labels.flatten(1).float().mean(-1)
+
+
+def uniformity_excess(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How much more alike a mask's patches are than its complement's.
+
+    A side's uniformity is the length of the mean of its L2-normalised tokens, which is the
+    mean cosine of its patches to their own mean direction (1 when all alike, 0 for an empty
+    side). Sky, sea, a wall or a floor forms one clean cluster; an object has parts.
+
+    Arguments:
+      tokens: ``[B, N, D]`` patch tokens.
+      labels: ``[B, rows, cols]`` boolean masks.
+
+    Returns:
+      ``[B]`` the mask's uniformity minus its complement's, in [-1, 1].
+    """
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
+    inside = labels.flatten(1).to(unit.dtype)
+    sides = torch.stack([inside, 1.0 - inside], dim=1)
+    means = (sides @ unit) / sides.sum(-1, keepdim=True).clamp_min(1.0)
+    length = means.norm(dim=-1)
+    return length[:, 0] - length[:, 1]
