@@ -99,10 +99,13 @@ def closeup(image: Image.Image, gt: np.ndarray, index: int) -> tuple[Image.Image
     return image.crop(best), gt[y0:y1, x0:x1]
 
 
-def band(image: Image.Image, gt: np.ndarray, index: int) -> tuple[Image.Image, np.ndarray]:
-    """The image at the bottom of a canvas whose top is a smooth uniform band."""
+def band(
+    image: Image.Image, gt: np.ndarray, index: int, height_factor: float = BAND_HEIGHT
+) -> tuple[Image.Image, np.ndarray]:
+    """The image at the bottom of a canvas ``height_factor`` x as high, whose top is a smooth
+    uniform band."""
     width, height = image.size
-    canvas_w, canvas_h = width, round(height * BAND_HEIGHT)
+    canvas_w, canvas_h = width, round(height * height_factor)
     top, bottom = (np.asarray(c, dtype=np.float32) for c in BAND_COLOURS[index % 4])
     ramp = np.linspace(0.0, 1.0, canvas_h, dtype=np.float32)[:, None, None]
     noise = np.random.default_rng(index).normal(0.0, BAND_NOISE, (canvas_h, canvas_w, 3))

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.failure_sets import closeup, squeezer
+from benchmarks.failure_sets import band, closeup, squeezer
 from selfment_label.data.images import MIN_SHORT_PATCHES, decoded_image, grid_for
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.masks import full_size_masks
+from selfment_label.segment.scores import frame_excess, uniformity_excess
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 
@@ -72,3 +73,35 @@ def test_a_closeup_keeps_its_object(real_backbone, ecssd_dir, stem, index):
     mask = label(real_backbone, crop)
     assert iou(mask, ~crop_truth) <= 0.5, "the mask is the background"
     assert iou(mask, crop_truth) > 0.7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stem, index, height_factor", [("0001", 0, 1.8), ("0003", 2, 1.8), ("0002", 1, 2.8)]
+)
+def test_a_band_of_sky_is_not_the_object(real_backbone, ecssd_dir, stem, index, height_factor):
+    # the photo under a 44 % band held more than half of the border patches and was swapped
+    # for the band; under a 64 % band the border shares alone would take the band (it holds
+    # less of the border than of the frame): its patches being far more alike decides it
+    image, truth = source(ecssd_dir, stem)
+    composite, composite_truth = band(image, truth, index, height_factor)
+    mask = label(real_backbone, composite)
+    sky = np.zeros_like(composite_truth)
+    sky[: composite_truth.shape[0] - truth.shape[0]] = True
+    assert iou(mask, sky) <= 0.5, "the mask is the band"
+    assert (mask & composite_truth).sum() > 0.8 * composite_truth.sum(), "the object was lost"
+
+
+def test_uniformity_excess_is_the_length_of_each_side_mean():
+    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    labels = torch.tensor([[[True, True], [False, False]]])
+    # mask: two identical tokens (1); complement: (1, 0) and (0, 1), mean length sqrt(2)/2
+    assert uniformity_excess(tokens, labels).item() == pytest.approx(1 - 0.5**0.5)
+    assert uniformity_excess(tokens, ~labels).item() == pytest.approx(0.5**0.5 - 1)
+
+
+def test_frame_excess_compares_border_and_grid_shares():
+    labels = torch.zeros(1, 4, 4, dtype=torch.bool)
+    labels[0, :3, :3] = True  # 9 of 16 patches; 5 of the 12 border patches
+    assert frame_excess(labels).item() == pytest.approx(5 / 12 - 9 / 16)
+    assert frame_excess(~labels).item() == pytest.approx(9 / 16 - 5 / 12)
