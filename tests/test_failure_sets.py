@@ -3,6 +3,7 @@ band above the photo, thin images (issue 24)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -103,5 +104,9 @@ def test_uniformity_excess_is_the_length_of_each_side_mean():
 def test_frame_excess_compares_border_and_grid_shares():
     labels = torch.zeros(1, 4, 4, dtype=torch.bool)
     labels[0, :3, :3] = True  # 9 of 16 patches; 5 of the 12 border patches
-    assert frame_excess(labels).item() == pytest.approx(5 / 12 - 9 / 16)
-    assert frame_excess(~labels).item() == pytest.approx(9 / 16 - 5 / 12)
+    expected = math.log(5 / 7) - math.log(9 / 7)  # log-odds of the two shares
+    assert frame_excess(labels).item() == pytest.approx(expected, rel=1e-5)
+    assert frame_excess(~labels).item() == pytest.approx(-expected, rel=1e-5)
+    inside = torch.zeros(1, 4, 4, dtype=torch.bool)
+    inside[0, 1:3, 1:3] = True  # touches no border: far on the object side
+    assert frame_excess(inside).item() < -5

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+SHARE_CLAMP = 1e-3
+
 
 def confidence_score(patch_probability: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mask score in [0, 1]: how cleanly the patches separate into object and background.
@@ -89,22 +91,27 @@ def border_fraction(labels: torch.Tensor) -> torch.Tensor:
 
 
 def frame_excess(labels: torch.Tensor) -> torch.Tensor:
-    """How much larger a mask's share of the grid's border patches is than its share of the grid.
+    """How much more of the grid's border a mask holds than its size would give it.
 
-    A region placed at random holds as large a share of the border as of the grid (0). An
-    object holds less of the border than its size would give it (the frame cuts it, if at
-    all, less than it cuts the scene around it); a background runs along the frame and holds
-    more. A mask and its complement have opposite excesses, so its sign compares both sides
-    of a cut at once, whatever their sizes: a close-up whose subject fills 75 % of the frame
-    and holds 60 % of the border is still the object.
+    ``logit(border share) - logit(grid share)``, the shares clamped to
+    ``[SHARE_CLAMP, 1 - SHARE_CLAMP]``. A region placed at random holds as large a share of
+    the border as of the grid (0). An object holds less of the border than its size would
+    give it (the frame cuts it, if at all, less than it cuts the scene around it); a
+    background runs along the frame and holds more. A mask and its complement have opposite
+    excesses, so the sign compares both sides of a cut at once, each relative to its size: a
+    close-up whose subject fills 75 % of the frame and holds 60 % of the border is the object
+    (-0.69). In log-odds a mask that touches no border is far on the object side (-6.9 or
+    less), so no other evidence outweighs it.
 
     Arguments:
       labels: ``[B, rows, cols]`` boolean masks.
 
     Returns:
-      ``[B]`` excesses in [-1, 1].
+      ``[B]`` excesses.
     """
-    return border_fraction(labels) - labels.flatten(1).float().mean(-1)
+    border = border_fraction(labels).clamp(SHARE_CLAMP, 1.0 - SHARE_CLAMP)
+    grid = labels.flatten(1).float().mean(-1).clamp(SHARE_CLAMP, 1.0 - SHARE_CLAMP)
+    return torch.logit(border) - torch.logit(grid)
 
 
 def uniformity_excess(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .objectness import no_object_reasons
 from .scores import agreement_score, centre_start, frame_excess, uniformity_excess
 
 SCORE_ROUNDS = 20
-UNIFORMITY_WEIGHT = 0.6
+UNIFORMITY_WEIGHT = 2.5
 EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
 
 
@@ -24,13 +24,14 @@ def border_swap(labels: torch.Tensor, tokens: torch.Tensor, enabled: bool) -> to
     is off.
 
     Both sides are compared, each relative to its size: a mask is the background when
-    ``frame_excess`` (its share of the grid's border patches minus its share of the grid)
-    plus ``UNIFORMITY_WEIGHT`` x ``uniformity_excess`` (how much more alike its patches are
-    than its complement's) is above 0; its complement then scores the opposite. The rule it
-    replaces swapped any mask holding more than half of the border patches: it took
-    close-ups (the subject touching most of the frame) and a photo under a band of sky for
-    the background. The weight is the middle of the range (0.4-0.75) that does best on the
-    failure sets and ecssd-dev (``benchmarks/failure_sets.py``; docs/quality.md).
+    ``frame_excess`` (the log-odds of its share of the grid's border patches minus those of
+    its share of the grid) plus ``UNIFORMITY_WEIGHT`` x ``uniformity_excess`` (how much more
+    alike its patches are than its complement's) is above 0; its complement then scores the
+    opposite. The rule it replaces swapped any mask holding more than half of the border
+    patches: it took close-ups (the subject touching most of the frame) and a photo under a
+    band of sky for the background. The weight is the middle of the range (2-3) that does
+    best on the failure sets and ecssd-dev (``benchmarks/failure_sets.py``;
+    docs/quality.md).
 
     Arguments:
       labels: ``[B, rows, cols]`` boolean masks.
