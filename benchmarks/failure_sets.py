@@ -192,28 +192,28 @@ def parse_args() -> argparse.Namespace:
 
 
 def print_results(results: dict[str, dict], before: dict[str, dict] | None) -> None:
-    """One row per set: this run's figures, and an earlier run's when given."""
-    table = Table(title="failure sets (ecssd-dev)")
+    """One row per set: this run's figures, after an earlier run's (``before -> now``)."""
+    table = Table(title="failure sets (ecssd-dev)" + (": before -> now" if before else ""))
     table.add_column("set", style="bold")
     keys = ("images", "iou", "accuracy", "max_f", "background chosen", "no mask")
     for key in keys:
-        if before is not None and key != "images":
-            table.add_column(f"{key} before", justify="right")
         table.add_column(key, justify="right")
     for name, figures in results.items():
-        cells = []
-        for key in keys:
-            if before is not None and key != "images":
-                cells.append(_cell(before.get(name, {}).get(key)))
-            cells.append(_cell(figures[key]))
+        earlier = (before or {}).get(name)
+        cells = [
+            _cell(figures[key])
+            if earlier is None or key == "images"
+            else f"{_cell(earlier.get(key))} -> {_cell(figures[key])}"
+            for key in keys
+        ]
         table.add_row(name, *cells)
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 def _cell(value: float | int | None) -> str:
     if value is None:
         return "-"
-    return str(value) if isinstance(value, int) else f"{value:.4f}"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
 def main() -> None:
