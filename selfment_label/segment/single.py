@@ -31,7 +31,7 @@ def border_swap(labels: torch.Tensor, tokens: torch.Tensor, enabled: bool) -> to
     patches: it took close-ups (the subject touching most of the frame) and a photo under a
     band of sky for the background. The weight is the middle of the range (2-3) that does
     best on the failure sets and ecssd-dev (``benchmarks/failure_sets.py``;
-    docs/quality.md).
+    docs/quality-report.md).
 
     Arguments:
       labels: ``[B, rows, cols]`` boolean masks.
