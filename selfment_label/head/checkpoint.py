@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..atomic import atomic_path
 from ..features.backbone import Backbone, file_sha256
+from .instance_model import InstanceHead
 from .model import PatchHead
 
 CHECKPOINT_FORMAT = "selfment-label-head/1"
@@ -43,7 +45,7 @@ def check_identity(expected: dict[str, Any], backbone: Backbone, what: str) -> N
         )
 
 
-def save_checkpoint(path: Path, head: PatchHead, meta: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, head: nn.Module, meta: dict[str, Any]) -> None:
     """Write the head's weights and metadata atomically."""
     with atomic_path(path) as tmp:
         torch.save({"meta": meta, "state_dict": head.state_dict()}, tmp)
@@ -54,12 +56,14 @@ class HeadCheckpoint:
     """A loaded head and its metadata.
 
     Arguments:
-      head: the head (eval mode, CPU).
-      meta: what ``distil`` recorded (backbone, resolution, feature_dim, training, data).
+      head: the head (eval mode, CPU): a ``PatchHead``, or an ``InstanceHead`` when
+        ``meta["task"]`` is ``instances``.
+      meta: what ``distil`` (or ``distil_instances``) recorded (backbone, resolution,
+        feature_dim, training, data; the instance head's model and rounds).
       sha256: sha256 of the checkpoint file.
     """
 
-    head: PatchHead
+    head: PatchHead | InstanceHead
     meta: dict[str, Any]
     sha256: str
 
@@ -71,6 +75,13 @@ class HeadCheckpoint:
                 f"this head expects {self.meta['feature_dim']}-dimensional features but "
                 f"the backbone gives {backbone.embed_dim}"
             )
+
+
+def _build_head(meta: dict[str, Any]) -> PatchHead | InstanceHead:
+    """The (untrained) head a checkpoint's metadata describes."""
+    if meta.get("task", "single") == "instances":
+        return InstanceHead(**{k: int(v) for k, v in meta["model"].items()})
+    return PatchHead(int(meta["feature_dim"]), int(meta["hidden"]))
 
 
 def load_checkpoint(path: str | Path) -> HeadCheckpoint:
@@ -87,7 +98,7 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
         meta = payload["meta"]
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-        head = PatchHead(int(meta["feature_dim"]), int(meta["hidden"]))
+        head = _build_head(meta)
         head.load_state_dict(payload["state_dict"])
     except Exception as error:  # torch/pickle errors come in many types
         raise HeadError(f"{path} is not a selfment-label head checkpoint: {error}") from error
