@@ -57,14 +57,21 @@ class InstanceHead(nn.Module):
       heads: attention heads.
     """
 
-    def __init__(self, dim: int, hidden: int = 128, queries: int = 50, layers: int = 2, heads: int = 4):
+    def __init__(
+        self, dim: int, hidden: int = 128, queries: int = 50, layers: int = 2, heads: int = 4
+    ):
         super().__init__()
         self.dim = dim
         self.project = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden))
         self.position = nn.Linear(4 * FOURIER_BANDS, hidden)
         self.queries = nn.Embedding(queries, hidden)
         layer = nn.TransformerDecoderLayer(
-            hidden, heads, dim_feedforward=2 * hidden, dropout=0.0, batch_first=True, norm_first=True
+            hidden,
+            heads,
+            dim_feedforward=2 * hidden,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
         )
         self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(hidden))
         self.objectness = nn.Linear(hidden, 1)
@@ -88,9 +95,7 @@ class InstanceHead(nn.Module):
         memory = memory + self.position(grid_positions(rows, cols, tokens.device))
         queries = self.queries.weight.expand(batch, -1, -1)
         decoded = self.decoder(queries, memory)
-        masks = torch.einsum(
-            "bqh,bnh->bqn", self.mask_embed(decoded), self.mask_features(memory)
-        )
+        masks = torch.einsum("bqh,bnh->bqn", self.mask_embed(decoded), self.mask_features(memory))
         return self.objectness(decoded)[..., 0], masks.reshape(batch, -1, rows, cols)
 
 
@@ -243,6 +248,8 @@ def image_losses(
                 predicted = flat > 0
                 overlap = mask_iou(predicted[:, None], (wanted > THRESHOLD)[None]).max(1).values
                 weights[(labels == 0) & (overlap < config.drop_loss_iou)] = 0.0
-    object_loss = F.binary_cross_entropy_with_logits(objectness, labels, weight=weights, reduction="sum")
+    object_loss = F.binary_cross_entropy_with_logits(
+        objectness, labels, weight=weights, reduction="sum"
+    )
     object_loss = object_loss / weights.sum().clamp(min=1.0)
     return {"bce": bce, "dice": dice, "objectness": object_loss}
