@@ -317,6 +317,12 @@ HEAD_TASKS = ("single", "instances")
 ``instances`` (the query-based instance head: a scored set of masks per image)."""
 
 
+def default_task(run_mode: str) -> str:
+    """The head ``train`` learns from a run of ``run_mode`` unless told: the instance head for
+    ``instances`` and ``entities`` runs, the single-object head otherwise."""
+    return "instances" if run_mode in ("instances", "entities") else "single"
+
+
 @dataclass
 class InstanceApplyConfig:
     """How an instance head's predictions become an image's annotations.
@@ -366,7 +372,7 @@ class InstanceTrainConfig:
 
     epochs: int = 40
     lr: float = 3e-4
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-5
     batch_size: int = 8
     seed: int = 0
     queries: int = 50

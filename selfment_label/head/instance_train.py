@@ -40,6 +40,8 @@ INSTANCE_TASK = "instances"
 LOSS_TERMS = ("bce", "dice", "objectness", "total")
 RoundProgress = Callable[[int, int, int, dict[str, float]], None]
 """Called after every step with ``(round, step, steps of the round, loss terms)``."""
+RoundDone = Callable[[int, InstanceHead], None]
+"""Called after every round with ``(round, the head as the round left it)``."""
 
 
 @dataclass
@@ -84,6 +86,7 @@ def train_rounds(
     config: InstanceTrainConfig,
     device: torch.device | str = "cpu",
     progress: RoundProgress | None = None,
+    round_done: RoundDone | None = None,
 ) -> tuple[InstanceHead, list[dict[str, Any]]]:
     """Train the instance head, then run ``config.rounds`` self-correction rounds.
 
@@ -92,6 +95,7 @@ def train_rounds(
       config: training and round options.
       device: where the head trains.
       progress: called after every step.
+      round_done: called after every round (e.g. to keep each round's model).
 
     Returns:
       The head (eval mode, CPU) and one record per round: pseudo-masks, what the round
@@ -128,6 +132,8 @@ def train_rounds(
                 "seconds": round(time.perf_counter() - start, 3),
             }
         )
+        if round_done:
+            round_done(round_index, head)
     return head.cpu().eval(), history
 
 
@@ -221,6 +227,7 @@ def distil_instances(
     backbone: Backbone | None = None,
     feature_progress: FeatureProgress | None = None,
     train_progress: RoundProgress | None = None,
+    round_done: RoundDone | None = None,
 ) -> InstanceDistilResult:
     """Train an instance head on a run folder's top-level masks and save its checkpoint.
 
@@ -236,6 +243,7 @@ def distil_instances(
       backbone: a ready backbone (tests); must match the run's.
       feature_progress: called with ``(done, total)`` while features are gathered.
       train_progress: called with ``(round, step, total, losses)`` while training.
+      round_done: called with ``(round, head)`` after every round.
 
     Raises:
       RunFolderError: the run folder cannot be read.
@@ -269,7 +277,7 @@ def distil_instances(
         stacked = torch.stack(targets) if targets else torch.zeros(0, *grid)
         images.append(InstanceImage(name, cached.tokens.half(), stacked))
     pseudo_masks = sum(len(image.targets) for image in images)
-    head, rounds = train_rounds(images, config, device, train_progress)
+    head, rounds = train_rounds(images, config, device, train_progress, round_done)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "task": INSTANCE_TASK,
