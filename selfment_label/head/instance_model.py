@@ -163,7 +163,7 @@ def select_instances(prediction: Prediction, config: InstanceApplyConfig) -> Pre
             continue
         kept.append(index)
     painted, scores = [], []
-    claimed = torch.zeros_like(prediction.probabilities[0])
+    claimed = prediction.probabilities.new_zeros(prediction.probabilities.shape[1:])
     for index in kept:
         probability = torch.minimum(prediction.probabilities[index], 1.0 - claimed)
         if bool((probability > THRESHOLD).any()):
