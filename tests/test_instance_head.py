@@ -163,10 +163,10 @@ def test_real_instance_head_writes_scored_disjoint_instances_and_resumes(
         for i, (first, _) in enumerate(masks):
             for second, _ in masks[i + 1 :]:
                 assert not (first & second).any()
-    before = (out / "annotations.json").read_bytes()
+    before = read_run(out).coco["annotations"]
     again = apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
     assert again.resumed == len(MULTI_OBJECT) and again.labelled == 0
-    assert (out / "annotations.json").read_bytes() == before
+    assert read_run(out).coco["annotations"] == before
 
 
 def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
