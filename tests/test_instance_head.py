@@ -27,9 +27,14 @@ from selfment_label.head.instance_model import (
     hungarian_match,
     select_instances,
 )
-from selfment_label.head.instance_train import InstanceImage, distil_instances, train_rounds
+from selfment_label.head.instance_train import (
+    InstanceImage,
+    distil_instances,
+    top_level_masks,
+    train_rounds,
+)
 from selfment_label.head.rounds import correct_image
-from selfment_label.runfolder.coco import decode_rle
+from selfment_label.runfolder.coco import annotation_record, decode_rle, write_coco_stream
 from selfment_label.runfolder.layout import read_run
 from selfment_label.runfolder.pipeline import label_folder
 
@@ -195,3 +200,22 @@ def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
         ],
     )
     assert refused.exit_code != 0 and "--rounds" in refused.output
+
+
+def test_entities_parts_are_not_learnt_as_instances(tmp_path: Path) -> None:
+    entity = np.zeros((20, 30), dtype=bool)
+    entity[2:12, 3:20] = True
+    part = entity.copy()
+    part[2:12, 10:20] = False
+    records = [
+        annotation_record(entity, 0.9, {"level": 0}),
+        annotation_record(part, 0.8, {"level": 1, "parent": 0}),
+    ]
+    write_coco_stream(
+        tmp_path / "annotations.json",
+        [{"file_name": "a.jpg", "width": 30, "height": 20, "annotations": records}],
+    )
+    run = read_run(tmp_path, require_provenance=False)
+    [(name, width, height, masks)] = list(top_level_masks(run))
+    assert (name, width, height) == ("a.jpg", 30, 20)
+    assert len(masks) == 1 and np.array_equal(masks[0], entity)
