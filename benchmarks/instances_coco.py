@@ -118,7 +118,8 @@ def backbone_seconds(backbone: Backbone, images: Path, resolution: int) -> float
     names = list(open_source(images).list_images())
     start = time.perf_counter()
     decoded = (
-        prepare_image(images, name, resolution, backbone.patch_size, mean, std) for name in names
+        (name, prepare_image(images, name, resolution, backbone.patch_size, mean, std))
+        for name in names
     )
     for batch, _ in batches_by_grid(decoded, 4, window=8):
         if batch:
@@ -130,9 +131,12 @@ def train_per_round(
     run_dir: Path, work: Path, config: InstanceTrainConfig, weights: Path
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Train with ``config.rounds`` rounds; a checkpoint per round (the model as that round
-    left it) with its round record."""
+    left it) with its round record. Checkpoints already in ``work`` (a rerun) are reused."""
+    paths = [work / f"head-r{index}.pt" for index in range(config.rounds + 1)]
+    if all(path.is_file() for path in paths):
+        return [(path, load_checkpoint(path).meta["rounds"][-1]) for path in paths]
     snapshots: list[dict[str, torch.Tensor]] = []
-    final = work / f"head-r{config.rounds}.pt"
+    final = paths[-1]
     distil_instances(
         run_dir,
         final,

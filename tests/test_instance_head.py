@@ -175,7 +175,7 @@ def test_real_instance_head_writes_scored_disjoint_instances_and_resumes(
 
 
 def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
-    instances_run: Path, real_backbone: Backbone, tmp_path: Path
+    instances_run: Path, coco_images: Path, tmp_path: Path
 ) -> None:
     # the run's features are cached by the test above or computed here from the run's weights
     out = tmp_path / "head.pt"
@@ -200,6 +200,16 @@ def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
         ],
     )
     assert refused.exit_code != 0 and "--rounds" in refused.output
+    applied = tmp_path / "applied"
+    result = CliRunner().invoke(
+        app,
+        ["apply", str(out), str(coco_images), "--out", str(applied), "--refine", "none"]
+        + ["--max-instances", "2", "--min-score", "0", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    run = read_run(applied)
+    assert run.options["max_instances"] == 2 and run.options["task"] == "instances"
+    assert all(len(anns) <= 2 for _, anns in run.images())
 
 
 def test_entities_parts_are_not_learnt_as_instances(tmp_path: Path) -> None:
