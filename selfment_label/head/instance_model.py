@@ -224,7 +224,8 @@ def image_losses(
     Arguments:
       objectness: ``[Q]`` logits.
       logits: ``[Q, rows, cols]`` mask logits.
-      targets: ``[K, rows, cols]`` pseudo-masks (patch area fractions; K may be 0).
+      targets: ``[K, rows, cols]`` pseudo-masks (patch area fractions; K may be 0; only the
+        first Q are learnt when K > Q).
       config: loss weights.
 
     Returns:
