@@ -39,6 +39,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from selfment_label.config import (
+    EntitiesConfig,
     InstancesConfig,
     InstanceTrainConfig,
     RunConfig,
@@ -165,16 +166,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=InstanceTrainConfig.epochs)
     parser.add_argument("--max-instances", type=int, default=InstancesConfig.max_instances)
+    parser.add_argument(
+        "--source",
+        choices=("instances", "entities"),
+        default="instances",
+        help="the run mode the head learns from (entities: its entities; the run's own row "
+        "counts entities and parts as detections)",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     config = RunConfig(weights=str(args.weights), device="cpu")
     backbone = build_backbone(config.backbone, args.weights, "cpu")
     rows: list[tuple[str, dict[str, float]]] = []
 
-    run_dir = args.work / "instances"
-    mode = InstancesConfig(max_instances=args.max_instances)
+    run_dir = args.work / args.source
+    mode = (
+        InstancesConfig(max_instances=args.max_instances)
+        if args.source == "instances"
+        else EntitiesConfig()
+    )
     label_folder(args.images, run_dir, replace(config, segment=mode), backbone=backbone)
-    rows.append(("run --mode instances", class_agnostic_eval(args.gt, run_dir)))
+    rows.append((f"run --mode {args.source}", class_agnostic_eval(args.gt, run_dir)))
     rows.append(("  scores set to 1.0", class_agnostic_eval(args.gt, run_dir, score_one=True)))
 
     train = InstanceTrainConfig(epochs=args.epochs, rounds=args.rounds)
@@ -186,13 +198,14 @@ def main() -> None:
         apply_head(path, args.images, out, config, backbone=backbone, overwrite=True)
         applied = time.perf_counter() - start
         timings.append((record, bare, applied))
-        rows.append((f"head, {record['round']} rounds", class_agnostic_eval(args.gt, out)))
+        name = f"head on {args.source}, {record['round']} rounds"
+        rows.append((name, class_agnostic_eval(args.gt, out)))
 
     print(f"\nclass-agnostic COCO mask eval on {args.images} ({args.gt.name})")
-    print(f"{'':28}{'AP':>7}{'AP50':>7}{'AR@100':>8}{'AR@1000':>9}{'masks/img':>11}")
+    print(f"{'':32}{'AP':>7}{'AP50':>7}{'AR@100':>8}{'AR@1000':>9}{'masks/img':>11}")
     for name, stats in rows:
         print(
-            f"{name:28}{stats['AP']:7.2f}{stats['AP50']:7.2f}{stats['AR@100']:8.2f}"
+            f"{name:32}{stats['AP']:7.2f}{stats['AP50']:7.2f}{stats['AR@100']:8.2f}"
             f"{stats['AR@1000']:9.2f}{stats['masks/img']:11.2f}"
         )
     print("\nround  pseudo-masks  replaced  dropped  added  train s  apply/backbone s (ratio)")
