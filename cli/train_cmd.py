@@ -114,10 +114,11 @@ def train(
         "runs, else single].",
     ),
     rounds: int = typer.Option(
-        InstanceTrainConfig.rounds,
+        None,
         min=0,
         help="Instance head: self-correction rounds (the last model's confident masks "
-        "replace, add to and drop pseudo-masks, then training goes on).",
+        f"replace, add to and drop pseudo-masks, then training goes on) \\[default: "
+        f"{InstanceTrainConfig.rounds}].",
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
@@ -136,7 +137,7 @@ def train(
     if not reviewed and (name or tags):
         raise fail("--name and --tags choose a reviewed dataset: pass --reviewed too")
     require_writable(out, "--out")
-    chosen = {"epochs": epochs, "lr": lr}
+    chosen = {"epochs": epochs, "lr": lr, "rounds": rounds}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     task = task or _run_task(run_dir)
     require_choice(task, HEAD_TASKS, "--task")
@@ -149,7 +150,6 @@ def train(
                 weight_decay=weight_decay,
                 batch_size=batch_size,
                 seed=seed,
-                rounds=rounds,
             )
         train_instances(
             run_dir,
@@ -161,7 +161,7 @@ def train(
             offline=offline,
         )
         return
-    if rounds:
+    if chosen.pop("rounds", None) is not None:
         raise fail("--rounds is an option of the instance head (--task instances)")
     with invalid_options():
         config = TrainConfig(**chosen, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
