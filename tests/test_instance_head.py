@@ -229,3 +229,22 @@ def test_entities_parts_are_not_learnt_as_instances(tmp_path: Path) -> None:
     [(name, width, height, masks)] = list(top_level_masks(run))
     assert (name, width, height) == ("a.jpg", 30, 20)
     assert len(masks) == 1 and np.array_equal(masks[0], entity)
+
+
+def test_review_shows_an_instance_head_run_like_an_instances_run(
+    instances_run: Path, coco_images: Path, real_backbone: Backbone, tmp_path: Path
+) -> None:
+    # touches FiftyOne: run under flock /work/wt/fiftyone.lock
+    from selfment_label.review.dataset import build_dataset
+    from selfment_label.review.views import SEVERAL_INSTANCES_VIEW
+
+    config = InstanceTrainConfig(epochs=2, rounds=0)
+    result = distil_instances(instances_run, tmp_path / "head.pt", config, backbone=real_backbone)
+    out = tmp_path / "applied"
+    run_config = RunConfig(resolution=224, workers=1, refine="none")
+    apply_head(result.checkpoint, coco_images, out, run_config, backbone=real_backbone)
+    dataset = build_dataset(out, f"instance-head-{tmp_path.name}")
+    try:
+        assert SEVERAL_INSTANCES_VIEW in dataset.list_saved_views()
+    finally:
+        dataset.delete()

@@ -155,6 +155,12 @@ def _gt_detections(run_dir: Path, gt_dir: Path) -> dict[str, fo.Detections]:
     return found
 
 
+def _view_mode(run: RunFolder) -> str:
+    """The mode whose review views a run gets: an instance head's run (``apply`` with an
+    instance head) is reviewed like an ``instances`` run."""
+    return "instances" if run.provenance.get("options", {}).get("task") == "instances" else run.mode
+
+
 def build_dataset(
     run_dir: str | Path,
     name: str | None = None,
@@ -253,7 +259,7 @@ def build_dataset(
     apply_app_config(dataset, info)
     dataset.info[INFO_KEY] = info
     dataset.save()
-    save_review_views(dataset, mode)
+    save_review_views(dataset, _view_mode(run))
     record_reviewing_dataset(run_dir, name)
     logger.info("dataset %s: %d new samples, %d in all", name, len(samples), len(dataset))
     return dataset
