@@ -1,5 +1,6 @@
 """The instance head: matching, selection, self-correction rules, and on real coco-dev images
-(the real backbone) training, apply, scores, disjointness, resume, CLI."""
+(the real backbone) training, apply, scores, disjointness, resume, CLI, review views. One test
+touches FiftyOne: run this module under the shared lock (``flock /work/wt/fiftyone.lock``)."""
 
 from __future__ import annotations
 
