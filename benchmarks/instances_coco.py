@@ -57,19 +57,23 @@ from selfment_label.runfolder.pipeline import label_folder
 MAX_DETS = [1, 10, 100, 1000]
 
 
-def class_agnostic_eval(gt_path: Path, run_dir: Path, score_one: bool = False) -> dict[str, float]:
+def class_agnostic_eval(
+    gt_path: Path, run_dir: Path, score_one: bool = False, top_level: bool = False
+) -> dict[str, float]:
     """AP, AP50, AR@100 and AR@1000 (in %) of a run folder against COCO ground truth.
 
     Arguments:
       gt_path: COCO ground truth (every category is merged into one).
       run_dir: a run folder; its images are matched to the ground truth by file name.
       score_one: set every predicted score to 1.0.
+      top_level: leave out parts (annotations with a ``parent_id``).
     """
     run = read_run(run_dir)
     found = {
         image["file_name"]: [
             (ann["segmentation"], 1.0 if score_one else float(ann.get("score", 1.0)))
             for ann in anns
+            if not (top_level and ann.get("parent_id") is not None)
         ]
         for image, anns in run.images()
     }
@@ -188,6 +192,9 @@ def main() -> None:
     label_folder(args.images, run_dir, replace(config, segment=mode), backbone=backbone)
     rows.append((f"run --mode {args.source}", class_agnostic_eval(args.gt, run_dir)))
     rows.append(("  scores set to 1.0", class_agnostic_eval(args.gt, run_dir, score_one=True)))
+    if args.source == "entities":
+        top = class_agnostic_eval(args.gt, run_dir, top_level=True)
+        rows.append(("  entities only (what is learnt)", top))
 
     train = InstanceTrainConfig(epochs=args.epochs, rounds=args.rounds)
     timings = []
