@@ -34,9 +34,18 @@ def train_instances(
     from selfment_label.features.presets import BackboneError
     from selfment_label.head.checkpoint import HeadError
     from selfment_label.head.instance_train import distil_instances
+    from selfment_label.outputs import OutputError
     from selfment_label.runfolder.layout import RunFolderError
 
-    errors = (HeadError, RunFolderError, CacheError, BackboneError, DeviceError, FileNotFoundError)
+    errors = (
+        HeadError,
+        OutputError,
+        RunFolderError,
+        CacheError,
+        BackboneError,
+        DeviceError,
+        FileNotFoundError,
+    )
     with user_errors(*errors), make_progress() as progress:
         features = progress.add_task("features", total=None)
         rounds = [

@@ -33,6 +33,7 @@ from .features import run_features
 from .instance_model import THREADS, InstanceHead, image_losses
 from .model import patch_targets
 from .rounds import RoundChange, correct_targets
+from .train import check_train_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +251,10 @@ def distil_instances(
       HeadError: the run gave no training image.
       HeadMismatch: the backbone does not match the run's.
       CacheError: features are neither cached nor computable.
+      OutputError: ``out`` or ``cache_dir`` must not or cannot be written (before any work).
     """
     config = config or InstanceTrainConfig()
+    check_train_outputs(run_dir, out, cache_dir)
     source = read_run(run_dir)
     masks = list(top_level_masks(source))
     cache, entries = run_features(
@@ -290,6 +293,7 @@ def distil_instances(
         },
         "resolution": settings.resolution,
         "feature_dim": head.dim,
+        "hidden": config.hidden,
         "model": head.config(),
         "training": asdict(config),
         "rounds": rounds,

@@ -60,6 +60,7 @@ from ..config import (
     EXPORT_VAL_FRACTION,
     YOLO_MIN_PIECE_AREA,
 )
+from ..outputs import OutputError, check_output
 from ..runfolder.coco import annotation_record, write_coco_stream
 from .convert import LABEL, detection_to_mask
 from .dataset import INFO_KEY, PARTS_FIELD, PSEUDO_FIELD
@@ -143,28 +144,23 @@ def inside(target: Path, relative: str) -> Path:
     return path
 
 
-def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
+def check_target(target: Path, overwrite: bool, protected: dict[Path, str]) -> None:
     """Refuse a target that cannot be exported into; nothing is changed on disk.
 
     Arguments:
       target: the export folder.
       overwrite: a non-empty target may be replaced.
-      protected: folders the target must not be inside, equal to, nor contain (run, images).
+      protected: folders the target must not be inside, equal to, nor contain (run, images),
+        each with its role.
 
     Raises:
-      ExportError: a protected, non-folder or (without ``overwrite``) non-empty target.
+      ExportError: a protected, non-folder or (without ``overwrite``) non-empty target
+        (``outputs.check_output``, the guard of every writer).
     """
-    resolved = target.resolve()
-    if resolved == resolved.parent:
-        raise ExportError(f"refusing to export into {target}: it is the file system root")
-    for folder in protected:
-        folder = folder.resolve()
-        if resolved == folder or folder in resolved.parents or resolved in folder.parents:
-            raise ExportError(
-                f"refusing to export into {target}: it is, lies inside or holds {folder}"
-            )
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"{target} exists and is not a folder")
+    try:
+        check_output(target, "the export", folder=True, protected=protected)
+    except OutputError as error:
+        raise ExportError(str(error)) from None
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
 
@@ -488,7 +484,8 @@ def export_dataset(
     fields = [f for f in info.get("label_fields", [PSEUDO_FIELD]) if dataset.has_sample_field(f)]
     if not fields:
         raise ExportError(f"dataset {dataset.name!r} has no selfment label field")
-    protected = [Path(p) for p in (info.get("run_dir"), info.get("input_dir")) if p]
+    roles = {"run_dir": "the run folder", "input_dir": "the run's input folder"}
+    protected = {Path(info[key]): role for key, role in roles.items() if info.get(key)}
     check_target(target, overwrite, protected)
     view = select_samples(dataset, tags, exclude_tags)
     items, skipped = _plan(
