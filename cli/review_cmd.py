@@ -180,7 +180,9 @@ def export(
     media: str = typer.Option(
         "copy", "--media", help=f"How images go with the labels: {', '.join(EXPORT_MEDIA)}."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty target."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a previous export in TARGET (nothing else)."
+    ),
     val_fraction: float = typer.Option(
         EXPORT_VAL_FRACTION,
         "--val-fraction",

@@ -26,6 +26,7 @@ from selfment_label.review.convert import detection_to_mask
 from selfment_label.review.dataset import build_dataset
 from selfment_label.review.db import ReviewError
 from selfment_label.review.export import (
+    MARKER_NAME,
     ExportError,
     distinct_stems,
     export_dataset,
@@ -416,6 +417,43 @@ def test_targets_inside_or_holding_the_input_or_run_are_refused(run_dir: Path) -
         with pytest.raises(ExportError, match="refusing"):
             export_dataset(dataset, target, "coco", overwrite=True)
     assert not (input_dir / "cats").exists() and not (run_dir / "out").exists()
+
+
+def test_overwrite_replaces_only_a_previous_export_of_ours(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22, item 1: ``--overwrite`` never deletes a folder the export did not make."""
+    from selfment_label_cli.main import app
+    from typer.testing import CliRunner
+
+    dataset = _dataset(run_dir, "marker")
+    target = tmp_path / "export"
+    export_dataset(dataset, target, "masks", media="none")
+    assert (target / MARKER_NAME).is_file()
+    summary = export_dataset(dataset, target, "yolo", media="none", overwrite=True)
+    assert summary.images == N_IMAGES and not (target / "masks").exists()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("mine")
+    result = CliRunner().invoke(
+        app, ["export", str(run_dir), str(home), "--name", dataset.name, "--overwrite"]
+    )
+    assert result.exit_code == 1
+    assert "not a selfment-label export" in " ".join(result.output.split())
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="holds 'notes.txt', which the export did not write"):
+        export_dataset(dataset, target, "masks", overwrite=True)
+    (target / "notes.txt").unlink()
+    database = target / "db"
+    database.mkdir()
+    (database / "WiredTiger").write_text("every review")
+    monkeypatch.setattr(fo.config, "database_dir", str(database))
+    for folder in (target, database, tmp_path):
+        with pytest.raises(ExportError, match="refusing"):
+            export_dataset(dataset, folder, "masks", overwrite=True)
+    assert (home / ".bashrc").read_text() == "mine"
+    assert (database / "WiredTiger").read_text() == "every review"
+    assert (target / "dataset.yaml").is_file()
 
 
 def test_media_only_from_inside_the_input_folder(run_dir: Path, tmp_path: Path) -> None:

@@ -28,14 +28,17 @@ Media are only read from inside the run's input folder (the resolved path is che
 that is missing or lies outside is left out of the export and reported in ``skipped``. Every
 output path is built from a sanitised relative name (no ``..``, no absolute paths) and checked
 to lie inside the target. The export is written into a temporary folder beside the target and
-renamed into place at the end, so a failed export leaves the target as it was. A non-empty
-target is refused unless ``overwrite``; a target inside, equal to or holding the run folder or
-the input folder is always refused.
+renamed into place at the end, so a failed export leaves the target as it was. A target
+inside, equal to or holding the run folder, the input folder or FiftyOne's database folder is
+always refused. Every export writes a marker file (``MARKER_NAME``) naming what it wrote; a
+non-empty target is replaced only with ``overwrite`` and only when it is such an export holding
+nothing else, so ``overwrite`` never deletes a folder the tool did not make.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -82,6 +85,8 @@ MASKS_DIR = "masks"
 PARTS_DIR = "parts"
 LABELS_DIR = "labels"
 ANNOTATIONS_DIR = "annotations"
+MARKER_NAME = ".selfment-export.json"
+"""The file every export writes at its root: the proof that ``overwrite`` may replace it."""
 
 
 class ExportError(ReviewError):
@@ -148,11 +153,14 @@ def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
 
     Arguments:
       target: the export folder.
-      overwrite: a non-empty target may be replaced.
-      protected: folders the target must not be inside, equal to, nor contain (run, images).
+      overwrite: a non-empty target may be replaced if it is a previous export
+        (``check_own_export``).
+      protected: folders the target must not be inside, equal to, nor contain (run, images,
+        FiftyOne's database).
 
     Raises:
-      ExportError: a protected, non-folder or (without ``overwrite``) non-empty target.
+      ExportError: a protected or non-folder target, a non-empty one without ``overwrite``,
+        or one that is not a previous export.
     """
     resolved = target.resolve()
     if resolved == resolved.parent:
@@ -165,8 +173,46 @@ def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
             )
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
+        check_own_export(target)
+
+
+def check_own_export(target: Path) -> None:
+    """Refuse to replace a folder unless it is a previous export holding only what it wrote.
+
+    The export's marker file (``MARKER_NAME``) lists the entries it wrote at the target's top
+    level; a folder without it (a user's folder, a home, a database) or with anything else
+    beside those entries is not the tool's to delete.
+
+    Raises:
+      ExportError: ``target`` is not a previous export, or holds files the export did not write.
+    """
+    marker = target / MARKER_NAME
+    try:
+        entries = set(json.loads(marker.read_text(encoding="utf-8"))["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = None
+    if marker.is_symlink() or entries is None:
+        raise ExportError(
+            f"refusing to replace {target}: it is not a selfment-label export (no {MARKER_NAME}) "
+            "and --overwrite only replaces a previous export; choose an empty or new folder"
+        )
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in entries | {MARKER_NAME})
+    if foreign:
+        raise ExportError(
+            f"refusing to replace {target}: it holds {foreign[0]!r}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which the export "
+            "did not write; move it out or choose another folder"
+        )
+
+
+def _write_marker(staging: Path, fmt: str) -> None:
+    """Write the marker that lets a later ``overwrite`` replace this export (``MARKER_NAME``)."""
+    entries = sorted(p.name for p in staging.iterdir())
+    marker = {"tool": "selfment-label", "version": __version__, "format": fmt, "entries": entries}
+    (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -467,7 +513,7 @@ def export_dataset(
       exclude_tags: drop samples with any of these tags.
       polygons: COCO polygons instead of compressed RLE (``coco`` only).
       media: ``copy``, ``symlink`` or ``none`` (images not written).
-      overwrite: replace the target folder's contents.
+      overwrite: replace the target folder when it holds a previous export (only).
       val_fraction: share of images in ``val``, by a hash of the file name (0: no ``val``).
       split_seed: the seed of that hash.
       split_by_tag: split by the samples' ``train``/``val`` tags instead (untagged: train).
@@ -479,6 +525,8 @@ def export_dataset(
     Raises:
       ExportError: a bad option, or a target that is not empty or is protected.
     """
+    import fiftyone as fo
+
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     if media not in EXPORT_MEDIA:
@@ -489,7 +537,7 @@ def export_dataset(
     if not fields:
         raise ExportError(f"dataset {dataset.name!r} has no selfment label field")
     protected = [Path(p) for p in (info.get("run_dir"), info.get("input_dir")) if p]
-    check_target(target, overwrite, protected)
+    check_target(target, overwrite, [*protected, Path(fo.config.database_dir)])
     view = select_samples(dataset, tags, exclude_tags)
     items, skipped = _plan(
         view, info.get("input_dir"), media, val_fraction, split_seed, split_by_tag
@@ -516,6 +564,7 @@ def export_dataset(
             )
         else:
             n_masks = _write_masks(view, staging, items, fields, media)
+        _write_marker(staging, fmt)
         _publish(staging, resolved)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
