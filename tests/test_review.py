@@ -35,7 +35,7 @@ from selfment_label.head.checkpoint import load_checkpoint
 from selfment_label.head.model import patch_targets
 from selfment_label.head.train import distil
 from selfment_label.review.app import launch_app
-from selfment_label.review.convert import mask_to_detection
+from selfment_label.review.convert import detection_to_mask, mask_to_detection
 from selfment_label.review.dataset import build_dataset, dataset_name
 from selfment_label.review.export import export_dataset
 from selfment_label.review.model import selfment_model
@@ -141,6 +141,47 @@ def test_rebuild_after_new_run_keeps_tags_and_edits(
     again = dataset[sample.filepath]
     assert again.tags == ["approved"] and again.pseudo.detections == []
     assert dataset.count("ground_truth.detections") == 5
+
+
+def test_rebuild_replaces_a_sample_whose_image_was_replaced(
+    tmp_path: Path, tiny_backbone: Backbone
+) -> None:
+    """Issue 22, item 3: a replaced image gets the run's new size and masks; its verdict tags
+    move to a field (kept, not applied to a picture nobody reviewed); other samples keep theirs."""
+    from selfment_label.review.status import review_status
+
+    images, run = tmp_path / "images", tmp_path / "run"
+    _make_images(images, 3)
+    _label(images, run, tiny_backbone, mode="single")
+    dataset = build_dataset(run, f"t-replaced-{SUFFIX}")
+    first, second = dataset.sort_by("file_name").limit(2)
+    first.tags.append("approved")
+    first.pseudo.detections = first.pseudo.detections[:1]
+    first.save()
+    second.tags.append("rejected")
+    second.save()
+    old_size = Image.open(first.filepath).size
+    Image.fromarray(np.full((old_size[0] + 20, old_size[1] + 10, 3), 200, np.uint8)).save(
+        first.filepath
+    )
+    _label(images, run, tiny_backbone, mode="single")
+    dataset = build_dataset(run)
+    replaced = dataset[first.filepath]
+    width, height = Image.open(first.filepath).size
+    assert (replaced.metadata.width, replaced.metadata.height) == (width, height)
+    assert replaced.tags == [] and replaced["tags_before_image_changed"] == ["approved"]
+    masks = [detection_to_mask(d, width, height) for d in replaced.pseudo.detections]
+    written = _run_masks(run)[first.file_name]
+    assert len(masks) == len(written)
+    assert all(np.array_equal(a, b) for a, b in zip(masks, written, strict=True))
+    assert dataset[second.filepath].tags == ["rejected"]
+    assert review_status(run).edited == 0
+    target = tmp_path / "out"
+    export_dataset(dataset, target, "masks", media="none", val_fraction=0)
+    png = target / "masks" / "train" / Path(first.file_name).with_suffix(".png")
+    assert Image.open(png).size == (width, height)
+    again = build_dataset(run)
+    assert again[first.filepath]["tags_before_image_changed"] == ["approved"]
 
 
 def test_model_for_apply_model(run_dir: Path, tiny_backbone: Backbone) -> None:

@@ -21,6 +21,16 @@ run changed (``run --overwrite`` with other options or another mode) replaces th
 every sample of that run with the current ones (tags are kept), deletes label fields the run
 no longer has, and deletes the samples of images the run no longer labels.
 
+Every sample records the content key its image had when the run labelled it (``content_key``,
+from the run's journal). When the run labelled a replaced image again (another key), the
+rebuild replaces that sample's size and labels with the run's current ones, and moves its tags
+to the ``tags_before_image_changed`` field: a tag is the reviewer's verdict on the picture and
+mask they saw, and keeping ``approved`` on a picture nobody has looked at would export an
+unreviewed mask as approved; moved, the verdict is not lost and the sample shows up again as
+not reviewed. The reviewer's mask edits of the old picture are dropped (they do not fit the new
+one). A sample made before samples recorded their key is taken as replaced when its size
+differs from the run's.
+
 The dataset name is recorded in the run folder's ``review.json``; it is the default for the
 next ``review``, ``export`` and ``train --reviewed`` of that run. Every build sets each of the
 run's samples' ``score`` (the run's best top-level mask score) and ``no_mask_reason`` (why the
@@ -43,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from ..data.images import find_images
 from ..evaluate import load_gt_mask, load_predictions, match
 from ..runfolder.coco import RleError, decode_rle
+from ..runfolder.journal import labelled_keys
 from ..runfolder.layout import RunFolder, read_run, record_reviewing_dataset, reviewing_datasets
 from .appconfig import apply_app_config
 from .convert import mask_to_detection
@@ -51,9 +62,11 @@ from .fields import (
     ENTITIES_FIELD,
     GT_FIELD,
     INFO_KEY,
+    KEY_FIELD,
     NO_MASK_FIELD,
     PARTS_FIELD,
     PSEUDO_FIELD,
+    REPLACED_TAGS_FIELD,
     RUN_FIELD,
     SCORE_FIELD,
     label_fields,
@@ -219,6 +232,11 @@ def build_dataset(
     if runs.get(str(run_dir), fingerprint) != fingerprint:
         stale = [f for f in info.get("label_fields", []) if f not in fields]
         _relabel(dataset, run_dir, current, mode, stale)
+    keys = {
+        str(input_dir / file_name): json.dumps(key)
+        for file_name, key in labelled_keys(run_dir).items()
+    }
+    _replace_changed(dataset, run_dir, current, mode, keys)
     known = set(dataset.values("filepath"))
     gt = _gt_detections(run_dir, Path(gt_dir)) if gt_dir else {}
     samples = []
@@ -229,7 +247,7 @@ def build_dataset(
             filepath=filepath,
             metadata=fo.ImageMetadata(width=int(image["width"]), height=int(image["height"])),
             file_name=image["file_name"],
-            **{RUN_FIELD: str(run_dir)},
+            **{RUN_FIELD: str(run_dir), KEY_FIELD: keys.get(filepath)},
         )
         for field, detections in _image_detections(anns, mode, image).items():
             sample[field] = fo.Detections(detections=detections)
@@ -315,7 +333,6 @@ def _relabel(
     stale: list[str],
 ) -> None:
     """Give a changed run's samples its current labels; delete the samples it no longer has."""
-    import fiftyone as fo
     from fiftyone import ViewField as F
 
     view = dataset.match(F(RUN_FIELD) == str(run_dir))
@@ -327,10 +344,63 @@ def _relabel(
         if dataset.has_sample_field(field):
             dataset.delete_sample_field(field)
     for sample in view.iter_samples(autosave=True, progress=False):
-        image, anns = current[sample.filepath]
-        sample.metadata = fo.ImageMetadata(width=int(image["width"]), height=int(image["height"]))
-        for field, detections in _image_detections(anns, mode, image).items():
-            sample[field] = fo.Detections(detections=detections)
+        _set_labels(sample, *current[sample.filepath], mode)
+
+
+def _set_labels(
+    sample: fo.Sample, image: dict[str, Any], anns: list[dict[str, Any]], mode: str
+) -> None:
+    """Give a sample the run's size and labels of its image."""
+    import fiftyone as fo
+
+    sample.metadata = fo.ImageMetadata(width=int(image["width"]), height=int(image["height"]))
+    for field, detections in _image_detections(anns, mode, image).items():
+        sample[field] = fo.Detections(detections=detections)
+
+
+def _replace_changed(
+    dataset: fo.Dataset,
+    run_dir: Path,
+    current: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+    mode: str,
+    keys: dict[str, str],
+) -> None:
+    """Replace the samples whose image the run labelled again since (see the module's
+    docstring: size and labels replaced, tags moved), and record every sample's content key."""
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+
+    if not dataset.has_sample_field(KEY_FIELD):
+        dataset.add_sample_field(KEY_FIELD, fo.StringField)
+    if not dataset.has_sample_field(REPLACED_TAGS_FIELD):
+        dataset.add_sample_field(REPLACED_TAGS_FIELD, fo.ListField, subfield=fo.StringField)
+    view = dataset.match(F(RUN_FIELD) == str(run_dir)).select_by("filepath", list(current))
+    changed = []
+    for sample_id, path, stored, width, height in zip(
+        *view.values(["id", "filepath", KEY_FIELD, "metadata.width", "metadata.height"]),
+        strict=True,
+    ):
+        image, key = current[path][0], keys.get(path)
+        if stored is None:
+            replaced = (width, height) != (int(image["width"]), int(image["height"]))
+        else:
+            replaced = key is not None and stored != key
+        if replaced:
+            changed.append(sample_id)
+    if changed:
+        logger.warning(
+            "%d image(s) changed since they were reviewed: their labels are the run's new ones "
+            "and their tags moved to the field %r (review them again)",
+            len(changed),
+            REPLACED_TAGS_FIELD,
+        )
+    for sample in dataset.select(changed).iter_samples(autosave=True, progress=False):
+        sample[REPLACED_TAGS_FIELD] = list(sample.tags)
+        sample.tags = []
+        _set_labels(sample, *current[sample.filepath], mode)
+    present = {path: keys[path] for path in view.values("filepath") if path in keys}
+    if present:
+        dataset.set_values(KEY_FIELD, present, key_field="filepath")
 
 
 def _fill_missing_gt(dataset: fo.Dataset, input_dir: Path, gt: dict[str, fo.Detections]) -> None:

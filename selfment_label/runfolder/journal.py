@@ -245,6 +245,28 @@ class JournalRecords:
                 yield entry
 
 
+def labelled_keys(folder: Path) -> dict[str, Any]:
+    """File name -> content key of every image a run folder's journal holds as labelled.
+
+    Read without the run's lock (a consumer such as ``review`` or ``export``); the latest
+    record of an image wins, and an image whose latest record is a skip is left out. Empty when
+    the folder has no journal.
+
+    Arguments:
+      folder: the run folder.
+    """
+    path = folder / JOURNAL_NAME
+    if not path.is_file():
+        return {}
+    keys: dict[str, Any] = {}
+    for _, entry in _valid_lines(path)[0]:
+        if entry["kind"] == "image":
+            keys[entry["file_name"]] = entry.get("key")
+        elif entry["kind"] == "skip":
+            keys.pop(entry["file_name"], None)
+    return keys
+
+
 def describe_mismatch(previous: dict[str, Any], current: dict[str, Any], folder: Path) -> str:
     """Human message for a run folder made with other options."""
     keys = sorted(set(previous) | set(current))
