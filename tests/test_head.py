@@ -190,6 +190,31 @@ def test_train_refuses_missing_uncached_images_and_non_runs(tiny_run: Path, tmp_
         distil(tiny_run, tmp_path / "x.pt", FAST)
 
 
+def test_diverged_training_nan_heads_and_maskless_runs_are_refused(
+    tiny_run: Path, tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    """Issue 22, item 5: no NaN head is written or applied, no head learns from no mask."""
+    diverging = dataclasses.replace(FAST, lr=1e30)
+    with pytest.raises(HeadError, match="diverged at step"):
+        distil(tiny_run, tmp_path / "nan.pt", diverging, backbone=tiny_backbone)
+    assert not (tmp_path / "nan.pt").exists()
+    good = distil(tiny_run, tmp_path / "good.pt", FAST, backbone=tiny_backbone)
+    payload = torch.load(good.checkpoint, weights_only=True)
+    payload["state_dict"]["classify.weight"][0, 0] = float("nan")
+    torch.save(payload, tmp_path / "poisoned.pt")
+    result = CliRunner().invoke(
+        app, ["apply", str(tmp_path / "poisoned.pt"), str(tmp_path / "images"), "--offline"]
+    )
+    assert result.exit_code == 1 and "non-finite weights" in " ".join(result.output.split())
+    coco_path = tiny_run / "annotations.json"
+    coco = json.loads(coco_path.read_text())
+    assert coco["annotations"]
+    coco_path.write_text(json.dumps({**coco, "annotations": []}))
+    with pytest.raises(HeadError, match="has a mask"):
+        distil(tiny_run, tmp_path / "empty.pt", FAST, backbone=tiny_backbone)
+    assert not (tmp_path / "empty.pt").exists()
+
+
 def test_cli_train_from_cache_and_apply_refusal(
     tiny_run: Path, tiny_backbone: Backbone, tmp_path: Path, weights_path: Path
 ) -> None:
