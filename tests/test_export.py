@@ -21,6 +21,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from selfment_label.config import RunConfig, mode_config
+from selfment_label.evaluate import evaluate_run
 from selfment_label.features.backbone import Backbone
 from selfment_label.review.convert import detection_to_mask
 from selfment_label.review.dataset import build_dataset
@@ -401,6 +402,14 @@ def test_masks_names_do_not_collide_and_count_matches(tmp_path: Path, tiny_backb
     pngs = _files(tmp_path / "out" / "masks")
     assert sorted(p.name for p in pngs) == ["a.jpg.png", "a.png.png", "b.png"]
     assert summary.annotations == len(pngs) == 3
+    # eval reads them back, each with its own image (issue 22, item 6)
+    report = evaluate_run(tmp_path / "run", tmp_path / "out" / "masks" / "train")
+    assert {row.gt_file: row.prediction for row in report.rows} == {
+        "a.jpg.png": "a.jpg",
+        "a.png.png": "a.png",
+        "b.png": "b.png",
+    }
+    assert report.evaluated == 3 and not report.predictions_without_gt
     yolo = export_dataset(dataset, tmp_path / "yolo", "yolo", val_fraction=0)
     labels = _files(tmp_path / "yolo" / "labels")
     assert sorted(p.name for p in labels) == ["a.jpg.txt", "a.png.txt", "b.txt"]
