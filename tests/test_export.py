@@ -251,7 +251,7 @@ def test_coco_export_splits_and_round_trips_every_mask(run_dir: Path, tmp_path: 
     export_dataset(
         dataset, target, "coco", polygons=True, media="none", overwrite=True, val_fraction=0
     )
-    assert sorted(p.name for p in target.iterdir()) == ["annotations"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER_NAME, "annotations"]
     poly = load_coco(target / "annotations" / "instances_train.json")
     assert len(poly["images"]) == N_IMAGES
     assert poly["info"]["image_root"] == dataset.info["selfment"]["input_dir"]
@@ -485,7 +485,8 @@ def test_media_only_from_inside_the_input_folder(run_dir: Path, tmp_path: Path) 
             summary = export_dataset(dataset, target, "coco", media=media, val_fraction=0)
             assert summary.images == N_IMAGES - 3 and len(summary.skipped) == 3
             reasons = " ".join(summary.skipped)
-            assert reasons.count("outside the input folder") == 2 and "missing" in reasons
+            assert "is not a path inside the run's input folder" in reasons
+            assert "missing" in reasons and "the run never labelled it" in reasons
             for path in _files(target):
                 resolved = path.resolve()
                 assert resolved.is_file()
@@ -493,6 +494,35 @@ def test_media_only_from_inside_the_input_folder(run_dir: Path, tmp_path: Path) 
             assert not any(p.name in ("secret.jpg", "link.jpg") for p in _files(target))
     finally:
         (input_dir / "link.jpg").unlink()
+
+
+def test_a_folder_of_links_exports_what_the_run_labelled(
+    tmp_path: Path, tiny_backbone: Backbone, ecssd_dir: Path
+) -> None:
+    """Issue 22, item 23: links the user placed in the input are followed as ``run`` followed
+    them; a changed image is left out; an export that would write nothing is refused."""
+    originals, linked = tmp_path / "data", tmp_path / "subset"
+    _copy_images(ecssd_dir, originals, 3)
+    linked.mkdir()
+    for path in sorted(originals.rglob("*.jpg")):
+        (linked / path.name).symlink_to(path)
+    _label(linked, tmp_path / "run", tiny_backbone, "single")
+    dataset = _dataset(tmp_path / "run", "links")
+    summary = export_dataset(dataset, tmp_path / "out", "coco", val_fraction=0)
+    assert summary.images == 3 and not summary.skipped
+    for link in linked.iterdir():
+        copy = tmp_path / "out" / "images" / "train" / link.name
+        assert not copy.is_symlink() and copy.read_bytes() == link.read_bytes()
+    first = sorted(linked.iterdir())[0]
+    status = first.stat()
+    os.utime(first, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    summary = export_dataset(dataset, tmp_path / "out", "coco", overwrite=True)
+    assert summary.images == 2 and "changed since the run labelled it" in summary.skipped[0]
+    for link in linked.iterdir():
+        link.unlink()
+    with pytest.raises(ExportError, match="nothing to export: none of the 3 selected images"):
+        export_dataset(dataset, tmp_path / "none", "yolo")
+    assert not (tmp_path / "none").exists()
 
 
 def test_hostile_file_names_never_leave_the_target(run_dir: Path, tmp_path: Path) -> None:
@@ -503,8 +533,11 @@ def test_hostile_file_names_never_leave_the_target(run_dir: Path, tmp_path: Path
         sample.save()
     outer = tmp_path / "outer"
     target = outer / "target"
+    copied = export_dataset(dataset, target, "coco", val_fraction=0)
+    assert copied.images == N_IMAGES - len(hostile) and len(copied.skipped) == len(hostile)
+    assert all("not a path inside" in reason for reason in copied.skipped)
     for fmt in ("coco", "yolo", "masks"):
-        summary = export_dataset(dataset, target, fmt, overwrite=True)
+        summary = export_dataset(dataset, target, fmt, media="none", overwrite=True)
         assert summary.images == N_IMAGES
         assert sorted(p.name for p in outer.iterdir()) == ["target"]
         for path in _files(target):

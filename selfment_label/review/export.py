@@ -24,15 +24,18 @@ see ``export_split``), or by the reviewer's ``train``/``val`` tags (``split_by_t
 YOLO label files and mask PNGs are named after the image without its extension; images whose
 names differ only by extension (``a.jpg``, ``a.png``) keep it (``a.jpg.png``, ``a.png.png``).
 
-Media are only read from inside the run's input folder (the resolved path is checked); an image
-that is missing or lies outside is left out of the export and reported in ``skipped``. Every
-output path is built from a sanitised relative name (no ``..``, no absolute paths) and checked
-to lie inside the target. The export is written into a temporary folder beside the target and
-renamed into place at the end, so a failed export leaves the target as it was. A target
-inside, equal to or holding the run folder, the input folder or FiftyOne's database folder is
-always refused. Every export writes a marker file (``MARKER_NAME``) naming what it wrote; a
-non-empty target is replaced only with ``overwrite`` and only when it is such an export holding
-nothing else, so ``overwrite`` never deletes a folder the tool did not make.
+Media are only read from the images the run labelled: a sample's file must be its run's input
+folder joined with its relative ``file_name`` (no ``..``, not absolute), recorded in the run's
+journal and unchanged since (content key); a link the user placed in the input folder is
+followed, as ``run`` followed it. Any other image is left out of the export and reported in
+``skipped``; an export that would write no image is refused. Every output path is built from a
+sanitised relative name (no ``..``, no absolute paths) and checked to lie inside the target.
+The export is written into a temporary folder beside the target and renamed into place at the
+end, so a failed export leaves the target as it was. A target inside, equal to or holding the
+run folder, the input folder or FiftyOne's database folder is always refused. Every export
+writes a marker file (``MARKER_NAME``) naming what it wrote; a non-empty target is replaced
+only with ``overwrite`` and only when it is such an export holding nothing else, so
+``overwrite`` never deletes a folder the tool did not make.
 """
 
 from __future__ import annotations
@@ -63,10 +66,14 @@ from ..config import (
     EXPORT_VAL_FRACTION,
     YOLO_MIN_PIECE_AREA,
 )
+from ..data.storage import content_key
 from ..runfolder.coco import annotation_record, write_coco_stream
+from ..runfolder.journal import labelled_keys
+from ..runfolder.layout import RUN_NAME
 from .convert import LABEL, detection_to_mask
 from .dataset import INFO_KEY, PARTS_FIELD, PSEUDO_FIELD
 from .db import ReviewError
+from .fields import RUN_FIELD
 from .split import (
     SPLITS,
     SplitError,
@@ -355,32 +362,69 @@ def distinct_stems(names: list[str]) -> dict[str, str]:
     return stems
 
 
-def _source_problem(filepath: str, input_root: Path | None) -> str | None:
-    """Why an image cannot be read for export (missing, outside the input folder), or None."""
-    path = Path(filepath)
-    if not path.is_file():
+@dataclass
+class _RunImages:
+    """What a run folder says about its images: its input folder and the content key of every
+    image its journal holds as labelled."""
+
+    input_dir: Path | None
+    keys: dict[str, Any]
+
+    @classmethod
+    def read(cls, run_dir: str | None) -> _RunImages:
+        """The run's input folder (from ``run.json``) and labelled images (from its journal)."""
+        if not run_dir:
+            return cls(None, {})
+        try:
+            recorded = json.loads((Path(run_dir) / RUN_NAME).read_text(encoding="utf-8"))
+            input_dir = Path(recorded["input_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            input_dir = None
+        return cls(input_dir, labelled_keys(Path(run_dir)))
+
+
+def _source_problem(filepath: str, file_name: str | None, run: _RunImages) -> str | None:
+    """Why an image cannot be read for export, or None.
+
+    The image must be the one its run labelled: a relative file name without ``..``, at that
+    name under the run's input folder, in the run's journal, and unchanged since (same content
+    key). A link the user placed in the input folder is followed, as ``run`` followed it.
+    """
+    parts = PurePosixPath(file_name or "").parts
+    if not parts or parts[0] == "/" or ".." in parts or "\\" in (file_name or ""):
+        return f"its file name {file_name!r} is not a path inside the run's input folder"
+    if run.input_dir is None:
+        return "its run folder does not name the run's input folder"
+    if os.path.normpath(filepath) != os.path.normpath(run.input_dir / file_name):
+        return f"its file {filepath} is not the run's image {run.input_dir / file_name}"
+    if not Path(filepath).is_file():
         return f"missing ({filepath})"
-    if input_root is None:
-        return "the dataset does not name the run's input folder"
-    resolved = path.resolve()
-    if input_root not in resolved.parents:
-        return f"outside the input folder {input_root} ({resolved})"
+    if file_name not in run.keys:
+        return "the run never labelled it (its journal has no record of it)"
+    recorded = run.keys[file_name]
+    if recorded is not None and content_key(Path(filepath)) != recorded:
+        return "the image changed since the run labelled it: run `selfment-label run` again"
     return None
 
 
 def _plan(
     view: Any,
-    input_dir: str | None,
+    run_dir: str | None,
     media: str,
     val_fraction: float,
     split_seed: int,
     split_by_tag: bool,
 ) -> tuple[dict[str, _Item], list[str]]:
-    """Sample id -> what to write for it, and the ``"name: reason"`` of the samples left out."""
+    """Sample id -> what to write for it, and the ``"name: reason"`` of the samples left out.
+
+    Arguments:
+      run_dir: the run of samples that do not record theirs (``RUN_FIELD``).
+    """
     ids, filepaths = view.values("id"), view.values("filepath")
     file_names = (
         view.values("file_name") if view.has_sample_field("file_name") else [None] * len(ids)
     )
+    runs_of = view.values(RUN_FIELD) if view.has_sample_field(RUN_FIELD) else [None] * len(ids)
     names = unique_names([f or Path(p).name for f, p in zip(file_names, filepaths, strict=True)])
     stems = distinct_stems(names)
     try:
@@ -390,11 +434,16 @@ def _plan(
             splits = hash_splits(names, val_fraction, split_seed)
     except SplitError as error:
         raise ExportError(str(error)) from None
-    input_root = Path(input_dir).resolve() if input_dir else None
+    runs: dict[str | None, _RunImages] = {}
     items: dict[str, _Item] = {}
     skipped: list[str] = []
-    for sample_id, filepath, name in zip(ids, filepaths, names, strict=True):
-        problem = _source_problem(filepath, input_root) if media != "none" else None
+    for sample_id, filepath, file_name, run_of, name in zip(
+        ids, filepaths, file_names, runs_of, names, strict=True
+    ):
+        problem = None
+        if media != "none":
+            run = runs.setdefault(run_of or run_dir, _RunImages.read(run_of or run_dir))
+            problem = _source_problem(filepath, file_name, run)
         if problem:
             skipped.append(f"{name}: {problem}")
             continue
@@ -539,9 +588,12 @@ def export_dataset(
     protected = [Path(p) for p in (info.get("run_dir"), info.get("input_dir")) if p]
     check_target(target, overwrite, [*protected, Path(fo.config.database_dir)])
     view = select_samples(dataset, tags, exclude_tags)
-    items, skipped = _plan(
-        view, info.get("input_dir"), media, val_fraction, split_seed, split_by_tag
-    )
+    items, skipped = _plan(view, info.get("run_dir"), media, val_fraction, split_seed, split_by_tag)
+    if not items:
+        raise ExportError(
+            f"nothing to export: none of the {len(skipped)} selected images can be exported "
+            f"({skipped[0]})"
+        )
     description = f"selfment-label export of FiftyOne dataset {dataset.name}"
     resolved = target.resolve()
     resolved.parent.mkdir(parents=True, exist_ok=True)
