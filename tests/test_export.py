@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -463,6 +465,34 @@ def test_overwrite_replaces_only_a_previous_export_of_ours(
     assert (home / ".bashrc").read_text() == "mine"
     assert (database / "WiredTiger").read_text() == "every review"
     assert (target / "dataset.yaml").is_file()
+
+
+def test_bad_options_before_the_database_and_filters_that_select_nothing(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 22, items 17 and 18: a bad option exits 2 without reaching the database (here an
+    unreachable one); tag filters that select no sample are an error naming the tags."""
+    env = {
+        **os.environ,
+        "FIFTYONE_DATABASE_URI": "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=500",
+    }
+    target = tmp_path / "out"
+    command = [sys.executable, "-m", "selfment_label_cli", "export", str(run_dir), str(target)]
+    for option in (["--val-fraction", "nan"], ["--format", "voc"], ["--min-piece-area", "-1"]):
+        failed = subprocess.run(
+            [*command, *option], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert failed.returncode == 2, failed.stderr
+        assert "invalid option" in failed.stderr and "FIFTYONE" not in failed.stderr
+    dataset = _dataset(run_dir, "filters").clone(f"t-filters-clone-{SUFFIX}")
+    sample = dataset.first()
+    sample.tags.append("approved")
+    sample.save()
+    with pytest.raises(ExportError, match=r"any of the tags nosuchtag; .*tags: approved \(1\)"):
+        export_dataset(dataset, target, "coco", tags=["nosuchtag"])
+    with pytest.raises(ExportError, match="select no sample"):
+        export_dataset(dataset, target, "coco", tags=["approved"], exclude_tags=["approved"])
+    assert not target.exists()
 
 
 def test_media_only_from_inside_the_input_folder(run_dir: Path, tmp_path: Path) -> None:

@@ -155,6 +155,23 @@ def inside(target: Path, relative: str) -> Path:
     return path
 
 
+def check_options(fmt: str, media: str, val_fraction: float, min_piece_area: int) -> None:
+    """Refuse options no export can use; cheap, so callers check them before the database.
+
+    Raises:
+      ExportError: an unknown format or media mode, a validation fraction outside ``[0, 1)``
+        (NaN included), or a negative ``min_piece_area``.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if media not in EXPORT_MEDIA:
+        raise ExportError(f"unknown media mode {media!r}: choose one of {', '.join(EXPORT_MEDIA)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ExportError(f"the validation fraction must be in [0, 1), not {val_fraction}")
+    if min_piece_area < 0:
+        raise ExportError(f"the minimum piece area must be 0 or more, not {min_piece_area}")
+
+
 def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
     """Refuse a target that cannot be exported into; nothing is changed on disk.
 
@@ -250,6 +267,22 @@ def select_samples(
     if exclude_tags:
         view = view.match_tags(list(exclude_tags), bool=False)
     return view
+
+
+def _nothing_selected(
+    dataset: fo.Dataset, tags: list[str] | None, exclude_tags: list[str] | None
+) -> str:
+    """Why the tag filters selected no sample, naming the tags the dataset has."""
+    counts = dataset.count_sample_tags()
+    existing = ", ".join(f"{tag} ({n})" for tag, n in sorted(counts.items())) or "none"
+    if not len(dataset):
+        return f"dataset {dataset.name!r} has no samples"
+    if tags and not any(tag in counts for tag in tags):
+        return f"no sample has any of the tags {', '.join(tags)}; the dataset's tags: {existing}"
+    return (
+        f"the tag filters select no sample (--tags {', '.join(tags or []) or '-'}, "
+        f"--exclude-tags {', '.join(exclude_tags or []) or '-'}); the dataset's tags: {existing}"
+    )
 
 
 def _image_size(sample: Any) -> tuple[int, int]:
@@ -572,14 +605,13 @@ def export_dataset(
       An ``ExportSummary``.
 
     Raises:
-      ExportError: a bad option, or a target that is not empty or is protected.
+      ExportError: a bad option (``check_options``), a target that cannot be used
+        (``check_target``), tag filters that select no sample (the message names the dataset's
+        tags), or no selected image that can be exported.
     """
     import fiftyone as fo
 
-    if fmt not in EXPORT_FORMATS:
-        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    if media not in EXPORT_MEDIA:
-        raise ExportError(f"unknown media mode {media!r}: choose one of {', '.join(EXPORT_MEDIA)}")
+    check_options(fmt, media, val_fraction, min_piece_area)
     target = Path(target)
     info = dataset.info.get(INFO_KEY, {})
     fields = [f for f in info.get("label_fields", [PSEUDO_FIELD]) if dataset.has_sample_field(f)]
@@ -588,6 +620,8 @@ def export_dataset(
     protected = [Path(p) for p in (info.get("run_dir"), info.get("input_dir")) if p]
     check_target(target, overwrite, [*protected, Path(fo.config.database_dir)])
     view = select_samples(dataset, tags, exclude_tags)
+    if not len(view):
+        raise ExportError(_nothing_selected(dataset, tags, exclude_tags))
     items, skipped = _plan(view, info.get("run_dir"), media, val_fraction, split_seed, split_by_tag)
     if not items:
         raise ExportError(
