@@ -320,6 +320,29 @@ def test_cli_export_and_database_error(run_dir: Path, tmp_path: Path) -> None:
     assert "FIFTYONE_DATABASE_URI" in failed.stderr and "error" in failed.stderr
 
 
+def test_a_database_service_of_another_folder_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    """Issue 22, item 22: a process whose FIFTYONE_DATABASE_DIR differs from the folder of the
+    database service already running (this test session's) is told so, not given that one."""
+    from selfment_label.review.db import connect
+
+    connect()  # this session holds (or attached to) the service of its own folder
+    other = tmp_path / "other-db"
+    inherited = {**os.environ, "FIFTYONE_DATABASE_DIR": str(other)}
+    # with the port FiftyOne passes to child processes, and found by FiftyOne's process search
+    found = {k: v for k, v in inherited.items() if k != "FIFTYONE_PRIVATE_DATABASE_PORT"}
+    for env in (inherited, found):
+        failed = subprocess.run(
+            [sys.executable, "-m", "selfment_label_cli", "review", str(run_dir), "--no-launch"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        flat = "".join(failed.stderr.split())
+        assert failed.returncode == 1, failed.stderr
+        assert f"FIFTYONE_DATABASE_DIR={other}" in flat and fo.config.database_dir in flat
+
+
 def test_review_is_recorded_and_export_uses_it(tmp_path: Path, tiny_backbone: Backbone) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
     _make_images(images, 3)
