@@ -184,6 +184,35 @@ def test_rebuild_replaces_a_sample_whose_image_was_replaced(
     assert again[first.filepath]["tags_before_image_changed"] == ["approved"]
 
 
+def test_a_failed_first_build_leaves_nothing_behind(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22, item 8: a crafted file name is refused in one sentence before anything is
+    made, and a build that fails midway deletes the dataset it created."""
+    import selfment_label.review.dataset as review_dataset
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    coco = load_coco(run / "annotations.json")
+    name = f"t-failed-{SUFFIX}"
+    crafted = {**coco, "images": [{**coco["images"][0], "file_name": "../../../../etc/os-release"}]}
+    (run / "annotations.json").write_text(json.dumps(crafted))
+    result = CliRunner().invoke(app, ["review", str(run), "--name", name, "--no-launch"])
+    assert result.exit_code == 1 and "not a path inside" in " ".join(result.output.split())
+    assert not fo.dataset_exists(name)
+    (run / "annotations.json").write_text(json.dumps(coco))
+
+    def broken(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(review_dataset, "save_review_views", broken)
+    with pytest.raises(OSError, match="disk full"):
+        build_dataset(run, name)
+    assert not fo.dataset_exists(name)
+    monkeypatch.undo()
+    assert len(build_dataset(run, name)) == 5
+
+
 def test_model_for_apply_model(run_dir: Path, tiny_backbone: Backbone) -> None:
     images = Path(json.loads((run_dir / "run.json").read_text())["input_dir"])
     dataset = fo.Dataset()

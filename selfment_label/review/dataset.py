@@ -54,7 +54,14 @@ from ..data.images import find_images
 from ..evaluate import load_gt_mask, load_predictions, match
 from ..runfolder.coco import RleError, decode_rle
 from ..runfolder.journal import labelled_keys
-from ..runfolder.layout import RunFolder, read_run, record_reviewing_dataset, reviewing_datasets
+from ..runfolder.layout import (
+    ANNOTATIONS_NAME,
+    RunFolder,
+    is_relative_name,
+    read_run,
+    record_reviewing_dataset,
+    reviewing_datasets,
+)
 from .appconfig import apply_app_config
 from .convert import mask_to_detection
 from .db import ReviewError, connect
@@ -183,7 +190,9 @@ def build_dataset(
     no longer has are deleted, and samples of images the run no longer labels are deleted.
     With ``gt_dir``, samples without ground truth get it in the ``ground_truth`` field. The
     dataset name is recorded in the run's ``review.json``; the review fields, views and App
-    settings are set (see the module's docstring).
+    settings are set (see the module's docstring). A sample whose image the run labelled again
+    since gets the new labels (its tags move to a field, see the module's docstring). A build
+    that fails on a dataset it created deletes it, so nothing half-built is left.
 
     Arguments:
       run_dir: a finished run folder (annotations.json and run.json).
@@ -196,19 +205,21 @@ def build_dataset(
       The dataset.
 
     Raises:
-      ReviewError: the run folder cannot be read, or the name belongs to another run (and
-        ``add`` is false, or its label fields differ).
+      ReviewError: the run folder cannot be read, names an image outside its input folder,
+        or the name belongs to another run (and ``add`` is false, or its label fields differ).
       DatabaseError: the database cannot be reached.
     """
     import fiftyone as fo
 
     run = read_run(Path(run_dir).resolve())
-    run_dir, mode, input_dir = run.path, run.mode, run.input_dir
+    run_dir, mode = run.path, run.mode
     name = name or reviewing_dataset(run_dir) or dataset_name(run_dir)
     fields = label_fields(mode)
+    _check_file_names(run)
     connect()
     info: dict[str, Any] = {}
-    if fo.dataset_exists(name):
+    created = not fo.dataset_exists(name)
+    if not created:
         dataset = fo.load_dataset(name)
         info = dict(dataset.info.get(INFO_KEY, {}))
         owner = info.get("run_dir")
@@ -224,6 +235,37 @@ def build_dataset(
             )
     else:
         dataset = fo.Dataset(name, persistent=True)
+    try:
+        _update(dataset, run, info, Path(gt_dir) if gt_dir else None)
+    except BaseException:
+        if created:  # a failed first build leaves nothing behind
+            dataset.delete()
+        raise
+    return dataset
+
+
+def _check_file_names(run: RunFolder) -> None:
+    """Refuse a run whose annotations name an image outside its input folder.
+
+    Raises:
+      ReviewError: a ``file_name`` is absolute or holds ``..`` (not written by ``run``).
+    """
+    for image in run.coco.get("images", []):
+        if not is_relative_name(image.get("file_name")):
+            raise ReviewError(
+                f"{run.path / ANNOTATIONS_NAME} names the image {image.get('file_name')!r}, "
+                "which is not a path inside the run's input folder: the file was not written "
+                "by `selfment-label run`; label the images again"
+            )
+
+
+def _update(dataset: fo.Dataset, run: RunFolder, info: dict[str, Any], gt_dir: Path | None) -> None:
+    """Bring a run's samples, fields, info, views and App settings up to date (see
+    ``build_dataset``); ``info`` is the dataset's selfment info as it was (empty: new)."""
+    import fiftyone as fo
+
+    run_dir, mode, input_dir, name = run.path, run.mode, run.input_dir, dataset.name
+    fields = label_fields(mode)
     runs = dict(info.get("runs", {}))
     if not runs and info.get("run_dir") == str(run_dir):
         _claim_unowned_samples(dataset, run_dir)
@@ -238,7 +280,7 @@ def build_dataset(
     }
     _replace_changed(dataset, run_dir, current, mode, keys)
     known = set(dataset.values("filepath"))
-    gt = _gt_detections(run_dir, Path(gt_dir)) if gt_dir else {}
+    gt = _gt_detections(run_dir, gt_dir) if gt_dir else {}
     samples = []
     for filepath, (image, anns) in current.items():
         if filepath in known:
@@ -274,7 +316,6 @@ def build_dataset(
     save_review_views(dataset, mode)
     record_reviewing_dataset(run_dir, name)
     logger.info("dataset %s: %d new samples, %d in all", name, len(samples), len(dataset))
-    return dataset
 
 
 def no_mask_reason(image: dict[str, Any], notes: dict[str, Any]) -> str:

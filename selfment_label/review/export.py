@@ -69,7 +69,7 @@ from ..config import (
 from ..data.storage import content_key
 from ..runfolder.coco import annotation_record, write_coco_stream
 from ..runfolder.journal import labelled_keys
-from ..runfolder.layout import RUN_NAME
+from ..runfolder.layout import RUN_NAME, is_relative_name
 from .convert import LABEL, detection_to_mask
 from .dataset import INFO_KEY, PARTS_FIELD, PSEUDO_FIELD
 from .db import ReviewError
@@ -423,8 +423,7 @@ def _source_problem(filepath: str, file_name: str | None, run: _RunImages) -> st
     name under the run's input folder, in the run's journal, and unchanged since (same content
     key). A link the user placed in the input folder is followed, as ``run`` followed it.
     """
-    parts = PurePosixPath(file_name or "").parts
-    if not parts or parts[0] == "/" or ".." in parts or "\\" in (file_name or ""):
+    if not is_relative_name(file_name):
         return f"its file name {file_name!r} is not a path inside the run's input folder"
     if run.input_dir is None:
         return "its run folder does not name the run's input folder"
