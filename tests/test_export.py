@@ -503,12 +503,20 @@ def test_media_only_from_inside_the_input_folder(run_dir: Path, tmp_path: Path) 
     outside = tmp_path / "secret.jpg"
     shutil.copy(input_dir / coco["images"][2]["file_name"], outside)
     (input_dir / "link.jpg").symlink_to(outside)
-    # FiftyOne refuses a non-image file such as /etc/os-release: a traversal to an image instead.
-    coco["images"][0]["file_name"] = os.path.relpath(outside, input_dir)
+    traversal = os.path.relpath(outside, input_dir)
+    coco["images"][0]["file_name"] = traversal
+    (run / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(ReviewError, match="not a path inside the run's input folder"):
+        _dataset(run, "evil")
+    coco["images"][0]["file_name"] = "first.jpg"
     coco["images"][1]["file_name"] = "gone.jpg"
     coco["images"][2]["file_name"] = "link.jpg"
     (run / "annotations.json").write_text(json.dumps(coco))
     dataset = _dataset(run, "evil")
+    # a dataset edited by hand: a traversal to an image (FiftyOne refuses /etc/os-release)
+    crafted = dataset.match(fo.ViewField("file_name") == "first.jpg").first()
+    crafted.filepath, crafted["file_name"] = str(outside), traversal
+    crafted.save()
     try:
         for media in ("copy", "symlink"):
             target = tmp_path / media
