@@ -352,6 +352,34 @@ def test_yolo_labels_pass_the_ultralytics_checker(run_dir: Path, tmp_path: Path)
     assert not any(str(target.resolve()) in line for line in (target / "dataset.yaml").open())
 
 
+def test_yolo_leaves_out_what_ultralytics_rejects(
+    tmp_path: Path, tiny_backbone: Backbone, ecssd_dir: Path
+) -> None:
+    """Issue 22, item 12: a 2x2 image and a GIF named .png are left out of a YOLO export with
+    their reasons (Ultralytics counts them corrupt); COCO keeps them."""
+    pytest.importorskip("ultralytics")
+    from ultralytics.data.utils import verify_image_label
+
+    images = tmp_path / "images"
+    _copy_images(ecssd_dir, images, 2)
+    Image.new("RGB", (2, 2), "red").save(images / "tiny.png")
+    pixels = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / "anim.png", format="GIF")
+    _label(images, tmp_path / "run", tiny_backbone, "single")
+    dataset = _dataset(tmp_path / "run", "yolo-corrupt")
+    assert len(dataset) == 4
+    target = tmp_path / "yolo"
+    summary = export_dataset(dataset, target, "yolo", val_fraction=0)
+    assert summary.images == 2 and len(summary.skipped) == 2
+    reasons = " ".join(summary.skipped)
+    assert "2x2 pixels" in reasons and "a GIF file" in reasons
+    for image in _files(target / "images"):
+        label = target / "labels" / image.relative_to(target / "images").with_suffix(".txt")
+        result = verify_image_label((str(image), str(label), "", False, 1, 0, 0, False))
+        assert result[8] == 0, result[9]
+    assert export_dataset(dataset, tmp_path / "coco", "coco").images == 4
+
+
 def test_yolo_trains_one_epoch_in_ultralytics(run_dir: Path, tmp_path: Path) -> None:
     ultralytics = pytest.importorskip("ultralytics")
     from ultralytics.data.utils import load_dataset_cache_file

@@ -80,7 +80,7 @@ from .split import (
     hash_splits,
     tag_splits,
 )
-from .yolo import dataset_yaml, label_rows, yolo_image_name
+from .yolo import dataset_yaml, label_rows, yolo_image_name, yolo_image_problem
 
 if TYPE_CHECKING:
     import fiftyone as fo
@@ -442,6 +442,7 @@ def _source_problem(filepath: str, file_name: str | None, run: _RunImages) -> st
 def _plan(
     view: Any,
     run_dir: str | None,
+    fmt: str,
     media: str,
     val_fraction: float,
     split_seed: int,
@@ -476,6 +477,8 @@ def _plan(
         if media != "none":
             run = runs.setdefault(run_of or run_dir, _RunImages.read(run_of or run_dir))
             problem = _source_problem(filepath, file_name, run)
+            if problem is None and fmt == "yolo":
+                problem = yolo_image_problem(Path(filepath))
         if problem:
             skipped.append(f"{name}: {problem}")
             continue
@@ -621,7 +624,9 @@ def export_dataset(
     view = select_samples(dataset, tags, exclude_tags)
     if not len(view):
         raise ExportError(_nothing_selected(dataset, tags, exclude_tags))
-    items, skipped = _plan(view, info.get("run_dir"), media, val_fraction, split_seed, split_by_tag)
+    items, skipped = _plan(
+        view, info.get("run_dir"), fmt, media, val_fraction, split_seed, split_by_tag
+    )
     if not items:
         raise ExportError(
             f"nothing to export: none of the {len(skipped)} selected images can be exported "
