@@ -3,10 +3,13 @@
 The backbone's big matrix products use every torch intra-op thread well. The stages after
 it (graph, eigensolver, IPO, upsampling) are many small kernels that each end in a barrier;
 past a couple of threads they gain nothing and one descheduled thread stalls them all. They
-run with at most ``SMALL_KERNEL_THREADS`` threads: on a quiet 2-core machine 2 threads
-halve their cost against 1 (NCut 24 -> 13 ms, IPO 13 -> 7 ms per image at 448 px;
-benchmarks/NOTES.md), while on a machine crowded by other processes 1 thread was the
-safer choice (set it with ``small_kernel_threads(device, threads=1)``).
+run with exactly ``SMALL_KERNEL_THREADS`` threads, whatever the caller's count: on a quiet
+2-core machine 2 threads halve their cost against 1 (NCut 24 -> 13 ms, IPO 13 -> 7 ms per
+image at 448 px; benchmarks/NOTES.md). Exactly, not at most: torch splits a reduction (a
+sum, a mean, a matrix product's partial sums) into one chunk per thread, so its last bits
+depend on the thread count, and the cut, IPO and the instance stop rules turn last-bit
+differences into different masks. With one fixed count the same image gets the same masks
+on a 1-, 2- or 64-core machine and under a caller that changed torch's threads.
 """
 
 from __future__ import annotations
@@ -49,18 +52,19 @@ def resolve_device(device: str) -> torch.device:
 def small_kernel_threads(
     device: torch.device, threads: int = SMALL_KERNEL_THREADS
 ) -> Iterator[None]:
-    """Limit torch's CPU intra-op threads inside the block, and restore them after it.
+    """Run the block's CPU work with exactly ``threads`` torch intra-op threads.
 
-    torch's thread count is process-wide: the block changes it for every thread of the
-    process while it runs, and puts back the caller's count when it ends (also on error).
-    No effect for CUDA work.
+    The count is fixed, not capped, so that results do not depend on the machine's cores or
+    on the caller's setting (see the module docstring). torch's thread count is
+    process-wide: the block changes it for every thread of the process while it runs, and
+    puts back the caller's count when it ends (also on error). No effect for CUDA work.
 
     Arguments:
-      device: where the block's tensors live; only ``cpu`` is limited.
+      device: where the block's tensors live; only ``cpu`` work is pinned.
       threads: intra-op threads inside the block.
     """
     before = torch.get_num_threads()
-    if device.type != "cpu" or before <= threads:
+    if device.type != "cpu" or before == threads:
         yield
         return
     torch.set_num_threads(threads)

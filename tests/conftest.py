@@ -40,11 +40,33 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(FIFTYONE_DB_DIR, ignore_errors=True)
 
 
+def _process_settings() -> dict[str, object]:
+    """The process-wide settings a library or a consumer may change behind the suite's back."""
+    return {
+        "torch threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_unchanged():
+    """Fail the test that leaves torch's threads (or the OpenMP variable, or torch's
+    deterministic mode) changed: later tests would silently run under another setting. A test
+    that calls a consumer which changes them (Ultralytics does) must restore them itself."""
+    before = _process_settings()
+    yield
+    after = _process_settings()
+    changed = {name: (before[name], after[name]) for name in before if before[name] != after[name]}
+    assert not changed, f"the test left process-wide settings changed (before, after): {changed}"
+
+
 SHARED = Path(
     os.environ.get("SELFMENT_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")
 )
 WEIGHTS = SHARED / "weights" / "dinov2_vits14.safetensors"
 ECSSD = SHARED / "data" / "ecssd-dev"
+COCO = SHARED / "data" / "coco-dev"
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +83,14 @@ def ecssd_dir() -> Path:
     if not (ECSSD / "images").is_dir():
         pytest.skip(f"ECSSD dev images not found at {ECSSD}")
     return ECSSD
+
+
+@pytest.fixture(scope="session")
+def coco_dir() -> Path:
+    """The 32 coco-dev images (images/ and the class-agnostic instances.json)."""
+    if not (COCO / "images").is_dir():
+        pytest.skip(f"coco-dev images not found at {COCO}")
+    return COCO
 
 
 @pytest.fixture(scope="session")

@@ -73,11 +73,16 @@ def test_ncut_check_agrees_with_scipy(scenes, tiny_backbone):
     assert result["cos"] >= 0.999
 
 
-def test_small_kernel_threads_restores_the_setting():
+def test_small_kernel_threads_pins_the_count_and_restores_the_setting():
     before = torch.get_num_threads()
-    with small_kernel_threads(torch.device("cpu"), threads=1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    try:
+        for caller in (1, 3):  # fewer and more threads than the block's
+            torch.set_num_threads(caller)
+            with small_kernel_threads(torch.device("cpu"), threads=2):
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow

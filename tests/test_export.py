@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -48,16 +49,29 @@ SUFFIX = uuid.uuid4().hex[:8]
 N_IMAGES = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_pil_open():
-    """Importing ultralytics replaces ``PIL.Image.open`` process-wide (a HEIF fallback that
-    tries to pip-install pi-heif on the first unidentified file); put Pillow's back after this
-    module so later tests see the library's real behaviour on broken files."""
+@pytest.fixture(autouse=True)
+def _restore_what_ultralytics_changes():
+    """Put back what Ultralytics changes process-wide, after every test of this module.
+
+    Importing it replaces ``PIL.Image.open`` (a HEIF fallback that tries to pip-install
+    pi-heif on the first unidentified file) and sets ``OMP_NUM_THREADS=1``; training calls
+    ``torch.set_num_threads(min(8, cores - 1))`` and toggles torch's deterministic mode.
+    Later tests must see the library's real behaviour under the suite's own settings
+    (conftest checks that no test leaves them changed)."""
     from PIL import Image as PILImage
 
-    original = PILImage.open
+    original_open = PILImage.open
+    threads = torch.get_num_threads()
+    omp = os.environ.get("OMP_NUM_THREADS")
+    deterministic = torch.are_deterministic_algorithms_enabled()
     yield
-    PILImage.open = original
+    PILImage.open = original_open
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture(scope="module", autouse=True)

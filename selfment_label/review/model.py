@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..config import RunConfig
 from ..data.images import DecodedImage, decoded_image
+from ..device import small_kernel_threads
 from ..features.backbone import Backbone
 from ..masks import full_size_masks
 from ..refine import check_available, guide_side
@@ -122,8 +123,10 @@ class SelfmentModel(fom.Model):
         for indices in grids.values():
             batch = [decoded[i] for i in indices]
             patch_masks = self.labeller.patch_masks(batch, self.timer)
-            for index, item, masks in zip(indices, batch, patch_masks, strict=True):
-                results[index] = _detections_of(masks, item, self.config.refine)
+            # the same fixed threads as a run's masks stage: the same masks as `run`
+            with small_kernel_threads(self.labeller.device):
+                for index, item, masks in zip(indices, batch, patch_masks, strict=True):
+                    results[index] = _detections_of(masks, item, self.config.refine)
         return results
 
 
