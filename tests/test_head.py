@@ -28,6 +28,7 @@ from selfment_label.head.checkpoint import HeadError, HeadMismatch, load_checkpo
 from selfment_label.head.model import patch_targets, supervised_contrastive_loss
 from selfment_label.head.train import distil
 from selfment_label.runfolder.coco import decode_rle
+from selfment_label.runfolder.journal import RunConflict
 from selfment_label.runfolder.layout import RunFolderError
 from selfment_label.runfolder.pipeline import label_folder
 
@@ -162,6 +163,9 @@ def test_apply_writes_a_valid_run_folder(
     again = apply_head(trained.checkpoint, images, out, config, backbone=tiny_backbone)
     assert again.labelled == 0 and again.resumed == 3  # the skip is retried
     assert list(again.new_skips) == ["broken.jpg"]
+    # the applied run folder belongs to its input too (issue 22, item 2)
+    with pytest.raises(RunConflict, match="holds the run of"):
+        apply_head(trained.checkpoint, tmp_path / "images", out, config, backbone=tiny_backbone)
 
 
 def test_apply_refuses_a_head_of_another_backbone(
