@@ -5,8 +5,10 @@ A run folder becomes a persistent FiftyOne dataset with one sample per labelled 
 images are not samples). The masks are ``fo.Detection`` objects in a ``fo.Detections`` field:
 ``pseudo`` for the ``single`` and ``instances`` modes (one detection per annotation), and for
 ``entities`` the level-0 masks in ``entities`` and the level-1 masks in ``parts``. Every
-detection keeps the run's annotation id as ``coco_id``; parts keep their entity's id as
-``parent_id``, so the hierarchy survives the user's edits and the export. FiftyOne's
+detection keeps the run's annotation id as ``coco_id`` and its position among its image's
+annotations as ``ann_index`` (unlike the id, it does not change when the run rewrites
+``annotations.json`` for other images); parts keep their entity's id as ``parent_id``, so the
+hierarchy survives the user's edits and the export. FiftyOne's
 convention for instance masks is followed: ``bounding_box`` is ``[x, y, w, h]`` relative to the
 image and ``mask`` is the boolean mask cropped to that box.
 
@@ -122,7 +124,7 @@ def _image_detections(
     annotations: list[dict[str, Any]], mode: str, image: dict[str, Any]
 ) -> dict[str, list[fo.Detection]]:
     fields: dict[str, list[fo.Detection]] = {name: [] for name in label_fields(mode)}
-    for ann in annotations:
+    for index, ann in enumerate(annotations):
         try:
             mask = decode_rle(ann["segmentation"], (int(image["height"]), int(image["width"])))
         except RleError as error:
@@ -131,7 +133,7 @@ def _image_detections(
             ) from None
         if not mask.any():
             continue
-        attributes: dict[str, Any] = {"coco_id": int(ann["id"])}
+        attributes: dict[str, Any] = {"coco_id": int(ann["id"]), "ann_index": index}
         field = PSEUDO_FIELD
         if mode == "entities":
             level = int(ann.get("level", 0))
