@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -49,16 +47,48 @@ def setup_logging(verbose: bool) -> None:
 
 
 class RateColumn(ProgressColumn):
-    """Items per second."""
+    """Items per second: for a task with a ``labelled_now`` field, those items over the time
+    since the task began (images a run resumes count as done, not in the rate; nor does a
+    burst of one batch's images inflate it); for others, rich's recent speed."""
 
     def __init__(self, unit: str = "img"):
         super().__init__()
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        """Show the task's speed."""
-        speed = task.finished_speed or task.speed
+        """Show the task's rate."""
+        labelled = task.fields.get("labelled_now")
+        if labelled is None:
+            speed = task.finished_speed or task.speed
+        else:
+            speed = labelled / task.elapsed if task.elapsed else None
         return Text(f"{speed:.2f} {self.unit}/s" if speed else f"-- {self.unit}/s", style="cyan")
+
+
+class LabelProgress:
+    """The progress callback of a labelling call: moves the bar over every image (resumed ones
+    included) and counts the images done by this invocation for the rate.
+
+    Arguments:
+      progress: the bar's ``Progress``.
+    """
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task = progress.add_task("loading model…", total=None)
+        self.resumed: int | None = None
+
+    def __call__(self, done: int, total: int, name: str, reason: str | None) -> None:
+        """Called after every image with ``(done, total, file name, skip reason)``."""
+        if self.resumed is None:
+            self.resumed = done - 1
+        self.progress.update(
+            self.task,
+            completed=done,
+            total=total,
+            description="labelling",
+            labelled_now=done - self.resumed,
+        )
 
 
 def make_progress(unit: str = "img") -> Progress:
@@ -112,17 +142,6 @@ def describe_os_error(error: OSError) -> str:
     elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         advice = "; choose an --out you can write to"
     return f"cannot use a file{where}: {what}{advice}"
-
-
-def require_writable(path: Path, option: str) -> None:
-    """Fail before any work when the file ``path`` could not be written (``option`` named)."""
-    folder = path.parent if path.parent != Path("") else Path(".")
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if path.is_dir():
-        raise fail(f"{option} {path} is a folder; give a file name")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise fail(f"{option} {path} cannot be written (permission denied or read-only)")
 
 
 @contextmanager

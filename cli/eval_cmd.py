@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from .console import console, fail, make_progress, require_writable, setup_logging, user_errors
+from .console import console, fail, make_progress, setup_logging, user_errors
 
 if TYPE_CHECKING:
     from selfment_label.evaluate import EvalReport, ImageResult
@@ -85,10 +85,12 @@ def evaluate(
     setup_logging(verbose)
     from selfment_label.atomic import atomic_write_text
     from selfment_label.evaluate import EvalError, evaluate_run, per_image_csv
+    from selfment_label.outputs import OutputError, check_output, run_input_protection
     from selfment_label.runfolder.layout import RunFolderError
 
     if per_image:
-        require_writable(per_image, "--per-image")
+        with user_errors(OutputError):
+            check_output(per_image, "the per-image CSV", protected=run_input_protection(run_dir))
     with user_errors(EvalError, RunFolderError), make_progress() as progress:
         task = progress.add_task("evaluating", total=None)
 

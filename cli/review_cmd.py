@@ -229,7 +229,7 @@ def export(
     except ExportError as error:
         raise fail(f"invalid option: {error}", EXIT_USAGE) from None
     with user_errors(ExportError):
-        check_target(target, overwrite, [])  # the run's folders are checked with the dataset
+        check_target(target, overwrite, {})  # the run's folders are checked with the dataset
     with user_errors(ReviewError, ExportError, RunFolderError), console.status("exporting"):
         try:
             dataset = load_run_dataset(run_dir, name, unreviewed=unreviewed)

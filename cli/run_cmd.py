@@ -12,6 +12,7 @@ from rich.table import Table
 
 from selfment_label.config import (
     DEVICE_HELP,
+    MODE_OPTIONS,
     MODES,
     PRECISION_NAMES,
     RAY_CPU_THREADS_PER_ACTOR,
@@ -22,11 +23,14 @@ from selfment_label.config import (
     RunConfig,
     SingleConfig,
     mode_config,
+    modes_using,
 )
 from selfment_label.features.presets import PRESETS
 
 from .console import (
     EXIT_NOTHING_LABELLED,
+    EXIT_USAGE,
+    LabelProgress,
     console,
     fail,
     invalid_options,
@@ -78,9 +82,27 @@ def ray_executor(
     return executor
 
 
+def refuse_options_of_other_modes(context: typer.Context, mode: str) -> None:
+    """Exit with a usage error (2) when the command line gives an option ``mode`` does not use
+    (``--max-instances`` with ``--mode single``): it would be ignored without a word."""
+    for name in MODE_OPTIONS:
+        source = context.get_parameter_source(name)
+        given = source is not None and source.name == "COMMANDLINE"
+        users = modes_using(name)
+        if given and mode not in users:
+            option = "--" + name.replace("_", "-")
+            modes = " or ".join(f"--mode {user}" for user in users)
+            raise fail(
+                f"{option} is an option of {modes}, not of --mode {mode}: leave it out, or "
+                "choose that mode",
+                EXIT_USAGE,
+            )
+
+
 def print_summary(summary: RunSummary) -> None:
     """The final table: counts, seconds per stage, throughput."""
-    table = Table(title=f"selfment-label -> {summary.out_dir}", show_header=False)
+    title = f"selfment-label -> {summary.out_dir}"
+    table = Table(title=title, show_header=False, min_width=len(title))  # the title on one line
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
     table.add_row("images found", str(summary.total))
@@ -113,6 +135,7 @@ def label_errors() -> tuple[type[BaseException], ...]:
     from selfment_label.device import DeviceError
     from selfment_label.distributed.ray_run import RayUnavailable
     from selfment_label.features.presets import BackboneError
+    from selfment_label.outputs import OutputError
     from selfment_label.refine import RefineUnavailable
     from selfment_label.runfolder.journal import RunConflict
     from selfment_label.runfolder.layout import RunFolderError
@@ -125,6 +148,7 @@ def label_errors() -> tuple[type[BaseException], ...]:
         RefineUnavailable,
         RunConflict,
         RunFolderError,
+        OutputError,
         BackboneError,
         DeviceError,
         FileNotFoundError,
@@ -152,12 +176,7 @@ def label_with_progress(
         always reported).
     """
     with user_errors(*label_errors(), *errors), make_progress() as progress:
-        task = progress.add_task("loading model…", total=None)
-
-        def on_image(done: int, total: int, name: str, reason: str | None) -> None:
-            progress.update(task, completed=done, total=total, description="labelling")
-
-        summary = label(on_image)
+        summary = label(LabelProgress(progress))
     print_summary(summary)
     if summary.total and len(summary.skipped) == summary.total:
         raise fail(
@@ -169,6 +188,7 @@ def label_with_progress(
 
 
 def run(
+    context: typer.Context,
     images: str = typer.Argument(..., help=IMAGES_HELP),
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
@@ -184,10 +204,11 @@ def run(
         RunConfig.resolution, help="Pixels on the long side fed to the backbone."
     ),
     tau: float = typer.Option(
-        SingleConfig.tau, help="Cosine threshold of the NCut affinity graph."
+        SingleConfig.tau, help="Cosine threshold of the NCut affinity graph (single, instances)."
     ),
     ipo_iters: int = typer.Option(
-        SingleConfig.ipo_iters, help="Iterative Patch Optimization rounds (0 disables IPO)."
+        SingleConfig.ipo_iters,
+        help="Iterative Patch Optimization rounds, 0 disables IPO (single, instances).",
     ),
     border_prior: bool = typer.Option(
         SingleConfig.border_prior,
@@ -218,16 +239,13 @@ def run(
     ),
     min_area: float = typer.Option(
         InstancesConfig.min_area,
-        min=0.0,
-        max=1.0,
-        help="Smallest instance/entity/part, fraction of the image.",
+        help="Smallest instance/entity/part, fraction of the image (instances, entities).",
     ),
     merge_floor: float = typer.Option(
         EntitiesConfig.merge_floor, help="Lowest merge similarity explored (entities)."
     ),
     persistence: float = typer.Option(
         EntitiesConfig.persistence,
-        min=0.0,
         help="Similarity range an entity or part must survive (entities).",
     ),
     overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
@@ -239,6 +257,7 @@ def run(
     """Find the main object in every image and write annotations.json (COCO) + run.json."""
     setup_logging(verbose)
     require_choice(mode, MODES, "--mode")
+    refuse_options_of_other_modes(context, mode)
     require_choice(precision, PRECISION_NAMES, "--precision")
     require_choice(refine, REFINE_METHODS, "--refine")
     with invalid_options():

@@ -21,7 +21,6 @@ from .console import (
     invalid_options,
     make_progress,
     require_choice,
-    require_writable,
     setup_logging,
     user_errors,
 )
@@ -92,19 +91,29 @@ def train(
     from selfment_label.features.cache import CacheError
     from selfment_label.features.presets import BackboneError
     from selfment_label.head.checkpoint import HeadError
-    from selfment_label.head.train import distil
+    from selfment_label.head.train import check_train_outputs, distil
+    from selfment_label.outputs import OutputError
     from selfment_label.runfolder.layout import RunFolderError
 
-    if out.exists() and not overwrite:
-        raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     if not reviewed and (name or tags):
         raise fail("--name and --tags choose a reviewed dataset: pass --reviewed too")
-    require_writable(out, "--out")
+    with user_errors(OutputError):
+        check_train_outputs(run_dir, out, cache)
+    if out.exists() and not overwrite:
+        raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     with invalid_options():
         config = TrainConfig(
             epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
         )
-    errors = (HeadError, RunFolderError, CacheError, BackboneError, DeviceError, FileNotFoundError)
+    errors = (
+        HeadError,
+        OutputError,
+        RunFolderError,
+        CacheError,
+        BackboneError,
+        DeviceError,
+        FileNotFoundError,
+    )
     source = None
     if reviewed:
         from selfment_label.review.db import ReviewError

@@ -14,6 +14,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+TEMP_PREFIX_BYTES = 64
+"""Bytes of the target's name kept in a temporary file's name (file names are limited to 255
+bytes, and the temporary name adds a dot, a random part and ``.tmp``)."""
+
+
+def truncate_name(name: str, max_bytes: int) -> str:
+    """``name`` cut to at most ``max_bytes`` bytes of its file-system encoding, on a character
+    boundary."""
+    return os.fsencode(name)[:max_bytes].decode("utf-8", "ignore")
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -25,7 +35,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{truncate_name(path.name, TEMP_PREFIX_BYTES)}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

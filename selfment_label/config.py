@@ -167,6 +167,15 @@ MODE_CONFIGS: dict[str, type[ModeConfig]] = {
     cls.mode: cls for cls in (SingleConfig, InstancesConfig, EntitiesConfig)
 }
 MODES = tuple(MODE_CONFIGS)
+MODE_OPTIONS = tuple(
+    dict.fromkeys(f.name for cls in MODE_CONFIGS.values() for f in fields(cls) if f.init)
+)
+"""Every option of some mode, in the order the modes declare them."""
+
+
+def modes_using(option: str) -> list[str]:
+    """The modes that have ``option`` (``max_instances`` -> ``["instances"]``)."""
+    return [mode for mode, cls in MODE_CONFIGS.items() if option in {f.name for f in fields(cls)}]
 
 
 def mode_config(mode: str, **values: Any) -> ModeConfig:

@@ -186,6 +186,38 @@ def test_apply_refuses_a_head_of_another_backbone(
         load_checkpoint(tmp_path / "junk.pt")
 
 
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda p: p["meta"].update(resolution=0), "resolution must be between 28 and 8192"),
+        (lambda p: p["meta"].update(resolution="448"), "resolution must be a whole number"),
+        (lambda p: p["meta"].update(backbone=["x"]), "does not record its backbone"),
+        (lambda p: p["meta"].pop("training"), "does not record its training"),
+        (lambda p: p.update(extra=Payload()), "not a plain tensor file"),
+    ],
+)
+def test_a_damaged_head_checkpoint_is_one_sentence(
+    tiny_run: Path, tiny_backbone: Backbone, tmp_path: Path, damage, reason
+) -> None:
+    trained = distil(tiny_run, tmp_path / "head.pt", FAST, backbone=tiny_backbone)
+    payload = torch.load(trained.checkpoint, weights_only=True)
+    damage(payload)
+    torch.save(payload, trained.checkpoint)
+    images = tmp_path / "new"
+    _write_images(images, 1)
+    result = CliRunner().invoke(
+        app, ["apply", str(trained.checkpoint), str(images), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "is not a selfment-label head checkpoint, or it is damaged" in text
+    assert reason in text and "unexpected" not in text and "weights_only" not in text
+
+
+class Payload:
+    """Something only a full unpickler would load."""
+
+
 def test_train_refuses_missing_uncached_images_and_non_runs(tiny_run: Path, tmp_path: Path) -> None:
     with pytest.raises(RunFolderError, match="not a finished run folder"):
         distil(tmp_path, tmp_path / "x.pt", FAST)
@@ -300,15 +332,21 @@ def test_real_head_learns_its_pseudo_labels_and_generalises(
     assert len(gt_ious) == 3 and np.mean(gt_ious) >= 0.6
 
 
-def test_corrupt_cache_entry_is_computed_again(tmp_path: Path, tiny_backbone: Backbone) -> None:
+def test_corrupt_cache_entry_is_computed_again(
+    tmp_path: Path, tiny_backbone: Backbone, caplog: pytest.LogCaptureFixture
+) -> None:
     images = tmp_path / "images"
     _write_images(images, 2)
     settings = CacheSettings.for_backbone(tiny_backbone, 112)
     cache = FeatureCache(tmp_path / "cache", settings)
     names = ["img0.png", "img1.png"]
     entries = ensure_features(cache, images, names, lambda: tiny_backbone)
-    entries["img0.png"].write_bytes(b"torn")
-    again = ensure_features(cache, images, names, lambda: tiny_backbone)
+    entries["img0.png"].write_bytes(b"garbage, not a cache entry")
+    with caplog.at_level("WARNING"):
+        again = ensure_features(cache, images, names, lambda: tiny_backbone)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "ignoring unreadable cache entry" in warning
+    assert "\n" not in warning and "weights_only" not in warning  # not torch's 16 lines
     assert again["img0.png"] == entries["img0.png"]
     assert cache.load(again["img0.png"], "img0.png") is not None
     (images / "img1.png").unlink()

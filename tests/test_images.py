@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -109,6 +110,23 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path):
         load_image(path)
 
 
+def test_bomb_is_refused_by_max_pixels_not_pil_limit_and_without_warnings(tmp_path: Path, recwarn):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(path)  # 400 M pixels: above PIL's own error limit
+    with pytest.raises(ImageSkip) as caught:
+        load_image(path)
+    assert str(caught.value) == (
+        "too large: 20000x20000 = 400,000,000 pixels exceeds the limit of 120,000,000 "
+        "(raise it with --max-pixels)"
+    )
+    # between PIL's warning and error limits, decoded in threads as a run does: no warning
+    Image.new("1", (10000, 10000)).save(tmp_path / "big.png")
+    jobs = [tmp_path / "big.png"] * 8
+    results = list(prefetch(jobs, lambda p: load_image(p, max_pixels=50_000_000), workers=4))
+    assert all(isinstance(error, ImageSkip) for _, error in results)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_permission_denied_is_skipped(tmp_path: Path, monkeypatch):
     path = tmp_path / "locked.png"
     _photo().save(path)
@@ -155,6 +173,50 @@ def test_find_images_skips_folders_and_reports_unsupported_extensions(tmp_path: 
     caplog.clear()
     find_images(tmp_path)
     assert not caplog.records
+
+
+def test_linked_folders_are_searched_once_and_loops_end(tmp_path: Path, caplog):
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    for rel in ["images/a.png", "elsewhere/b.png", "elsewhere/deep/c.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "linked-again").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(root, target_is_directory=True)
+    with caplog.at_level("WARNING"):
+        found = find_images(root, report=True)
+    assert found == ["a.png", "linked/b.png", "linked/deep/c.jpg"]
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "not searching linked-again, linked/loop again" in message
+
+
+def test_unreadable_folders_are_left_out_with_one_warning(tmp_path: Path, monkeypatch, caplog):
+    """What the kernel does for a user without permission (the tests may run as root): a
+    folder that cannot be listed (mode 311), and one whose entries cannot be checked (000)."""
+    for rel in ["a.png", "listless/b.png", "closed/c.png", "sub/d.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "listless":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    def skip_folder(folder: Path) -> bool:
+        if folder.name == "closed":
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder / ".lock"))
+        return False
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level("WARNING"):
+        found = find_images(tmp_path, skip_folder=skip_folder)
+    assert found == ["a.png", "sub/d.png"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "not searching 2 folder(s) that cannot be read: closed (Permission denied), "
+        "listless (Permission denied)"
+    ]
 
 
 def test_fifo_is_skipped_as_not_a_regular_file(tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from rich.progress import Progress
+from selfment_label_cli.console import LabelProgress, RateColumn
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
@@ -101,6 +104,51 @@ def test_cli_bad_option_is_a_one_line_usage_error(tiny_cli, tmp_path, args):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (["--min-area", "nan"], "min_area must be a finite number, not nan"),
+        (["--mode", "entities", "--persistence", "nan"], "persistence must be a finite number"),
+        (["--min-area", "2"], "min_area must be in [0.0, 1.0], not 2.0"),
+    ],
+)
+def test_a_nan_option_is_named_not_a_number(tiny_cli, tmp_path, args, sentence):
+    images = _images(tmp_path / "img")
+    mode = [] if "--mode" in args else ["--mode", "instances"]
+    result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o"), *mode, *args])
+    assert result.exit_code == 2, result.output
+    assert sentence in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "sentence"),
+    [
+        (["--max-instances", "5"], "--max-instances is an option of --mode instances, not of"),
+        (["--mode", "entities", "--tau", "0.3"], "--tau is an option of --mode single or --mode"),
+        (["--merge-floor", "0.5"], "--merge-floor is an option of --mode entities"),
+        (["--mode", "entities", "--no-border-prior"], "--border-prior is an option of"),
+    ],
+)
+def test_options_of_another_mode_are_refused(tiny_cli, tmp_path, args, sentence):
+    images = _images(tmp_path / "img")
+    result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    assert sentence in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_of_the_chosen_mode_are_taken(tiny_cli, tmp_path):
+    images = _images(tmp_path / "img")
+    args = ["--mode", "instances", "--max-instances", "2", "--min-area", "0.05", "--tau", "0.3"]
+    out = tmp_path / "o"
+    result = tiny_cli.invoke(
+        app, ["run", str(images), "--out", str(out), "--resolution", "112", *args]
+    )
+    assert result.exit_code == 0, result.output
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert (options["max_instances"], options["min_area"], options["tau"]) == (2, 0.05, 0.3)
+
+
 def test_run_that_labels_nothing_exits_3(tiny_cli, tmp_path):
     images = tmp_path / "img"
     images.mkdir()
@@ -172,3 +220,19 @@ def test_wall_seconds_include_model_loading(monkeypatch, tmp_path, tiny_backbone
     assert summary.wall_seconds >= summary.seconds + 0.3
     result = CliRunner().invoke(app, ["run", str(images), "--out", str(tmp_path / "o2")])
     assert "load model s" in result.output and "wall s (all)" in result.output
+
+
+def test_the_rate_counts_only_images_labelled_now():
+    """A resumed run: 100 images already done, then 4 labelled in one batch 10 s after the
+    start, then 4 more 10 s later: 0.4 img/s, not the speed of the batch's burst."""
+    clock = [0.0]
+    progress = Progress(RateColumn(), get_time=lambda: clock[0], disable=True)
+    on_image = LabelProgress(progress)
+    column = RateColumn()
+    task = progress.tasks[0]
+    for batch in range(2):
+        clock[0] = 10.0 * (batch + 1)
+        for i in range(4):
+            clock[0] += 0.0001
+            on_image(100 + 4 * batch + i + 1, 200, f"{batch}-{i}.png", None)
+        assert column.render(task).plain == "0.40 img/s"  # rich's speed: 10000, then 0.70

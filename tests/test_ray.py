@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -252,6 +256,81 @@ def test_unreachable_cluster_fails_fast_in_one_sentence():
         with pytest.raises(RayUnavailable, match=f"cannot connect to the Ray cluster at {address}"):
             check_reachable(address, timeout=2)
     check_reachable("auto")  # left to Ray
+
+
+@contextmanager
+def tcp_server(reply: bytes | None) -> Iterator[str]:
+    """A server on 127.0.0.1 that accepts every connection, sends ``reply`` and closes it (None:
+    keeps it open and says nothing, ever); stopped, with its connections, on exit."""
+    server = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            if reply is not None:
+                connection.sendall(reply)
+                connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for connection in connections:
+            connection.close()
+        thread.join(timeout=5)
+
+
+def test_an_address_that_is_not_ray_fails_in_one_sentence_before_the_model_loads(tmp_path):
+    with tcp_server(None) as silent:
+        for address in (silent, f"ray://{silent}"):
+            with pytest.raises(RayUnavailable, match="did not answer as a Ray cluster within 1 s"):
+                check_reachable(address, timeout=1)
+        # a fresh process (this one may hold a Ray session); with no weights at hand, a model
+        # loaded before the address is checked would fail on the weights instead
+        _scene(0).save(tmp_path / "a.png")
+        command = ["run", str(tmp_path), "--ray", "--ray-address", silent, "--offline"]
+        env = {k: v for k, v in os.environ.items() if k not in ("SELFMENT_WEIGHTS", "RAY_ADDRESS")}
+        result = subprocess.run(
+            [sys.executable, "-m", "selfment_label_cli", *command],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert result.returncode == 1, result.stderr
+        text = " ".join(result.stderr.split())
+        assert f"{silent} accepts connections but did not answer as a Ray cluster" in text
+        assert "Traceback" not in text
+    with tcp_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as web:
+        with pytest.raises(RayUnavailable, match=r"is not a Ray cluster: it answered b'HTTP/1.1"):
+            check_reachable(web, timeout=5)
+    with tcp_server(b"") as closing:
+        with pytest.raises(RayUnavailable, match="not a Ray cluster: it closed the connection"):
+            check_reachable(closing, timeout=5)
+
+
+def test_a_real_ray_cluster_passes_the_handshake(local_ray):
+    check_reachable(ray.get_runtime_context().gcs_address, timeout=5)
+
+
+def test_an_object_storage_endpoint_that_never_answers_is_named(monkeypatch, tmp_path):
+    from selfment_label.data import storage
+
+    monkeypatch.setattr(storage, "ENDPOINT_SECONDS", 1.0)
+    with tcp_server(None) as silent:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{silent}")
+        with pytest.raises(storage.StorageError, match=f"http://{silent} accepts connections"):
+            label_folder(f"s3://{BUCKET}/x", tmp_path / "o", backbone=None)
+    query = f"s3://{BUCKET}/x?endpoint_override=127.0.0.1:1&scheme=http"
+    with pytest.raises(storage.StorageError, match="cannot reach .* http://127.0.0.1:1"):
+        label_folder(query, tmp_path / "o")
 
 
 def test_missing_ray_is_one_sentence_naming_the_extra(monkeypatch, tmp_path):

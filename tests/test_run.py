@@ -24,6 +24,7 @@ from selfment_label.masks import full_size_masks
 from selfment_label.refine import guide_side
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict, RunLock
+from selfment_label.runfolder.layout import score_map_path
 from selfment_label.runfolder.pipeline import Labeller, NoImages, label_folder
 from selfment_label.segment.base import ImageMasks
 from selfment_label.segment.single import NcutIpo
@@ -481,6 +482,55 @@ def test_corrupt_middle_journal_line_keeps_the_records_after_it(tmp_path, tiny_b
     assert any("line 2 is corrupt" in r.getMessage() for r in caplog.records)
     assert any("torn last line" in r.getMessage() for r in caplog.records)
     assert len(json.loads((out / "annotations.json").read_text())["images"]) == 3
+    # the corrupt line is reported once: the journal was rewritten without it
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        third = label_folder(images, out, config, backbone=tiny_backbone)
+    assert third.resumed == 3 and third.labelled == 0 and not caplog.records
+    assert all(json.loads(line) for line in journal.read_bytes().splitlines())
+
+
+def test_damaged_journal_header_is_one_sentence(tmp_path, tiny_backbone):
+    images = _two_images(tmp_path / "img")
+    out = tmp_path / "run"
+    config = RunConfig(resolution=112)
+    label_folder(images, out, config, backbone=tiny_backbone)
+    journal = out / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    for fingerprint in (["not", "an", "object"], "text", None):
+        header = {"kind": "header", "fingerprint": fingerprint}
+        journal.write_bytes(json.dumps(header).encode() + b"\n" + b"".join(lines[1:]))
+        with pytest.raises(RunConflict, match="is damaged: its first line does not record"):
+            label_folder(images, out, config, backbone=tiny_backbone)
+
+
+def test_a_file_name_of_255_bytes_gets_a_score_map(tmp_path, tiny_backbone):
+    images = tmp_path / "img"
+    images.mkdir()
+    longest = {"a" * 251 + ".png", "é" * 125 + ".png", "b" * 190 + ".png"}
+    for seed, name in enumerate(sorted(longest)):
+        assert len(os.fsencode(name)) <= 255
+        _scene(seed).save(images / name)
+    out = tmp_path / "run"
+    config = RunConfig(resolution=112, save_scores=True)
+    summary = label_folder(images, out, config, backbone=tiny_backbone)
+    assert summary.labelled == 3 and not summary.skipped
+    coco = json.loads((out / "annotations.json").read_text())
+    maps = {image["file_name"]: image["score_map"] for image in coco["images"]}
+    assert maps["b" * 190 + ".png"] == "scores/" + "b" * 190 + ".png.png"
+    assert len(set(maps.values())) == 3
+    for path in maps.values():
+        assert (out / path).is_file() and len(os.fsencode(Path(path).name)) <= 255
+    again = label_folder(images, out, config, backbone=tiny_backbone)
+    assert again.resumed == 3 and again.labelled == 0
+
+
+@pytest.mark.parametrize("key", ["a/../../x.jpg", "../x.jpg", "a//b.jpg", "./x.jpg", "a_.._x.jpg"])
+def test_score_maps_stay_inside_scores_whatever_the_object_key(key):
+    path = score_map_path(key)
+    assert path.startswith("scores/") and ".." not in path.split("/")
+    assert "" not in path.split("/") and "." not in path.split("/")
+    assert path != score_map_path(key.replace("/", "_")) or "/" not in key
 
 
 def _object_less_images(folder: Path) -> set[str]:

@@ -13,10 +13,9 @@ import os
 import stat
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -48,12 +47,16 @@ def find_images(
 ) -> list[str]:
     """Relative POSIX paths of all images under ``root``, recursively, sorted.
 
+    Linked folders are followed; a folder reached again (a link loop, or two links to one
+    folder) is searched once, under its first path in sorted order.
+
     Arguments:
       root: the input folder.
       skip_folder: called with each sub-folder; a folder for which it returns True is not
         searched (the pipeline skips its own run folder and any other run folder with it).
-      report: log one warning naming the skipped folders and one counting the files left
-        out for their extension.
+      report: log one warning naming the skipped folders, one naming the folders reached
+        again, and one counting the files left out for their extension. Folders that cannot
+        be read (permission denied) are left out with one warning naming them, always.
 
     Returns:
       Paths relative to ``root`` (``sub/dir/name.jpg``); hidden files and folders are ignored.
@@ -63,33 +66,79 @@ def find_images(
         raise FileNotFoundError(f"input folder does not exist: {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"input is not a folder: {root}")
-    found: list[str] = []
-    skipped_folders: list[str] = []
-    unsupported: Counter[str] = Counter()
-    for folder, subfolders, files in os.walk(root):
-        here = Path(folder)
-        kept = []
-        for sub in sorted(subfolders):
-            if sub.startswith("."):
-                continue
-            if skip_folder is not None and skip_folder(here / sub):
-                skipped_folders.append((here / sub).relative_to(root).as_posix())
-                continue
-            kept.append(sub)
-        subfolders[:] = kept
-        for name in files:
-            if name.startswith("."):
-                continue
-            if is_image_name(name, unsupported):
-                found.append((here / name).relative_to(root).as_posix())
-    if report and skipped_folders:
+    search = _FolderSearch(root, skip_folder)
+    search.run()
+    if report and search.skipped:
         logger.warning(
             "not searching %s: selfment-label run folder(s), not input images",
-            ", ".join(skipped_folders),
+            ", ".join(search.skipped),
+        )
+    if report and search.repeated:
+        logger.warning(
+            "not searching %s again: linked folder(s) already searched (a link loop, or two "
+            "links to one folder)",
+            ", ".join(sorted(search.repeated)),
+        )
+    if search.unreadable:
+        logger.warning(
+            "not searching %d folder(s) that cannot be read: %s",
+            len(search.unreadable),
+            ", ".join(sorted(search.unreadable)),
         )
     if report:
-        report_unsupported(unsupported)
-    return sorted(found)
+        report_unsupported(search.unsupported)
+    return sorted(search.found)
+
+
+@dataclass
+class _FolderSearch:
+    """One walk of an input folder (links followed, each folder once) and what it met."""
+
+    root: Path
+    skip_folder: Callable[[Path], bool] | None
+    found: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    repeated: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    unsupported: Counter[str] = field(default_factory=Counter)
+
+    def _relative(self, path: Path | str) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    def _unreadable(self, error: OSError) -> None:
+        where = self._relative(error.filename) if error.filename else "."
+        self.unreadable.append(f"{where} ({error.strerror or error})")
+
+    def run(self) -> None:
+        """Walk the folder, filling ``found`` and the lists of folders left out."""
+        seen: set[tuple[int, int]] = set()
+        for folder, subfolders, files in os.walk(
+            self.root, onerror=self._unreadable, followlinks=True
+        ):
+            here = Path(folder)
+            status = here.stat()
+            if (status.st_dev, status.st_ino) in seen:
+                subfolders[:] = []
+                self.repeated.append(self._relative(here))
+                continue
+            seen.add((status.st_dev, status.st_ino))
+            subfolders[:] = [sub for sub in sorted(subfolders) if self._searched(here / sub)]
+            for name in files:
+                if not name.startswith(".") and is_image_name(name, self.unsupported):
+                    self.found.append(self._relative(here / name))
+
+    def _searched(self, folder: Path) -> bool:
+        """Whether a sub-folder is searched (not hidden, not skipped, readable)."""
+        if folder.name.startswith("."):
+            return False
+        try:
+            skip = self.skip_folder is not None and self.skip_folder(folder)
+        except OSError as error:
+            self.unreadable.append(f"{self._relative(folder)} ({error.strerror or error})")
+            return False
+        if skip:
+            self.skipped.append(self._relative(folder))
+        return not skip
 
 
 def is_image_name(name: str, unsupported: Counter[str] | None = None) -> bool:
@@ -128,17 +177,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open(source: Path | io.BytesIO, max_pixels: int) -> Image.Image:
-    """``Image.open`` where ``max_pixels``, not PIL's own bomb limit, decides what is too large.
-
-    PIL refuses images above ``2 * Image.MAX_IMAGE_PIXELS`` as it opens them; when
-    ``max_pixels`` is higher, that limit is raised for this one call (under a lock) and put
-    back at once, so the process keeps its own setting.
+def _open(source: Path | io.BytesIO) -> Image.Image:
+    """``Image.open`` without PIL's own bomb check, which would refuse (or warn about) an image
+    by PIL's limit rather than ``--max-pixels``: the caller checks the size ``open`` read from
+    the header before anything is decoded. The process's limit is lifted for this one call
+    (under a lock) and put back at once; PIL still checks what it decodes later (frames, tiles).
     """
     with _PIL_LIMIT_LOCK:
         limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and max_pixels > 2 * limit:
-            Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None
         try:
             return Image.open(source)
         finally:
@@ -217,21 +264,19 @@ def _decode(
     source: Path | io.BytesIO, max_pixels: int, draft_size: int | None
 ) -> tuple[Image.Image, tuple[int, int]]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open(source, max_pixels) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageSkip(
-                        f"too large: {width}x{height} = {width * height:,} pixels exceeds "
-                        f"the limit of {max_pixels:,} (raise it with --max-pixels)"
-                    )
-                if opened.getexif().get(ORIENTATION_TAG, 1) in ROTATED_ORIENTATIONS:
-                    width, height = height, width
-                if draft_size and opened.format == "JPEG":
-                    opened.draft("RGB", (draft_size, draft_size))
-                opened.load()
-                image = _to_rgb(ImageOps.exif_transpose(opened))
+        with _open(source) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise ImageSkip(
+                    f"too large: {width}x{height} = {width * height:,} pixels exceeds "
+                    f"the limit of {max_pixels:,} (raise it with --max-pixels)"
+                )
+            if opened.getexif().get(ORIENTATION_TAG, 1) in ROTATED_ORIENTATIONS:
+                width, height = height, width
+            if draft_size and opened.format == "JPEG":
+                opened.draft("RGB", (draft_size, draft_size))
+            opened.load()
+            image = _to_rgb(ImageOps.exif_transpose(opened))
     except ImageSkip:
         raise
     except PermissionError:
@@ -239,7 +284,9 @@ def _decode(
     except UnidentifiedImageError:
         raise ImageSkip("not an image (unrecognised or corrupt file)") from None
     except Image.DecompressionBombError as error:
-        raise ImageSkip(f"too large (decompression bomb guard): {error}") from None
+        raise ImageSkip(
+            f"a frame or tile is too large for PIL's decompression bomb guard: {error}"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageSkip(f"cannot decode: {error}") from None
     if min(width, height) < MIN_SIDE:

@@ -14,12 +14,16 @@ the ``ray`` extra; a local folder needs nothing more.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import parse_qs, urlsplit
 
 from .images import (
     ImageReader,
@@ -37,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 URI_PATTERN = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
 ContentKey = list[int] | None
+ENDPOINT_SECONDS = 10.0
+"""How long an object storage endpoint named by the user may take to answer a first request."""
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 class StorageError(RuntimeError):
@@ -144,9 +151,13 @@ class ObjectStoreFolder:
         """Images under the prefix (hidden names left out) and their ``[size, mtime_ns]``.
 
         Raises:
-          StorageError: the prefix cannot be listed (no such bucket, no access, no network).
+          StorageError: the prefix cannot be listed (no such bucket, no access, no network, an
+            endpoint that does not answer within ``ENDPOINT_SECONDS``).
         """
         fs_module = _pyarrow_fs()
+        endpoint = s3_endpoint(self._uri)
+        if endpoint:
+            check_endpoint(endpoint)
         selector = fs_module.FileSelector(self.prefix, recursive=True, allow_not_found=True)
         bucket = self.prefix.split("/", 1)[0]
         try:
@@ -181,6 +192,62 @@ class ObjectStoreFolder:
             raise ImageSkip("permission denied") from None
         except OSError as error:
             raise ImageSkip(f"cannot read: {error}") from None
+
+
+def s3_endpoint(uri: str) -> str | None:
+    """The endpoint an ``s3://`` URI is served from when the user names one (the URI's
+    ``endpoint_override``, else ``$AWS_ENDPOINT_URL_S3`` or ``$AWS_ENDPOINT_URL``), as
+    ``scheme://host[:port]``; None for AWS itself and for other schemes."""
+    parts = urlsplit(uri)
+    if parts.scheme != "s3":
+        return None
+    query = parse_qs(parts.query)
+    if "endpoint_override" in query:
+        endpoint = query["endpoint_override"][0]
+        scheme = query.get("scheme", ["https"])[0]
+        return endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
+    return next((os.environ[name] for name in ENDPOINT_ENV if os.environ.get(name)), None)
+
+
+def _liveness_tls() -> ssl.SSLContext:
+    """A TLS context for a liveness probe only: nothing secret is sent, so the certificate is
+    left to pyarrow's own requests to verify."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def check_endpoint(endpoint: str, timeout: float | None = None) -> None:
+    """Fail in one sentence, within ``timeout`` seconds (``ENDPOINT_SECONDS``), when an object
+    storage endpoint does not answer a plain HTTP request (pyarrow would retry for minutes).
+
+    Raises:
+      StorageError: nothing accepts a connection there, or what does never answers.
+    """
+    timeout = ENDPOINT_SECONDS if timeout is None else timeout
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    secure = parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
+    request = f"HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            sock = _liveness_tls().wrap_socket(raw, server_hostname=host) if secure else raw
+            sock.sendall(request)
+            answer = sock.recv(1)
+    except TimeoutError:
+        answer = None
+    except OSError as error:
+        raise StorageError(
+            f"cannot reach the object storage endpoint {endpoint}: {error}"
+        ) from None
+    if not answer:
+        what = f"did not answer within {timeout:g} s" if answer is None else "closed it unanswered"
+        raise StorageError(
+            f"the object storage endpoint {endpoint} accepts connections but {what}; check the "
+            "endpoint (AWS_ENDPOINT_URL or the URI's endpoint_override)"
+        )
 
 
 def _pyarrow_fs() -> pyarrow.fs:

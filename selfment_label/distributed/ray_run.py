@@ -108,26 +108,65 @@ def plan_actors(resources: dict[str, float], actors: int | None, device: str) ->
     return ActorPlan(count, share, 0.0, max(1, round(cpus / count)))
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""An HTTP/2 client's connection preface and an empty SETTINGS frame: what a gRPC client sends
+first. Ray's cluster (GCS) and Ray Client servers are gRPC servers, which answer it with their
+own SETTINGS frame (frame type 4, the fourth byte of its 9-byte header)."""
+SETTINGS_FRAME = 4
+
+
+def _first_answer(sock: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes the server sends first (fewer when it closes the connection)."""
+    answer = b""
+    while len(answer) < size:
+        chunk = sock.recv(size - len(answer))
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
 def check_reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
     """Fail fast, in one sentence, when a ``host:port`` or ``ray://host:port`` address does not
-    answer (``ray.init`` would retry for minutes); ``auto`` and others are left to Ray.
+    answer as a Ray cluster (``ray.init`` would retry for minutes): nothing accepts a
+    connection there, or what does is not a gRPC server (it stays silent, answers something
+    else, or closes). ``auto`` and other addresses are left to Ray; with ``RAY_USE_TLS`` only
+    the connection is checked.
 
     Raises:
-      RayUnavailable: nothing accepts a connection there within ``timeout`` seconds.
+      RayUnavailable: the address does not answer as a Ray cluster within ``timeout`` seconds.
     """
     match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
     if match is None:
         return
     host, port = match.group(1), int(match.group(2))
+    hint = (
+        "`ray start --head` prints the cluster's address; leave out --ray-address for a local "
+        "instance"
+    )
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return
+        sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as error:
         raise RayUnavailable(
-            f"cannot connect to the Ray cluster at {address}: {error} (is it started? "
-            "`ray start --head` prints its address; leave out --ray-address for a local "
-            "instance)"
+            f"cannot connect to the Ray cluster at {address}: {error} (is it started? {hint})"
         ) from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return
+        try:
+            sock.sendall(HTTP2_PREFACE)
+            answer = _first_answer(sock, 9)
+        except TimeoutError:
+            raise RayUnavailable(
+                f"{address} accepts connections but did not answer as a Ray cluster within "
+                f"{timeout:g} s: something else listens there ({hint})"
+            ) from None
+        except OSError as error:
+            answer = b""
+            logger.debug("%s broke the connection: %s", address, error)
+    if len(answer) < 9 or answer[3] != SETTINGS_FRAME:
+        said = f"it answered {answer[:40]!r}" if answer else "it closed the connection"
+        raise RayUnavailable(f"{address} is not a Ray cluster: {said} ({hint})")
 
 
 @contextmanager
@@ -195,12 +234,16 @@ class RayExecutor:
       config: the cluster address and the actor count.
 
     Raises:
-      RayUnavailable: Ray Data is not installed (at once, before any work).
+      RayUnavailable: Ray Data is not installed, or the cluster address does not answer as a
+        Ray cluster (at once, before any work).
     """
 
     def __init__(self, config: RayConfig | None = None):
         self.config = config or RayConfig()
-        import_ray()
+        ray = import_ray()
+        target = self.config.address or os.environ.get(RAY_ADDRESS_ENV)
+        if target and not ray.is_initialized():
+            check_reachable(target)
         self._provenance: dict[str, Any] = {}
 
     def model_device(self, config: RunConfig) -> str:

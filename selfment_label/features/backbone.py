@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +52,15 @@ def resolve_weights_path(weights: str | Path | None) -> Path | None:
     return path
 
 
+def error_summary(error: BaseException) -> str:
+    """The first line of an error's message (torch's readers explain at length over many
+    lines), else the error's type; for a pickle torch would not load, what it means."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it is not a plain tensor file (torch refuses to unpickle it safely)"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors or .pth/.pt checkpoint and unwrap the usual containers."""
     try:
@@ -61,10 +71,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors, zip and pickle readers raise many types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BackboneError(
             f"cannot read the weights file {path}: it is truncated, corrupt, or holds more "
-            f"than tensors (only plain tensor checkpoints are loaded; {reason})"
+            f"than tensors (only plain tensor checkpoints are loaded; {error_summary(error)})"
         ) from None
     for key in ("teacher", "model", "state_dict", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -91,14 +100,54 @@ def _state_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int] | None:
     return int(proj.shape[-1]), int(proj.shape[0]), len(blocks)
 
 
-def _weights_mismatch(state: dict[str, torch.Tensor], preset: BackbonePreset) -> str:
-    """Why weights do not fit ``preset``, naming the presets they look like."""
+class WeightsMismatch(BackboneError):
+    """A weights file of another model than the preset asked for; the message names the
+    presets the weights look like (``--backbone``), or, for a command whose preset is fixed by
+    a run or a head, asks for that preset's weights (``for_fixed_preset``).
+
+    Arguments:
+      path: the weights file.
+      found: the shape the weights have.
+      preset: the preset asked for.
+      like: presets with the weights' shape.
+    """
+
+    def __init__(self, path: Path, found: str, preset: BackbonePreset, like: list[str]):
+        self.path, self.found, self.preset, self.like = path, found, preset, like
+        hint = (
+            f"they look like --backbone {' or '.join(like)}" if like else "no preset has that shape"
+        )
+        super().__init__(f"{self._what()}; {hint}")
+
+    def _what(self) -> str:
+        preset = self.preset
+        expected = f"patch {preset.patch_size}, dim {preset.embed_dim}, {preset.depth} blocks"
+        return (
+            f"{self.path} holds weights of another model ({self.found}), not {preset.name} "
+            f"({expected})"
+        )
+
+    def for_fixed_preset(self, fixed_by: str) -> BackboneError:
+        """The error for a command with no ``--backbone``: ``fixed_by`` (``the head``, ``the
+        run``) decides the preset, so the fix is that preset's weights file."""
+        return BackboneError(
+            f"{self._what()}; {fixed_by} needs the weights of {self.preset.name}: pass its "
+            "weights file with --weights (or set SELFMENT_WEIGHTS)"
+        )
+
+
+def _weights_mismatch(state: dict[str, torch.Tensor], preset: BackbonePreset, path: Path) -> None:
+    """Raise why weights do not fit ``preset`` (``WeightsMismatch`` when they are another
+    model's, naming the presets they look like)."""
     expected = f"patch {preset.patch_size}, dim {preset.embed_dim}, {preset.depth} blocks"
     shape = _state_shape(state)
     if shape is None:
-        return f"does not hold ViT weights of {preset.name} ({expected})"
+        raise BackboneError(f"{path} does not hold ViT weights of {preset.name} ({expected})")
     patch, dim, depth = shape
-    found = f"patch {patch}, dim {dim}, {depth} blocks"
+    if (patch, dim, depth) == (preset.patch_size, preset.embed_dim, preset.depth):
+        raise BackboneError(
+            f"{path} does not hold weights of {preset.name} (same shape, other layers or names)"
+        )
     registers = any("reg_token" in name or "register_tokens" in name for name in state)
     like = [
         name
@@ -106,12 +155,7 @@ def _weights_mismatch(state: dict[str, torch.Tensor], preset: BackbonePreset) ->
         if name != preset.name
         and (not name.startswith("dinov2") or name.endswith("-reg") == registers)
     ]
-    hint = (
-        f"; they look like --backbone {' or '.join(like)}" if like else "; no preset has that shape"
-    )
-    if (patch, dim, depth) == (preset.patch_size, preset.embed_dim, preset.depth):
-        return f"does not hold weights of {preset.name} (same shape, other layers or names)"
-    return f"holds weights of another model ({found}), not {preset.name} ({expected}){hint}"
+    raise WeightsMismatch(path, f"patch {patch}, dim {dim}, {depth} blocks", preset, like)
 
 
 def _load_weights_file(model: torch.nn.Module, path: Path, preset: BackbonePreset) -> None:
@@ -127,7 +171,7 @@ def _load_weights_file(model: torch.nn.Module, path: Path, preset: BackbonePrese
             raise RuntimeError("unknown checkpoint layout")
         model.load_state_dict(converted, strict=True)
     except RuntimeError:
-        raise BackboneError(f"{path} {_weights_mismatch(state, preset)}") from None
+        _weights_mismatch(state, preset, path)
     logger.info("converted official checkpoint layout of %s to timm names", path)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from ..atomic import atomic_path, atomic_write_json
 from ..data.batching import batches_by_grid, prefetch, stack_pixels
 from ..data.images import DecodedImage, prepare_image
-from .backbone import Backbone, file_sha256
+from .backbone import Backbone, error_summary, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +129,17 @@ class FeatureCache:
           file_name: the image it must belong to (not checked when None).
         """
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                payload = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             return None
         except Exception as error:  # a torn or foreign file: recompute rather than fail
-            logger.warning("ignoring unreadable cache entry %s: %s", path, error)
+            logger.warning(
+                "ignoring unreadable cache entry %s (truncated, corrupt or foreign: %s)",
+                path,
+                error_summary(error),
+            )
             return None
         if payload.get("settings") != self._expected:
             logger.warning("ignoring cache entry %s made with other settings", path)

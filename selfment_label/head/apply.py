@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..features.backbone import Backbone, file_sha256
+from ..features.backbone import Backbone, WeightsMismatch, file_sha256
 from ..masks import THRESHOLD
 from ..runfolder.layout import RUN_NAME
 from ..runfolder.pipeline import (
@@ -20,6 +20,8 @@ from ..runfolder.pipeline import (
     ProgressCallback,
     RunSummary,
     backbone_for,
+    check_run_target,
+    default_out_dir,
     label_folder,
 )
 from ..segment.base import PatchMask
@@ -111,6 +113,7 @@ def apply_head(
       Everything ``label_folder`` raises.
     """
     start = time.perf_counter()
+    check_run_target(Path(out_dir) if out_dir else default_out_dir(input_dir), overwrite)
     loaded = load_checkpoint(checkpoint)
     meta = loaded.meta
     config = replace(
@@ -122,7 +125,10 @@ def apply_head(
         config = replace(config, weights=recorded_weights(meta))
     executor = executor or LocalExecutor()
     if backbone is None:
-        backbone = backbone_for(replace(config, device=executor.model_device(config)))
+        try:
+            backbone = backbone_for(replace(config, device=executor.model_device(config)))
+        except WeightsMismatch as error:
+            raise error.for_fixed_preset("the head") from None
     loaded.check_backbone(backbone)
     segmenter = HeadSegmenter(loaded.head.to(backbone.device), loaded.sha256)
     provenance = {

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_path
-from ..features.backbone import Backbone, file_sha256
+from ..config import MAX_RESOLUTION, MIN_RESOLUTION, check_int
+from ..features.backbone import Backbone, error_summary, file_sha256
 from .model import PatchHead
 
 CHECKPOINT_FORMAT = "selfment-label-head/1"
@@ -73,6 +74,20 @@ class HeadCheckpoint:
             )
 
 
+def _check_meta(meta: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless the metadata a head is used by is there and in range."""
+    if not isinstance(meta.get("backbone"), dict) or not isinstance(
+        meta["backbone"].get("backbone"), str
+    ):
+        raise ValueError("it does not record its backbone")
+    for key in ("training", "data", "tool_version"):
+        if key not in meta:
+            raise ValueError(f"it does not record its {key}")
+    check_int("resolution", meta.get("resolution"), MIN_RESOLUTION, MAX_RESOLUTION)
+    check_int("feature_dim", meta.get("feature_dim"), 1)
+    check_int("hidden", meta.get("hidden"), 1)
+
+
 def load_checkpoint(path: str | Path) -> HeadCheckpoint:
     """Read a head checkpoint.
 
@@ -87,10 +102,14 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
         meta = payload["meta"]
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        _check_meta(meta)
         head = PatchHead(int(meta["feature_dim"]), int(meta["hidden"]))
         head.load_state_dict(payload["state_dict"])
     except Exception as error:  # torch/pickle errors come in many types
-        raise HeadError(f"{path} is not a selfment-label head checkpoint: {error}") from error
+        raise HeadError(
+            f"{path} is not a selfment-label head checkpoint, or it is damaged: "
+            f"{error_summary(error)}"
+        ) from None
     if not all(torch.isfinite(value).all() for value in head.state_dict().values()):
         raise HeadError(
             f"{path} holds non-finite weights (its training diverged): it would label no "

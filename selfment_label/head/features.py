@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..features.backbone import Backbone, build_backbone
+from ..features.backbone import Backbone, WeightsMismatch, build_backbone
 from ..features.cache import CacheSettings, FeatureCache, FeatureProgress, ensure_features
 from ..features.presets import get_preset
 from ..runfolder.layout import FEATURES_DIR, RunFolder
@@ -60,9 +60,12 @@ def run_features(
         weights = recorded
 
     def make_backbone() -> Backbone:
-        built = backbone or build_backbone(
-            preset.name, weights, device, allow_download=allow_download
-        )
+        try:
+            built = backbone or build_backbone(
+                preset.name, weights, device, allow_download=allow_download
+            )
+        except WeightsMismatch as error:
+            raise error.for_fixed_preset("the run") from None
         check_identity(identity, built, "the run's masks were made with")
         return built
 

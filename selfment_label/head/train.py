@@ -20,7 +20,8 @@ from ..config import TrainConfig
 from ..data.images import grid_for
 from ..features.backbone import Backbone
 from ..features.cache import FeatureCache, FeatureProgress
-from ..runfolder.layout import RunFolder, read_run, union_mask
+from ..outputs import check_output, run_input_protection
+from ..runfolder.layout import FEATURES_DIR, RunFolder, read_run, union_mask
 from .checkpoint import CHECKPOINT_FORMAT, HeadError, save_checkpoint
 from .features import run_features
 from .model import HIDDEN, PatchHead, head_losses, patch_targets
@@ -152,6 +153,23 @@ def _check_some_mask(masks: list[MaskTarget], what: str) -> None:
         )
 
 
+def check_train_outputs(
+    run_dir: str | Path, out: str | Path, cache_dir: str | Path | None = None
+) -> None:
+    """Refuse, before any work, a checkpoint or feature cache path ``distil`` must not write
+    (``outputs.check_output``: inside the run's input folder, a run folder's own file, ...).
+
+    Raises:
+      OutputError: with the reason.
+    """
+    protected = run_input_protection(run_dir)
+    check_output(out, "the head checkpoint", protected=protected)
+    if cache_dir is not None:
+        check_output(
+            cache_dir, "the feature cache", folder=True, protected=protected, run_file=FEATURES_DIR
+        )
+
+
 @dataclass
 class DistilResult:
     """What ``distil`` made.
@@ -210,6 +228,7 @@ def distil(
       data: more keys for the checkpoint's ``data`` record (where the targets came from).
 
     Raises:
+      OutputError: ``out`` or ``cache_dir`` must not or cannot be written (before any work).
       RunFolderError: the run folder cannot be read.
       HeadError: the run gave no training image, no image has a mask, or the training
         diverged (non-finite loss; nothing is written).
@@ -217,6 +236,7 @@ def distil(
       CacheError: features are neither cached nor computable.
     """
     config = config or TrainConfig()
+    check_train_outputs(run_dir, out, cache_dir)
     source = read_run(run_dir)
     masks = list(run_targets(source) if targets is None else targets)
     _check_some_mask(masks, "the reviewed dataset's samples" if targets else "the run's images")

@@ -67,6 +67,7 @@ from ..config import (
     YOLO_MIN_PIECE_AREA,
 )
 from ..data.storage import content_key
+from ..outputs import OutputError, check_output
 from ..runfolder.coco import annotation_record, write_coco_stream
 from ..runfolder.journal import labelled_keys
 from ..runfolder.layout import RUN_NAME, is_relative_name
@@ -172,7 +173,7 @@ def check_options(fmt: str, media: str, val_fraction: float, min_piece_area: int
         raise ExportError(f"the minimum piece area must be 0 or more, not {min_piece_area}")
 
 
-def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
+def check_target(target: Path, overwrite: bool, protected: dict[Path, str]) -> None:
     """Refuse a target that cannot be exported into; nothing is changed on disk.
 
     Arguments:
@@ -180,23 +181,17 @@ def check_target(target: Path, overwrite: bool, protected: list[Path]) -> None:
       overwrite: a non-empty target may be replaced if it is a previous export
         (``check_own_export``).
       protected: folders the target must not be inside, equal to, nor contain (run, images,
-        FiftyOne's database).
+        FiftyOne's database), each with its role.
 
     Raises:
-      ExportError: a protected or non-folder target, a non-empty one without ``overwrite``,
-        or one that is not a previous export.
+      ExportError: a protected or non-folder target (``outputs.check_output``, the guard of
+        every writer), a non-empty one without ``overwrite``, or one that is not a previous
+        export.
     """
-    resolved = target.resolve()
-    if resolved == resolved.parent:
-        raise ExportError(f"refusing to export into {target}: it is the file system root")
-    for folder in protected:
-        folder = folder.resolve()
-        if resolved == folder or folder in resolved.parents or resolved in folder.parents:
-            raise ExportError(
-                f"refusing to export into {target}: it is, lies inside or holds {folder}"
-            )
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"{target} exists and is not a folder")
+    try:
+        check_output(target, "the export", folder=True, protected=protected)
+    except OutputError as error:
+        raise ExportError(str(error)) from None
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
@@ -619,8 +614,10 @@ def export_dataset(
     fields = [f for f in info.get("label_fields", [PSEUDO_FIELD]) if dataset.has_sample_field(f)]
     if not fields:
         raise ExportError(f"dataset {dataset.name!r} has no selfment label field")
-    protected = [Path(p) for p in (info.get("run_dir"), info.get("input_dir")) if p]
-    check_target(target, overwrite, [*protected, Path(fo.config.database_dir)])
+    roles = {"run_dir": "the run folder", "input_dir": "the run's input folder"}
+    protected = {Path(info[key]): role for key, role in roles.items() if info.get(key)}
+    protected[Path(fo.config.database_dir)] = "FiftyOne's database folder"
+    check_target(target, overwrite, protected)
     view = select_samples(dataset, tags, exclude_tags)
     if not len(view):
         raise ExportError(_nothing_selected(dataset, tags, exclude_tags))

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_path
 from .layout import JOURNAL_NAME, LOCK_NAME, RUN_NAME
 
 logger = logging.getLogger(__name__)
@@ -85,14 +86,16 @@ def _is_record(entry: Any) -> bool:
     )
 
 
-def _valid_lines(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
-    """Parsed journal lines with their byte offsets, and where the journal should end.
+def _valid_lines(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int, int]:
+    """Parsed journal lines with their byte offsets, where the journal should end, and how
+    many lines in the middle are corrupt.
 
     A line that is not a journal record is skipped with a warning naming its line number, and
     the records after it are kept; only a torn last line (cut short, or unreadable) is left
     out of the returned length, so the caller cuts it off.
     """
     entries = []
+    corrupt = 0
     good_end = 0
     offset = 0
     with open(path, "rb") as fh:
@@ -109,9 +112,10 @@ def _valid_lines(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
             logger.warning(
                 "%s line %d is corrupt: skipped, the lines after it are kept", path, number
             )
+            corrupt += 1
             good_end = offset + len(raw)
         offset += len(raw)
-    return entries, good_end
+    return entries, good_end, corrupt
 
 
 class Journal:
@@ -142,15 +146,24 @@ class Journal:
             self._append({**header, "input": source} if source else header)
 
     def _reopen(self) -> None:
-        entries, good_end = _valid_lines(self.path)
+        entries, good_end, corrupt = _valid_lines(self.path)
         if not entries or entries[0][1].get("kind") != "header":
             raise RunConflict(f"{self.path} is not a selfment-label journal; use --overwrite")
         self._check_source(entries[0][1])
-        previous = entries[0][1]["fingerprint"]
+        previous = entries[0][1].get("fingerprint")
+        if not isinstance(previous, dict):
+            raise RunConflict(
+                f"{self.path} is damaged: its first line does not record the run's options; "
+                "use --overwrite to label the folder again"
+            )
         if previous != self.fingerprint:
             raise RunConflict(describe_mismatch(previous, self.fingerprint, self.path.parent))
-        if good_end < self.path.stat().st_size:
+        torn = good_end < self.path.stat().st_size
+        if torn:
             logger.warning("cutting a torn last line off %s", self.path)
+        if corrupt:
+            entries = self._drop_corrupt_lines(entries, corrupt)
+        elif torn:
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
         for offset, entry in entries[1:]:
@@ -165,6 +178,31 @@ class Journal:
                 "folder belongs to one input; use --overwrite to replace it, or choose another "
                 "--out"
             )
+
+    def _drop_corrupt_lines(
+        self, entries: list[tuple[int, dict[str, Any]]], corrupt: int
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """Rewrite the journal (atomically) with its records only, so a corrupt line is
+        reported once: the images it held are not in the journal and are labelled again.
+        Returns the records with their new offsets."""
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        kept, offsets, offset = [], [], 0
+        for start, _ in entries:
+            line = data[start : data.index(b"\n", start) + 1]
+            kept.append(line)
+            offsets.append(offset)
+            offset += len(line)
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
+            fh.write(b"".join(kept))
+            fh.flush()
+            os.fsync(fh.fileno())
+        logger.warning(
+            "rewrote %s without its %d corrupt line(s); their images are labelled again",
+            self.path,
+            corrupt,
+        )
+        return [(new, entry) for new, (_, entry) in zip(offsets, entries, strict=True)]
 
     def _index(self, entry: dict[str, Any], offset: int) -> None:
         name = entry["file_name"]

@@ -15,7 +15,9 @@ Every consumer (eval, review, train, export) reads a run through ``read_run``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, truncate_name
 from ..data.storage import is_uri
 from .coco import RleError, decode_rle, load_coco, masks_by_image
 
@@ -34,6 +36,10 @@ LOCK_NAME = ".lock"
 SCORES_DIR = "scores"
 FEATURES_DIR = "features"
 REVIEW_NAME = "review.json"
+RUN_FILES = frozenset(
+    {ANNOTATIONS_NAME, RUN_NAME, JOURNAL_NAME, LOCK_NAME, SCORES_DIR, FEATURES_DIR, REVIEW_NAME}
+)
+"""The names a run folder keeps for itself: no other output may take them."""
 
 
 class RunFolderError(RuntimeError):
@@ -56,9 +62,25 @@ def is_relative_name(file_name: Any) -> bool:
     return parts[0] != "/" and ".." not in parts
 
 
+SCORE_NAME_BYTES = 200
+"""Longest score map name, in bytes (file systems allow 255 and the image's own name may use
+them all)."""
+
+
 def score_map_path(file_name: str) -> str:
-    """Relative path, inside a run folder, of an image's soft score map."""
-    return f"{SCORES_DIR}/{file_name}.png"
+    """Relative path, inside a run folder, of an image's soft score map: ``scores/<file
+    name>.png``, or, when that name would be longer than ``SCORE_NAME_BYTES`` or the file
+    name has empty, ``.`` or ``..`` parts (object keys may), a name inside ``scores/`` with a
+    hash of the whole file name (``scores/<start>-<hash>.png``)."""
+    folder, _, name = file_name.rpartition("/")
+    unsafe = any(part in ("", ".", "..") for part in file_name.split("/"))
+    if unsafe:  # an object key such as a/../../x.jpg must not lead out of scores/
+        folder, name = "", file_name.replace("/", "_")
+    stored = f"{name}.png"
+    if unsafe or len(os.fsencode(stored)) > SCORE_NAME_BYTES:
+        digest = hashlib.sha256(os.fsencode(file_name)).hexdigest()[:16]
+        stored = f"{truncate_name(name, SCORE_NAME_BYTES - len(digest) - 5)}-{digest}.png"
+    return "/".join(part for part in (SCORES_DIR, folder, stored) if part)
 
 
 @dataclass

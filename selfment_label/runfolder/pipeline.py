@@ -31,6 +31,7 @@ from ..data.storage import ContentKey, ImageSource, is_uri, open_source
 from ..device import PRECISIONS, resolve_device, small_kernel_threads
 from ..features.backbone import Backbone, build_backbone
 from ..masks import full_size_masks
+from ..outputs import check_output
 from ..refine import check_available, guide_side
 from ..segment.base import PatchMask, Segmenter
 from ..segment.registry import make_segmenter
@@ -40,6 +41,7 @@ from .journal import Journal, RunConflict, RunLock
 from .layout import (
     ANNOTATIONS_NAME,
     JOURNAL_NAME,
+    LOCK_NAME,
     RUN_NAME,
     SCORES_DIR,
     is_run_folder,
@@ -139,14 +141,35 @@ def clear_run(out_dir: Path) -> None:
     shutil.rmtree(out_dir / SCORES_DIR, ignore_errors=True)
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if overwrite:
-        clear_run(out_dir)
-    elif (out_dir / ANNOTATIONS_NAME).exists() and not (out_dir / JOURNAL_NAME).exists():
+def check_run_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before the model loads and with nothing changed on disk, a run folder that
+    cannot be written (``outputs.check_output``), holds an annotations.json this tool did not
+    journal (without ``overwrite``), or is busy with another process.
+
+    Raises:
+      OutputError: the folder is a file, below a file, or not writable.
+      RunConflict: a foreign annotations.json, or another process holds the folder's lock.
+    """
+    check_output(out_dir, "the run folder", folder=True)
+    _refuse_foreign_annotations(out_dir, overwrite)
+    if (out_dir / LOCK_NAME).exists():
+        with RunLock(out_dir):
+            pass
+
+
+def _refuse_foreign_annotations(out_dir: Path, overwrite: bool) -> None:
+    foreign = (out_dir / ANNOTATIONS_NAME).exists() and not (out_dir / JOURNAL_NAME).exists()
+    if foreign and not overwrite:
         raise RunConflict(
             f"{out_dir} already holds an annotations.json that this tool did not journal; "
             "use --overwrite to replace it, or choose another --out"
         )
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    _refuse_foreign_annotations(out_dir, overwrite)
+    if overwrite:
+        clear_run(out_dir)
 
 
 @dataclass
@@ -431,6 +454,7 @@ def label_folder(
       FileNotFoundError / NotADirectoryError: the input folder is missing.
       StorageError: the object storage prefix cannot be listed.
       NoImages: the folder has no images.
+      OutputError: the run folder cannot be written (checked before the model loads).
       RunConflict: the output folder is busy or holds a run of another input or options.
       BackboneError: the weights cannot be found or loaded.
       RefineUnavailable: the refinement asked for needs a package that is not installed.
@@ -440,6 +464,7 @@ def label_folder(
     check_available(config.refine)
     executor = executor or LocalExecutor()
     out_dir = Path(out_dir) if out_dir else default_out_dir(input_dir)
+    check_run_target(out_dir, overwrite)
     source = input_source(input_dir, out_dir)
     keys = source.list_images()
     names = list(keys)
