@@ -103,7 +103,7 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
     """Read a head checkpoint.
 
     Raises:
-      HeadError: the file is missing or not a selfment-label head.
+      HeadError: the file is missing, not a selfment-label head, or holds non-finite weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -121,5 +121,10 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
             f"{path} is not a selfment-label head checkpoint, or it is damaged: "
             f"{error_summary(error)}"
         ) from None
+    if not all(torch.isfinite(value).all() for value in head.state_dict().values()):
+        raise HeadError(
+            f"{path} holds non-finite weights (its training diverged): it would label no "
+            "image; train it again with a lower --lr"
+        )
     head.eval().requires_grad_(False)
     return HeadCheckpoint(head=head, meta=meta, sha256=file_sha256(path))
