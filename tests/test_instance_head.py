@@ -4,6 +4,7 @@ touches FiftyOne: run this module under the shared lock (``flock /work/wt/fiftyo
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from selfment_label.config import (
 )
 from selfment_label.features.backbone import Backbone
 from selfment_label.head.apply import apply_head
-from selfment_label.head.checkpoint import load_checkpoint
+from selfment_label.head.checkpoint import HeadError, load_checkpoint
 from selfment_label.head.instance_model import (
     InstanceHead,
     Prediction,
@@ -249,3 +250,20 @@ def test_review_shows_an_instance_head_run_like_an_instances_run(
         assert SEVERAL_INSTANCES_VIEW in dataset.list_saved_views()
     finally:
         dataset.delete()
+
+
+def test_training_refuses_a_run_without_masks_and_a_diverged_loss(
+    instances_run: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    shutil.copytree(instances_run, empty)
+    coco = json.loads((empty / "annotations.json").read_text())
+    coco["annotations"] = []
+    (empty / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(HeadError, match="has a mask"):
+        distil_instances(empty, tmp_path / "head.pt", SMALL)
+    tokens = torch.full((4, 4, 8), float("nan")).half()
+    images = [InstanceImage("a", tokens, _box((4, 4), slice(0, 2), slice(0, 2))[None])]
+    with pytest.raises(HeadError, match="diverged"):
+        train_rounds(images, InstanceTrainConfig(epochs=1, hidden=8, heads=2, queries=2))
+    assert not (tmp_path / "head.pt").exists()

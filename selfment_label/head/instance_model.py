@@ -209,6 +209,8 @@ def hungarian_match(
             + _pair_dice(torch.sigmoid(logits), targets)
             - torch.sigmoid(objectness)[:, None]
         )
+        # a diverged prediction costs the most; the non-finite loss then stops the training
+        cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6, neginf=-1e6)
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
     return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 

@@ -33,7 +33,7 @@ from .features import run_features
 from .instance_model import THREADS, InstanceHead, image_losses
 from .model import patch_targets
 from .rounds import RoundChange, correct_targets
-from .train import check_train_outputs
+from .train import _check_finite, check_train_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def _train_epochs(
         for first in range(0, len(order), config.batch_size):
             batch = [images[i] for i in order[first : first + config.batch_size]]
             losses = _batch_losses(head, batch, config, device)
+            _check_finite(losses["total"], step + 1, total, config.lr)
             optimizer.zero_grad()
             losses["total"].backward()
             optimizer.step()
@@ -248,7 +249,7 @@ def distil_instances(
 
     Raises:
       RunFolderError: the run folder cannot be read.
-      HeadError: the run gave no training image.
+      HeadError: the run gave no training image or no mask, or the training diverged.
       HeadMismatch: the backbone does not match the run's.
       CacheError: features are neither cached nor computable.
       OutputError: ``out`` or ``cache_dir`` must not or cannot be written (before any work).
@@ -280,6 +281,11 @@ def distil_instances(
         stacked = torch.stack(targets) if targets else torch.zeros(0, *grid)
         images.append(InstanceImage(name, cached.tokens.half(), stacked))
     pseudo_masks = sum(len(image.targets) for image in images)
+    if images and not pseudo_masks:
+        raise HeadError(
+            f"none of the run's {len(images)} images has a mask: an instance head learnt "
+            "from them would find no object; label with other options first"
+        )
     head, rounds = train_rounds(images, config, device, train_progress, round_done)
     meta = {
         "format": CHECKPOINT_FORMAT,
