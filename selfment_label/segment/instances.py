@@ -13,13 +13,13 @@ corners is an instance too (IPO gathers look-alike objects that lie apart, such 
 animal of the same kind, which later cuts on a graph of mostly background rarely find).
 
 The first cut is single mode's cut: refined by IPO over the whole image, swapped for its
-complement when it covers more than half of the frame's border patches (``border_prior``), and
-tested for no distinct object (``objectness``: then the image gets no instance and a
-``no_object`` note). From the second cut on, the free patches are mostly background, so a cut
-whose foreground holds three or four of the grid's corners is flipped (CutLER's corner rule),
-and an instance that still holds three corners or more than ``LATER_MAX_BORDER`` of the border
-patches is a piece of background: the search stops there (and such extra components are
-dropped).
+complement when single mode's side rule takes it for the background (``border_prior``,
+``single.border_swap``), and tested for no distinct object (``objectness``: then the image
+gets no instance and a ``no_object`` note). From the second cut on, the free patches are
+mostly background, so a cut whose foreground holds three or four of the grid's corners is
+flipped (CutLER's corner rule), and an instance that still holds three corners or more than
+``LATER_MAX_BORDER`` of the border patches is a piece of background: the search stops there
+(and such extra components are dropped).
 """
 
 from __future__ import annotations
