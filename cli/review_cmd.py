@@ -22,6 +22,7 @@ from selfment_label.config import (
 )
 
 from .console import (
+    EXIT_USAGE,
     console,
     fail,
     make_progress,
@@ -201,7 +202,9 @@ def export(
     media: str = typer.Option(
         "copy", "--media", help=f"How images go with the labels: {', '.join(EXPORT_MEDIA)}."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty target."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a previous export in TARGET (nothing else)."
+    ),
     val_fraction: float = typer.Option(
         EXPORT_VAL_FRACTION,
         "--val-fraction",
@@ -235,9 +238,20 @@ def export(
     setup_logging(verbose)
     from selfment_label.review.dataset import NotReviewed, load_run_dataset
     from selfment_label.review.db import ReviewError
-    from selfment_label.review.export import ExportError, export_dataset
+    from selfment_label.review.export import (
+        ExportError,
+        check_options,
+        check_target,
+        export_dataset,
+    )
     from selfment_label.runfolder.layout import RunFolderError
 
+    try:
+        check_options(fmt, media, val_fraction, min_piece_area)
+    except ExportError as error:
+        raise fail(f"invalid option: {error}", EXIT_USAGE) from None
+    with user_errors(ExportError):
+        check_target(target, overwrite, {})  # the run's folders are checked with the dataset
     with user_errors(ReviewError, ExportError, RunFolderError), console.status("exporting"):
         try:
             dataset = load_run_dataset(run_dir, name, unreviewed=unreviewed)

@@ -218,9 +218,8 @@ def run(
     ),
     border_prior: bool = typer.Option(
         SingleConfig.border_prior,
-        help="Swap a mask that covers most of the frame border for its complement (single; "
-        "the first instance of instances); "
-        "turn off for close-ups whose object fills the frame.",
+        help="Swap a mask for its complement when it holds a larger share of the frame's "
+        "border than of the image (single; the first instance of instances).",
     ),
     device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
     precision: str = precision_option(),

@@ -9,11 +9,15 @@ from rich.table import Table
 
 from selfment_label.config import (
     DEVICE_HELP,
+    HEAD_TASKS,
     PRECISION_NAMES,
     REFINE_METHODS,
     REVIEW_EXCLUDE_TAGS,
+    InstanceApplyConfig,
+    InstanceTrainConfig,
     RunConfig,
     TrainConfig,
+    default_task,
 )
 
 from .console import (
@@ -25,6 +29,7 @@ from .console import (
     setup_logging,
     user_errors,
 )
+from .instance_cmd import train_instances
 from .run_cmd import (
     IMAGES_HELP,
     RAY_ACTORS_HELP,
@@ -43,11 +48,28 @@ def _loss_text(losses: dict[str, float]) -> str:
     return "  ".join(f"{k} {losses[k]:.4f}" for k in LOSS_TERMS if k in losses)
 
 
+def _run_task(run_dir: Path) -> str:
+    """The head a run trains by default (``default_task`` of its mode)."""
+    from selfment_label.runfolder.layout import RunFolderError, read_run
+
+    with user_errors(RunFolderError):
+        return default_task(read_run(run_dir).mode)
+
+
 def train(
     run_dir: Path = typer.Argument(..., help="A run folder made by `selfment-label run`."),
     out: Path = typer.Option(Path("head.pt"), "--out", "-o", help="Checkpoint file to write."),
-    epochs: int = typer.Option(TrainConfig.epochs, min=1, help="Passes over the run's images."),
-    lr: float = typer.Option(TrainConfig.lr, help="Adam learning rate."),
+    epochs: int = typer.Option(
+        None,
+        min=1,
+        help=f"Passes over the run's images (per round) \\[default: {TrainConfig.epochs}, "
+        f"instance head {InstanceTrainConfig.epochs}].",
+    ),
+    lr: float = typer.Option(
+        None,
+        help=f"Learning rate \\[default: {TrainConfig.lr}, instance head "
+        f"{InstanceTrainConfig.lr}].",
+    ),
     weight_decay: float = typer.Option(TrainConfig.weight_decay, help="Adam weight decay."),
     batch_size: int = typer.Option(
         TrainConfig.batch_size, min=1, help="Images per optimisation step."
@@ -86,9 +108,24 @@ def train(
         "--exclude-tags",
         help="With --reviewed: leave out samples with any of these tags.",
     ),
+    task: str = typer.Option(
+        None,
+        "--task",
+        help="single (one mask per image: the union of the run's masks) or instances (a "
+        "scored set of masks per image) \\[default: instances for instances and entities "
+        "runs, else single].",
+    ),
+    rounds: int = typer.Option(
+        None,
+        min=0,
+        help="Instance head: self-correction rounds (the last model's confident masks "
+        f"replace, add to and drop pseudo-masks, then training goes on) \\[default: "
+        f"{InstanceTrainConfig.rounds}].",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
-    """Train a patch head on a run's masks (features are cached, training is on the CPU)."""
+    """Train a head on a run's masks (features are cached, training is on the CPU): the
+    single-object patch head, or the instance head on instances and entities runs."""
     setup_logging(verbose)
     from selfment_label.device import DeviceError, resolve_device
     from selfment_label.features.cache import CacheError
@@ -105,10 +142,35 @@ def train(
         check_train_outputs(run_dir, out, cache)
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-    with invalid_options():
-        config = TrainConfig(
-            epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed
+    chosen = {"epochs": epochs, "lr": lr, "rounds": rounds}
+    chosen = {k: v for k, v in chosen.items() if v is not None}
+    task = task or _run_task(run_dir)
+    require_choice(task, HEAD_TASKS, "--task")
+    if task == "instances":
+        if reviewed:
+            raise fail("--reviewed trains the single-object head only: pass --task single")
+        with invalid_options():
+            instance_config = InstanceTrainConfig(
+                **chosen,
+                weight_decay=weight_decay,
+                batch_size=batch_size,
+                seed=seed,
+            )
+        train_instances(
+            run_dir,
+            out,
+            instance_config,
+            cache=cache,
+            weights=weights,
+            device=device,
+            precision=precision,
+            offline=offline,
         )
+        return
+    if chosen.pop("rounds", None) is not None:
+        raise fail("--rounds is an option of the instance head (--task instances)")
+    with invalid_options():
+        config = TrainConfig(**chosen, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
     errors = (
         HeadError,
         OutputError,
@@ -202,6 +264,16 @@ def apply(
     ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
     ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_actors: int = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
+    max_instances: int = typer.Option(
+        InstanceApplyConfig.max_instances, min=1, help="Instance head: most masks per image."
+    ),
+    min_score: float = typer.Option(
+        InstanceApplyConfig.min_score, help="Instance head: masks scored below are not written."
+    ),
+    nms_iou: float = typer.Option(
+        InstanceApplyConfig.nms_iou,
+        help="Instance head: a mask overlapping a better one by more than this IoU is dropped.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
@@ -222,12 +294,22 @@ def apply(
             allow_download=not offline,
             refine=refine,
         )
+        instances = InstanceApplyConfig(
+            max_instances=max_instances, min_score=min_score, nms_iou=nms_iou
+        )
     if name and not review:
         raise fail("--name names the dataset to review in: pass --review too")
     executor = ray_executor(ray, ray_address, ray_actors, verbose)
     summary = label_with_progress(
         lambda progress: apply_head(
-            head, images, out, config, overwrite=overwrite, progress=progress, executor=executor
+            head,
+            images,
+            out,
+            config,
+            overwrite=overwrite,
+            progress=progress,
+            executor=executor,
+            instances=instances,
         ),
         HeadError,
     )

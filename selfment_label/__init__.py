@@ -26,11 +26,14 @@ _PUBLIC = {
     "InstancesConfig": "config",
     "EntitiesConfig": "config",
     "TrainConfig": "config",
+    "InstanceTrainConfig": "config",
+    "InstanceApplyConfig": "config",
     "label_folder": "runfolder.pipeline",
     "RunSummary": "runfolder.pipeline",
     "read_run": "runfolder.layout",
     "build_backbone": "features.backbone",
     "distil": "head.train",
+    "distil_instances": "head.instance_train",
     "apply_head": "head.apply",
     "evaluate_run": "evaluate",
     "build_dataset": "review.dataset",
@@ -45,11 +48,14 @@ __all__ = [
     "InstancesConfig",
     "EntitiesConfig",
     "TrainConfig",
+    "InstanceTrainConfig",
+    "InstanceApplyConfig",
     "label_folder",
     "RunSummary",
     "read_run",
     "build_backbone",
     "distil",
+    "distil_instances",
     "apply_head",
     "evaluate_run",
     "build_dataset",
@@ -58,10 +64,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .config import EntitiesConfig, InstancesConfig, RunConfig, SingleConfig, TrainConfig
+    from .config import (
+        EntitiesConfig,
+        InstanceApplyConfig,
+        InstancesConfig,
+        InstanceTrainConfig,
+        RunConfig,
+        SingleConfig,
+        TrainConfig,
+    )
     from .evaluate import evaluate_run
     from .features.backbone import build_backbone
     from .head.apply import apply_head
+    from .head.instance_train import distil_instances
     from .head.train import distil
     from .review.dataset import build_dataset
     from .review.export import export_dataset

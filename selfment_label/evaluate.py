@@ -2,7 +2,9 @@
 
 Predictions come from a run folder: for every image, its saved soft score map when the run
 wrote one (``--save-scores``), else the union of its annotation masks. Ground-truth mask
-images are matched by relative path without extension, with the file stem as fallback;
+images are matched by relative path without extension (or with the image's own extension, as
+``export --format masks`` names ``a.jpg.png`` beside ``a.png.png``), with the file stem as
+fallback (see ``match``);
 foreground is ``gray > 127`` whatever the mask's mode (1-bit, 8-bit, RGB, palette).
 
 The metrics follow the salient-object-detection conventions and are computed by
@@ -281,31 +283,35 @@ def match(
 ) -> tuple[list[tuple[str, Prediction | None]], list[str]]:
     """Pair ground-truth files with predictions.
 
-    By relative path without extension first; the remaining ones by file stem when the stem
-    is unique among the remaining predictions and the remaining GT files.
+    First exactly as ``export --format masks`` names a mask when two images differ only by
+    extension: the GT file without its extension is the image's file name (``a.jpg.png`` for
+    ``a.jpg``); then by relative path without extension, where that names one prediction only
+    (``a.png`` is ambiguous beside ``a.jpg`` and ``a.png``); then the remaining ones by file
+    stem when the stem is unique among the remaining predictions and the remaining GT files.
+    Every prediction left unpaired is listed, never dropped.
 
     Returns:
       ``([(gt file, prediction or None)] in GT order, prediction file names with no GT)``.
     """
-    by_key = {_key(p.file_name): p for p in predictions}
+    left = {p.file_name: p for p in predictions}
     paired: dict[str, Prediction] = {}
     for gt in gt_files:
-        if _key(gt) in by_key:
-            paired[gt] = by_key.pop(_key(gt))
-    left_gt = [g for g in gt_files if g not in paired]
-    gt_stems: dict[str, list[str]] = {}
-    for gt in left_gt:
-        gt_stems.setdefault(_stem(gt), []).append(gt)
-    pred_stems: dict[str, list[Prediction]] = {}
-    for prediction in by_key.values():
-        pred_stems.setdefault(_stem(prediction.file_name), []).append(prediction)
-    for stem, gts in gt_stems.items():
-        candidates = pred_stems.get(stem, [])
-        if len(gts) == 1 and len(candidates) == 1:
-            paired[gts[0]] = candidates[0]
-            by_key.pop(_key(candidates[0].file_name))
-    unmatched = sorted(p.file_name for p in by_key.values())
-    return [(gt, paired.get(gt)) for gt in gt_files], unmatched
+        if _key(gt) in left:
+            paired[gt] = left.pop(_key(gt))
+    for key_of in (_key, _stem):
+        gts = _group([g for g in gt_files if g not in paired], key_of)
+        candidates = _group(list(left), key_of)
+        for key, group in gts.items():
+            if len(group) == 1 and len(candidates.get(key, [])) == 1:
+                paired[group[0]] = left.pop(candidates[key][0])
+    return [(gt, paired.get(gt)) for gt in gt_files], sorted(left)
+
+
+def _group(names: list[str], key_of: Callable[[str], str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(key_of(name), []).append(name)
+    return groups
 
 
 def _evaluate_one(

@@ -168,6 +168,24 @@ def test_match_by_relative_path_then_stem(tmp_path: Path) -> None:
     assert unmatched == ["dogs/x.jpg"]
 
 
+def test_masks_export_names_match_when_images_differ_only_by_extension(tmp_path: Path) -> None:
+    """Issue 22, item 6: ``a.jpg.png`` is a.jpg's mask, ``a.png.png`` a.png's; nothing dropped."""
+    run = write_run(tmp_path / "run", {"a.jpg": TOP_LEFT, "a.png": TOP_HALF, "b.jpg": TOP_LEFT})
+    masks = {"a.jpg.png": TOP_LEFT, "a.png.png": TOP_HALF, "b.png": TOP_LEFT}
+    gt = write_gt(tmp_path / "gt", masks)
+    report = evaluate_run(run, gt)
+    assert {r.gt_file: r.prediction for r in report.rows} == {
+        "a.jpg.png": "a.jpg",
+        "a.png.png": "a.png",
+        "b.png": "b.jpg",
+    }
+    assert report.metrics["iou"] == 1.0 and not report.predictions_without_gt
+    ambiguous = write_gt(tmp_path / "gt2", {"a.png": TOP_LEFT})
+    report = evaluate_run(run, ambiguous)
+    assert report.gt_without_prediction == ["a.png"]
+    assert report.predictions_without_gt == ["a.jpg", "a.png", "b.jpg"]
+
+
 def test_bad_folders_are_clear_errors(tmp_path: Path) -> None:
     gt = write_gt(tmp_path / "gt", {"a.png": TOP_LEFT})
     with pytest.raises(RunFolderError, match="annotations.json not found"):

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -22,11 +24,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from selfment_label.config import RunConfig, mode_config
+from selfment_label.evaluate import evaluate_run
 from selfment_label.features.backbone import Backbone
 from selfment_label.review.convert import detection_to_mask
 from selfment_label.review.dataset import build_dataset
 from selfment_label.review.db import ReviewError
 from selfment_label.review.export import (
+    MARKER_NAME,
     ExportError,
     distinct_stems,
     export_dataset,
@@ -263,7 +267,7 @@ def test_coco_export_splits_and_round_trips_every_mask(run_dir: Path, tmp_path: 
     export_dataset(
         dataset, target, "coco", polygons=True, media="none", overwrite=True, val_fraction=0
     )
-    assert sorted(p.name for p in target.iterdir()) == ["annotations"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER_NAME, "annotations"]
     poly = load_coco(target / "annotations" / "instances_train.json")
     assert len(poly["images"]) == N_IMAGES
     assert poly["info"]["image_root"] == dataset.info["selfment"]["input_dir"]
@@ -362,6 +366,34 @@ def test_yolo_labels_pass_the_ultralytics_checker(run_dir: Path, tmp_path: Path)
     assert not any(str(target.resolve()) in line for line in (target / "dataset.yaml").open())
 
 
+def test_yolo_leaves_out_what_ultralytics_rejects(
+    tmp_path: Path, tiny_backbone: Backbone, ecssd_dir: Path
+) -> None:
+    """Issue 22, item 12: a 2x2 image and a GIF named .png are left out of a YOLO export with
+    their reasons (Ultralytics counts them corrupt); COCO keeps them."""
+    pytest.importorskip("ultralytics")
+    from ultralytics.data.utils import verify_image_label
+
+    images = tmp_path / "images"
+    _copy_images(ecssd_dir, images, 2)
+    Image.new("RGB", (2, 2), "red").save(images / "tiny.png")
+    pixels = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / "anim.png", format="GIF")
+    _label(images, tmp_path / "run", tiny_backbone, "single")
+    dataset = _dataset(tmp_path / "run", "yolo-corrupt")
+    assert len(dataset) == 4
+    target = tmp_path / "yolo"
+    summary = export_dataset(dataset, target, "yolo", val_fraction=0)
+    assert summary.images == 2 and len(summary.skipped) == 2
+    reasons = " ".join(summary.skipped)
+    assert "2x2 pixels" in reasons and "a GIF file" in reasons
+    for image in _files(target / "images"):
+        label = target / "labels" / image.relative_to(target / "images").with_suffix(".txt")
+        result = verify_image_label((str(image), str(label), "", False, 1, 0, 0, False))
+        assert result[8] == 0, result[9]
+    assert export_dataset(dataset, tmp_path / "coco", "coco").images == 4
+
+
 def test_yolo_trains_one_epoch_in_ultralytics(run_dir: Path, tmp_path: Path) -> None:
     ultralytics = pytest.importorskip("ultralytics")
     from ultralytics.data.utils import load_dataset_cache_file
@@ -414,6 +446,14 @@ def test_masks_names_do_not_collide_and_count_matches(tmp_path: Path, tiny_backb
     pngs = _files(tmp_path / "out" / "masks")
     assert sorted(p.name for p in pngs) == ["a.jpg.png", "a.png.png", "b.png"]
     assert summary.annotations == len(pngs) == 3
+    # eval reads them back, each with its own image (issue 22, item 6)
+    report = evaluate_run(tmp_path / "run", tmp_path / "out" / "masks" / "train")
+    assert {row.gt_file: row.prediction for row in report.rows} == {
+        "a.jpg.png": "a.jpg",
+        "a.png.png": "a.png",
+        "b.png": "b.png",
+    }
+    assert report.evaluated == 3 and not report.predictions_without_gt
     yolo = export_dataset(dataset, tmp_path / "yolo", "yolo", val_fraction=0)
     labels = _files(tmp_path / "yolo" / "labels")
     assert sorted(p.name for p in labels) == ["a.jpg.txt", "a.png.txt", "b.txt"]
@@ -432,6 +472,71 @@ def test_targets_inside_or_holding_the_input_or_run_are_refused(run_dir: Path) -
     assert not (input_dir / "cats").exists() and not (run_dir / "out").exists()
 
 
+def test_overwrite_replaces_only_a_previous_export_of_ours(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22, item 1: ``--overwrite`` never deletes a folder the export did not make."""
+    from selfment_label_cli.main import app
+    from typer.testing import CliRunner
+
+    dataset = _dataset(run_dir, "marker")
+    target = tmp_path / "export"
+    export_dataset(dataset, target, "masks", media="none")
+    assert (target / MARKER_NAME).is_file()
+    summary = export_dataset(dataset, target, "yolo", media="none", overwrite=True)
+    assert summary.images == N_IMAGES and not (target / "masks").exists()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("mine")
+    result = CliRunner().invoke(
+        app, ["export", str(run_dir), str(home), "--name", dataset.name, "--overwrite"]
+    )
+    assert result.exit_code == 1
+    assert "not a selfment-label export" in " ".join(result.output.split())
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="holds 'notes.txt', which the export did not write"):
+        export_dataset(dataset, target, "masks", overwrite=True)
+    (target / "notes.txt").unlink()
+    database = target / "db"
+    database.mkdir()
+    (database / "WiredTiger").write_text("every review")
+    monkeypatch.setattr(fo.config, "database_dir", str(database))
+    for folder in (target, database, tmp_path):
+        with pytest.raises(ExportError, match="refusing"):
+            export_dataset(dataset, folder, "masks", overwrite=True)
+    assert (home / ".bashrc").read_text() == "mine"
+    assert (database / "WiredTiger").read_text() == "every review"
+    assert (target / "dataset.yaml").is_file()
+
+
+def test_bad_options_before_the_database_and_filters_that_select_nothing(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 22, items 17 and 18: a bad option exits 2 without reaching the database (here an
+    unreachable one); tag filters that select no sample are an error naming the tags."""
+    env = {
+        **os.environ,
+        "FIFTYONE_DATABASE_URI": "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=500",
+    }
+    target = tmp_path / "out"
+    command = [sys.executable, "-m", "selfment_label_cli", "export", str(run_dir), str(target)]
+    for option in (["--val-fraction", "nan"], ["--format", "voc"], ["--min-piece-area", "-1"]):
+        failed = subprocess.run(
+            [*command, *option], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert failed.returncode == 2, failed.stderr
+        assert "invalid option" in failed.stderr and "FIFTYONE" not in failed.stderr
+    dataset = _dataset(run_dir, "filters").clone(f"t-filters-clone-{SUFFIX}")
+    sample = dataset.first()
+    sample.tags.append("approved")
+    sample.save()
+    with pytest.raises(ExportError, match=r"any of the tags nosuchtag; .*tags: approved \(1\)"):
+        export_dataset(dataset, target, "coco", tags=["nosuchtag"])
+    with pytest.raises(ExportError, match="select no sample"):
+        export_dataset(dataset, target, "coco", tags=["approved"], exclude_tags=["approved"])
+    assert not target.exists()
+
+
 def test_media_only_from_inside_the_input_folder(run_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
@@ -440,19 +545,28 @@ def test_media_only_from_inside_the_input_folder(run_dir: Path, tmp_path: Path) 
     outside = tmp_path / "secret.jpg"
     shutil.copy(input_dir / coco["images"][2]["file_name"], outside)
     (input_dir / "link.jpg").symlink_to(outside)
-    # FiftyOne refuses a non-image file such as /etc/os-release: a traversal to an image instead.
-    coco["images"][0]["file_name"] = os.path.relpath(outside, input_dir)
+    traversal = os.path.relpath(outside, input_dir)
+    coco["images"][0]["file_name"] = traversal
+    (run / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(ReviewError, match="not a path inside the run's input folder"):
+        _dataset(run, "evil")
+    coco["images"][0]["file_name"] = "first.jpg"
     coco["images"][1]["file_name"] = "gone.jpg"
     coco["images"][2]["file_name"] = "link.jpg"
     (run / "annotations.json").write_text(json.dumps(coco))
     dataset = _dataset(run, "evil")
+    # a dataset edited by hand: a traversal to an image (FiftyOne refuses /etc/os-release)
+    crafted = dataset.match(fo.ViewField("file_name") == "first.jpg").first()
+    crafted.filepath, crafted["file_name"] = str(outside), traversal
+    crafted.save()
     try:
         for media in ("copy", "symlink"):
             target = tmp_path / media
             summary = export_dataset(dataset, target, "coco", media=media, val_fraction=0)
             assert summary.images == N_IMAGES - 3 and len(summary.skipped) == 3
             reasons = " ".join(summary.skipped)
-            assert reasons.count("outside the input folder") == 2 and "missing" in reasons
+            assert "is not a path inside the run's input folder" in reasons
+            assert "missing" in reasons and "the run never labelled it" in reasons
             for path in _files(target):
                 resolved = path.resolve()
                 assert resolved.is_file()
@@ -460,6 +574,35 @@ def test_media_only_from_inside_the_input_folder(run_dir: Path, tmp_path: Path) 
             assert not any(p.name in ("secret.jpg", "link.jpg") for p in _files(target))
     finally:
         (input_dir / "link.jpg").unlink()
+
+
+def test_a_folder_of_links_exports_what_the_run_labelled(
+    tmp_path: Path, tiny_backbone: Backbone, ecssd_dir: Path
+) -> None:
+    """Issue 22, item 23: links the user placed in the input are followed as ``run`` followed
+    them; a changed image is left out; an export that would write nothing is refused."""
+    originals, linked = tmp_path / "data", tmp_path / "subset"
+    _copy_images(ecssd_dir, originals, 3)
+    linked.mkdir()
+    for path in sorted(originals.rglob("*.jpg")):
+        (linked / path.name).symlink_to(path)
+    _label(linked, tmp_path / "run", tiny_backbone, "single")
+    dataset = _dataset(tmp_path / "run", "links")
+    summary = export_dataset(dataset, tmp_path / "out", "coco", val_fraction=0)
+    assert summary.images == 3 and not summary.skipped
+    for link in linked.iterdir():
+        copy = tmp_path / "out" / "images" / "train" / link.name
+        assert not copy.is_symlink() and copy.read_bytes() == link.read_bytes()
+    first = sorted(linked.iterdir())[0]
+    status = first.stat()
+    os.utime(first, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    summary = export_dataset(dataset, tmp_path / "out", "coco", overwrite=True)
+    assert summary.images == 2 and "changed since the run labelled it" in summary.skipped[0]
+    for link in linked.iterdir():
+        link.unlink()
+    with pytest.raises(ExportError, match="nothing to export: none of the 3 selected images"):
+        export_dataset(dataset, tmp_path / "none", "yolo")
+    assert not (tmp_path / "none").exists()
 
 
 def test_hostile_file_names_never_leave_the_target(run_dir: Path, tmp_path: Path) -> None:
@@ -470,8 +613,11 @@ def test_hostile_file_names_never_leave_the_target(run_dir: Path, tmp_path: Path
         sample.save()
     outer = tmp_path / "outer"
     target = outer / "target"
+    copied = export_dataset(dataset, target, "coco", val_fraction=0)
+    assert copied.images == N_IMAGES - len(hostile) and len(copied.skipped) == len(hostile)
+    assert all("not a path inside" in reason for reason in copied.skipped)
     for fmt in ("coco", "yolo", "masks"):
-        summary = export_dataset(dataset, target, fmt, overwrite=True)
+        summary = export_dataset(dataset, target, fmt, media="none", overwrite=True)
         assert summary.images == N_IMAGES
         assert sorted(p.name for p in outer.iterdir()) == ["target"]
         for path in _files(target):

@@ -28,6 +28,7 @@ from selfment_label.head.checkpoint import HeadError, HeadMismatch, load_checkpo
 from selfment_label.head.model import patch_targets, supervised_contrastive_loss
 from selfment_label.head.train import distil
 from selfment_label.runfolder.coco import decode_rle
+from selfment_label.runfolder.journal import RunConflict
 from selfment_label.runfolder.layout import RunFolderError
 from selfment_label.runfolder.pipeline import label_folder
 
@@ -163,6 +164,9 @@ def test_apply_writes_a_valid_run_folder(
     again = apply_head(trained.checkpoint, images, out, config, backbone=tiny_backbone)
     assert again.labelled == 0 and again.resumed == 3  # the skip is retried
     assert list(again.new_skips) == ["broken.jpg"]
+    # the applied run folder belongs to its input too (issue 22, item 2)
+    with pytest.raises(RunConflict, match="holds the run of"):
+        apply_head(trained.checkpoint, tmp_path / "images", out, config, backbone=tiny_backbone)
 
 
 def test_apply_refuses_a_head_of_another_backbone(
@@ -221,6 +225,31 @@ def test_train_refuses_missing_uncached_images_and_non_runs(tiny_run: Path, tmp_
     (tmp_path / "images" / "img0.png").unlink()
     with pytest.raises(CacheError, match="img0.png does not exist"):
         distil(tiny_run, tmp_path / "x.pt", FAST)
+
+
+def test_diverged_training_nan_heads_and_maskless_runs_are_refused(
+    tiny_run: Path, tiny_backbone: Backbone, tmp_path: Path
+) -> None:
+    """Issue 22, item 5: no NaN head is written or applied, no head learns from no mask."""
+    diverging = dataclasses.replace(FAST, lr=1e30)
+    with pytest.raises(HeadError, match="diverged at step"):
+        distil(tiny_run, tmp_path / "nan.pt", diverging, backbone=tiny_backbone)
+    assert not (tmp_path / "nan.pt").exists()
+    good = distil(tiny_run, tmp_path / "good.pt", FAST, backbone=tiny_backbone)
+    payload = torch.load(good.checkpoint, weights_only=True)
+    payload["state_dict"]["classify.weight"][0, 0] = float("nan")
+    torch.save(payload, tmp_path / "poisoned.pt")
+    result = CliRunner().invoke(
+        app, ["apply", str(tmp_path / "poisoned.pt"), str(tmp_path / "images"), "--offline"]
+    )
+    assert result.exit_code == 1 and "non-finite weights" in " ".join(result.output.split())
+    coco_path = tiny_run / "annotations.json"
+    coco = json.loads(coco_path.read_text())
+    assert coco["annotations"]
+    coco_path.write_text(json.dumps({**coco, "annotations": []}))
+    with pytest.raises(HeadError, match="has a mask"):
+        distil(tiny_run, tmp_path / "empty.pt", FAST, backbone=tiny_backbone)
+    assert not (tmp_path / "empty.pt").exists()
 
 
 def test_cli_train_from_cache_and_apply_refusal(

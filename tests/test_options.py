@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 
 from selfment_label.config import (
     EntitiesConfig,
+    InstanceApplyConfig,
     InstancesConfig,
+    InstanceTrainConfig,
     RunConfig,
     SingleConfig,
     TrainConfig,
@@ -53,6 +55,14 @@ BAD_OPTIONS = [
     (TrainConfig, {"batch_size": 0}),
     (TrainConfig, {"temperature": 0.0}),
     (TrainConfig, {"target_threshold": 1.5}),
+    (InstanceTrainConfig, {"queries": 0}),
+    (InstanceTrainConfig, {"hidden": 130}),
+    (InstanceTrainConfig, {"rounds": -1}),
+    (InstanceTrainConfig, {"keep_score": 1.5}),
+    (InstanceTrainConfig, {"match_iou": 0.0}),
+    (InstanceApplyConfig, {"max_instances": 0}),
+    (InstanceApplyConfig, {"min_score": math.nan}),
+    (InstanceApplyConfig, {"nms_iou": -0.1}),
 ]
 
 
@@ -64,7 +74,8 @@ def test_bad_option_values_are_refused_with_a_sentence(cls, values):
 
 
 def test_defaults_are_valid():
-    for cls in (RunConfig, SingleConfig, InstancesConfig, EntitiesConfig, TrainConfig):
+    configs = (RunConfig, SingleConfig, InstancesConfig, EntitiesConfig, TrainConfig)
+    for cls in (*configs, InstanceTrainConfig, InstanceApplyConfig):
         cls()
 
 

@@ -35,7 +35,7 @@ from selfment_label.head.checkpoint import load_checkpoint
 from selfment_label.head.model import patch_targets
 from selfment_label.head.train import distil
 from selfment_label.review.app import launch_app
-from selfment_label.review.convert import mask_to_detection
+from selfment_label.review.convert import detection_to_mask, mask_to_detection
 from selfment_label.review.dataset import build_dataset, dataset_name
 from selfment_label.review.export import export_dataset
 from selfment_label.review.model import selfment_model
@@ -141,6 +141,77 @@ def test_rebuild_after_new_run_keeps_tags_and_edits(
     again = dataset[sample.filepath]
     assert again.tags == ["approved"] and again.pseudo.detections == []
     assert dataset.count("ground_truth.detections") == 5
+
+
+def test_rebuild_replaces_a_sample_whose_image_was_replaced(
+    tmp_path: Path, tiny_backbone: Backbone
+) -> None:
+    """Issue 22, item 3: a replaced image gets the run's new size and masks; its verdict tags
+    move to a field (kept, not applied to a picture nobody reviewed); other samples keep theirs."""
+    from selfment_label.review.status import review_status
+
+    images, run = tmp_path / "images", tmp_path / "run"
+    _make_images(images, 3)
+    _label(images, run, tiny_backbone, mode="single")
+    dataset = build_dataset(run, f"t-replaced-{SUFFIX}")
+    first, second = dataset.sort_by("file_name").limit(2)
+    first.tags.append("approved")
+    first.pseudo.detections = first.pseudo.detections[:1]
+    first.save()
+    second.tags.append("rejected")
+    second.save()
+    old_size = Image.open(first.filepath).size
+    Image.fromarray(np.full((old_size[0] + 20, old_size[1] + 10, 3), 200, np.uint8)).save(
+        first.filepath
+    )
+    _label(images, run, tiny_backbone, mode="single")
+    dataset = build_dataset(run)
+    replaced = dataset[first.filepath]
+    width, height = Image.open(first.filepath).size
+    assert (replaced.metadata.width, replaced.metadata.height) == (width, height)
+    assert replaced.tags == [] and replaced["tags_before_image_changed"] == ["approved"]
+    masks = [detection_to_mask(d, width, height) for d in replaced.pseudo.detections]
+    written = _run_masks(run)[first.file_name]
+    assert len(masks) == len(written)
+    assert all(np.array_equal(a, b) for a, b in zip(masks, written, strict=True))
+    assert dataset[second.filepath].tags == ["rejected"]
+    status = review_status(run)  # the run renumbered the ids of the images after it
+    assert (status.edited, status.deleted, status.added) == (0, 0, 0)
+    target = tmp_path / "out"
+    export_dataset(dataset, target, "masks", media="none", val_fraction=0)
+    png = target / "masks" / "train" / Path(first.file_name).with_suffix(".png")
+    assert Image.open(png).size == (width, height)
+    again = build_dataset(run)
+    assert again[first.filepath]["tags_before_image_changed"] == ["approved"]
+
+
+def test_a_failed_first_build_leaves_nothing_behind(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22, item 8: a crafted file name is refused in one sentence before anything is
+    made, and a build that fails midway deletes the dataset it created."""
+    import selfment_label.review.dataset as review_dataset
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    coco = load_coco(run / "annotations.json")
+    name = f"t-failed-{SUFFIX}"
+    crafted = {**coco, "images": [{**coco["images"][0], "file_name": "../../../../etc/os-release"}]}
+    (run / "annotations.json").write_text(json.dumps(crafted))
+    result = CliRunner().invoke(app, ["review", str(run), "--name", name, "--no-launch"])
+    assert result.exit_code == 1 and "not a path inside" in " ".join(result.output.split())
+    assert not fo.dataset_exists(name)
+    (run / "annotations.json").write_text(json.dumps(coco))
+
+    def broken(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(review_dataset, "save_review_views", broken)
+    with pytest.raises(OSError, match="disk full"):
+        build_dataset(run, name)
+    assert not fo.dataset_exists(name)
+    monkeypatch.undo()
+    assert len(build_dataset(run, name)) == 5
 
 
 def test_model_for_apply_model(run_dir: Path, tiny_backbone: Backbone) -> None:
@@ -277,6 +348,29 @@ def test_cli_export_and_database_error(run_dir: Path, tmp_path: Path) -> None:
     )
     assert failed.returncode == 1
     assert "FIFTYONE_DATABASE_URI" in failed.stderr and "error" in failed.stderr
+
+
+def test_a_database_service_of_another_folder_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    """Issue 22, item 22: a process whose FIFTYONE_DATABASE_DIR differs from the folder of the
+    database service already running (this test session's) is told so, not given that one."""
+    from selfment_label.review.db import connect
+
+    connect()  # this session holds (or attached to) the service of its own folder
+    other = tmp_path / "other-db"
+    inherited = {**os.environ, "FIFTYONE_DATABASE_DIR": str(other)}
+    # with the port FiftyOne passes to child processes, and found by FiftyOne's process search
+    found = {k: v for k, v in inherited.items() if k != "FIFTYONE_PRIVATE_DATABASE_PORT"}
+    for env in (inherited, found):
+        failed = subprocess.run(
+            [sys.executable, "-m", "selfment_label_cli", "review", str(run_dir), "--no-launch"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        flat = "".join(failed.stderr.split())
+        assert failed.returncode == 1, failed.stderr
+        assert f"FIFTYONE_DATABASE_DIR={other}" in flat and fo.config.database_dir in flat
 
 
 def test_review_is_recorded_and_export_uses_it(tmp_path: Path, tiny_backbone: Backbone) -> None:

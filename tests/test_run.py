@@ -410,6 +410,28 @@ def test_other_run_folders_inside_the_input_are_not_labelled(tmp_path, tiny_back
     assert summary.total == 2
 
 
+def test_a_run_folder_belongs_to_one_input(tmp_path, tiny_backbone):
+    """Issue 22, item 2: another input into an existing run folder is refused, not resumed."""
+    first, other = _two_images(tmp_path / "img"), _two_images(tmp_path / "ab")
+    out = tmp_path / "run"
+    config = RunConfig(resolution=112)
+    label_folder(first, out, config, backbone=tiny_backbone)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(RunConflict) as refused:
+        label_folder(other, out, config, backbone=tiny_backbone)
+    assert str(first) in str(refused.value) and str(other) in str(refused.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    label_folder(other, out, config, backbone=tiny_backbone, overwrite=True)
+    assert json.loads((out / "run.json").read_text())["input_dir"] == str(other)
+    # a journal whose header does not name its input (older runs): run.json's is compared
+    journal = (out / "journal.jsonl").read_text().splitlines()
+    header = json.loads(journal[0])
+    del header["input"]
+    (out / "journal.jsonl").write_text("\n".join([json.dumps(header), *journal[1:]]) + "\n")
+    with pytest.raises(RunConflict, match="holds the run of"):
+        label_folder(first, out, config, backbone=tiny_backbone)
+
+
 def test_out_equal_to_input_is_refused(tmp_path, tiny_backbone):
     images = _two_images(tmp_path / "img")
     with pytest.raises(RunConflict, match="input folder itself"):

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MIN_SIDE = 2
+MIN_SHORT_PATCHES = 8
+MAX_LONG_FACTOR = 4
 ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
@@ -297,14 +299,24 @@ def _decode(
 def grid_for(width: int, height: int, resolution: int, patch_size: int) -> tuple[int, int]:
     """Patch grid ``(rows, cols)`` for an image resized so its long side is ``resolution``.
 
-    Each side is rounded to the nearest multiple of the patch size, with at least two
-    patches per side: tiny images are upsampled and extreme aspect ratios keep a grid that
-    can be cut in two.
+    Each side is rounded to the nearest multiple of the patch size, with at least two patches
+    per side (tiny images are upsampled). A thin image keeps a short side of at least
+    ``MIN_SHORT_PATCHES`` patches (half the long side's count at a ``resolution`` too low for
+    that, so images up to 2:1 are never changed), its long side growing with it: a strip one
+    or two patches high cannot hold an object (a 1600 x 120 photo at 448 px was a 2 x 32
+    grid). The long side is capped at
+    ``MAX_LONG_FACTOR`` x ``resolution`` (at the default 448 px: never more patches than the
+    square grid; the aspect ratio gives way past 16:1).
     """
-    scale = resolution / max(width, height)
-    rows = max(2, round(height * scale / patch_size))
-    cols = max(2, round(width * scale / patch_size))
-    return rows, cols
+    side = resolution / patch_size
+    long_side = side
+    short_side = min(width, height) / max(width, height) * side
+    least = min(MIN_SHORT_PATCHES, side / 2)
+    if short_side < least:
+        long_side = min(long_side * least / short_side, MAX_LONG_FACTOR * side)
+        short_side = least
+    long_count, short_count = max(2, round(long_side)), max(2, round(short_side))
+    return (short_count, long_count) if height <= width else (long_count, short_count)
 
 
 @dataclass

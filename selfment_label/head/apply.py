@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import InstanceApplyConfig, RunConfig
 from ..features.backbone import Backbone, WeightsMismatch, file_sha256
 from ..masks import THRESHOLD
 from ..runfolder.layout import RUN_NAME
@@ -26,7 +26,9 @@ from ..runfolder.pipeline import (
 )
 from ..segment.base import PatchMask
 from ..timing import StageTimer
-from .checkpoint import load_checkpoint
+from .checkpoint import HeadCheckpoint, load_checkpoint
+from .instance_apply import InstanceHeadSegmenter
+from .instance_model import InstanceHead
 from .model import PatchHead
 
 
@@ -79,6 +81,19 @@ def recorded_weights(meta: dict[str, Any]) -> str | None:
     return recorded if file_sha256(recorded) == sha else None
 
 
+def head_segmenter(
+    loaded: HeadCheckpoint,
+    device: torch.device | str,
+    instances: InstanceApplyConfig | None = None,
+) -> HeadSegmenter | InstanceHeadSegmenter:
+    """The segmenter of a loaded head on ``device``: one mask per image for the single head,
+    the selected scored masks (``instances``, defaults when None) for an instance head."""
+    head = loaded.head.to(device)
+    if isinstance(head, InstanceHead):
+        return InstanceHeadSegmenter(head, loaded.sha256, instances or InstanceApplyConfig())
+    return HeadSegmenter(head, loaded.sha256)
+
+
 def apply_head(
     checkpoint: str | Path,
     input_dir: str | Path,
@@ -89,6 +104,7 @@ def apply_head(
     backbone: Backbone | None = None,
     progress: ProgressCallback | None = None,
     executor: Executor | None = None,
+    instances: InstanceApplyConfig | None = None,
 ) -> RunSummary:
     """Label a folder with a trained head; writes the same run folder as ``run``.
 
@@ -107,6 +123,8 @@ def apply_head(
       progress: called after every image with ``(done, total, file_name, skip_reason)``.
       executor: where the labelling runs (this process when None; ``RayExecutor``: a Ray
         cluster).
+      instances: which masks an instance head writes (defaults when None; a single head
+        ignores it).
 
     Raises:
       HeadError / HeadMismatch: unusable checkpoint, or a backbone other than the head's.
@@ -130,7 +148,7 @@ def apply_head(
         except WeightsMismatch as error:
             raise error.for_fixed_preset("the head") from None
     loaded.check_backbone(backbone)
-    segmenter = HeadSegmenter(loaded.head.to(backbone.device), loaded.sha256)
+    segmenter = head_segmenter(loaded, backbone.device, instances)
     provenance = {
         "head": {
             "checkpoint": str(Path(checkpoint).resolve()),

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..atomic import atomic_path
 from ..config import MAX_RESOLUTION, MIN_RESOLUTION, check_int
 from ..features.backbone import Backbone, error_summary, file_sha256
+from .instance_model import InstanceHead
 from .model import PatchHead
 
 CHECKPOINT_FORMAT = "selfment-label-head/1"
@@ -44,7 +46,7 @@ def check_identity(expected: dict[str, Any], backbone: Backbone, what: str) -> N
         )
 
 
-def save_checkpoint(path: Path, head: PatchHead, meta: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, head: nn.Module, meta: dict[str, Any]) -> None:
     """Write the head's weights and metadata atomically."""
     with atomic_path(path) as tmp:
         torch.save({"meta": meta, "state_dict": head.state_dict()}, tmp)
@@ -55,12 +57,14 @@ class HeadCheckpoint:
     """A loaded head and its metadata.
 
     Arguments:
-      head: the head (eval mode, CPU).
-      meta: what ``distil`` recorded (backbone, resolution, feature_dim, training, data).
+      head: the head (eval mode, CPU): a ``PatchHead``, or an ``InstanceHead`` when
+        ``meta["task"]`` is ``instances``.
+      meta: what ``distil`` (or ``distil_instances``) recorded (backbone, resolution,
+        feature_dim, training, data; the instance head's model and rounds).
       sha256: sha256 of the checkpoint file.
     """
 
-    head: PatchHead
+    head: PatchHead | InstanceHead
     meta: dict[str, Any]
     sha256: str
 
@@ -72,6 +76,13 @@ class HeadCheckpoint:
                 f"this head expects {self.meta['feature_dim']}-dimensional features but "
                 f"the backbone gives {backbone.embed_dim}"
             )
+
+
+def _build_head(meta: dict[str, Any]) -> PatchHead | InstanceHead:
+    """The (untrained) head a checkpoint's metadata describes."""
+    if meta.get("task", "single") == "instances":
+        return InstanceHead(**{k: int(v) for k, v in meta["model"].items()})
+    return PatchHead(int(meta["feature_dim"]), int(meta["hidden"]))
 
 
 def _check_meta(meta: dict[str, Any]) -> None:
@@ -92,7 +103,7 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
     """Read a head checkpoint.
 
     Raises:
-      HeadError: the file is missing or not a selfment-label head.
+      HeadError: the file is missing, not a selfment-label head, or holds non-finite weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -103,12 +114,17 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         _check_meta(meta)
-        head = PatchHead(int(meta["feature_dim"]), int(meta["hidden"]))
+        head = _build_head(meta)
         head.load_state_dict(payload["state_dict"])
     except Exception as error:  # torch/pickle errors come in many types
         raise HeadError(
             f"{path} is not a selfment-label head checkpoint, or it is damaged: "
             f"{error_summary(error)}"
         ) from None
+    if not all(torch.isfinite(value).all() for value in head.state_dict().values()):
+        raise HeadError(
+            f"{path} holds non-finite weights (its training diverged): it would label no "
+            "image; train it again with a lower --lr"
+        )
     head.eval().requires_grad_(False)
     return HeadCheckpoint(head=head, meta=meta, sha256=file_sha256(path))

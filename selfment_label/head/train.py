@@ -71,6 +71,9 @@ def train_head(
 
     Returns:
       The trained head (eval mode) and the mean loss terms of the last epoch.
+
+    Raises:
+      HeadError: no image, unreadable cached features, or a non-finite loss (diverged).
     """
     if not images:
         raise HeadError("no training images")
@@ -94,6 +97,7 @@ def train_head(
             batch = [images[i] for i in order[start : start + config.batch_size]]
             tokens, target, index = _batch_tensors(batch, cache, config.target_threshold)
             losses = head_losses(head, tokens, target, index, config, generator)
+            _check_finite(losses["total"], step + 1, total_steps, config.lr)
             optimizer.zero_grad()
             losses["total"].backward()
             optimizer.step()
@@ -106,6 +110,15 @@ def train_head(
         last_epoch = {k: v / steps_per_epoch for k, v in sums.items()}
     head.eval()
     return head, last_epoch
+
+
+def _check_finite(loss: torch.Tensor, step: int, total_steps: int, lr: float) -> None:
+    """Stop a diverged training before it writes a head of NaN weights."""
+    if not torch.isfinite(loss):
+        raise HeadError(
+            f"the training diverged at step {step} of {total_steps} (the loss is "
+            f"{float(loss)}); train again with a lower --lr than {lr:g}"
+        )
 
 
 def _batch_tensors(
@@ -124,6 +137,20 @@ def _batch_tensors(
         targets.append(target)
         index.append(torch.full((len(flat),), i, dtype=torch.long))
     return torch.cat(tokens), torch.cat(targets), torch.cat(index)
+
+
+def _check_some_mask(masks: list[MaskTarget], what: str) -> None:
+    """Refuse targets without a single foreground pixel.
+
+    A head learnt from them is background everywhere: it labels every image with no mask,
+    which no user wants, so the training is refused rather than written with a warning.
+    """
+    if masks and not any(mask.any() for *_, mask in masks):
+        raise HeadError(
+            f"none of {what} ({len(masks)}) has a mask: a head learnt from them would find "
+            "no object in any image; label with other options (see each image's "
+            "no_mask_reason in review) or review the masks first"
+        )
 
 
 def check_train_outputs(
@@ -205,7 +232,8 @@ def distil(
     Raises:
       OutputError: ``out`` or ``cache_dir`` must not or cannot be written (before any work).
       RunFolderError: the run folder cannot be read.
-      HeadError: the run gave no training image.
+      HeadError: the run gave no training image, no image has a mask, or the training
+        diverged (non-finite loss; nothing is written).
       HeadMismatch: the backbone does not match the run's.
       CacheError: features are neither cached nor computable.
     """
@@ -213,6 +241,7 @@ def distil(
     check_train_outputs(run_dir, out, cache_dir)
     source = read_run(run_dir)
     masks = list(run_targets(source) if targets is None else targets)
+    _check_some_mask(masks, "the reviewed dataset's samples" if targets else "the run's images")
     cache, entries = run_features(
         source,
         [name for name, *_ in masks],

@@ -5,8 +5,10 @@ A run folder becomes a persistent FiftyOne dataset with one sample per labelled 
 images are not samples). The masks are ``fo.Detection`` objects in a ``fo.Detections`` field:
 ``pseudo`` for the ``single`` and ``instances`` modes (one detection per annotation), and for
 ``entities`` the level-0 masks in ``entities`` and the level-1 masks in ``parts``. Every
-detection keeps the run's annotation id as ``coco_id``; parts keep their entity's id as
-``parent_id``, so the hierarchy survives the user's edits and the export. FiftyOne's
+detection keeps the run's annotation id as ``coco_id`` and its position among its image's
+annotations as ``ann_index`` (unlike the id, it does not change when the run rewrites
+``annotations.json`` for other images); parts keep their entity's id as ``parent_id``, so the
+hierarchy survives the user's edits and the export. FiftyOne's
 convention for instance masks is followed: ``bounding_box`` is ``[x, y, w, h]`` relative to the
 image and ``mask`` is the boolean mask cropped to that box.
 
@@ -20,6 +22,16 @@ already there, with the user's tags and edits, are left as they are. Building ag
 run changed (``run --overwrite`` with other options or another mode) replaces the labels of
 every sample of that run with the current ones (tags are kept), deletes label fields the run
 no longer has, and deletes the samples of images the run no longer labels.
+
+Every sample records the content key its image had when the run labelled it (``content_key``,
+from the run's journal). When the run labelled a replaced image again (another key), the
+rebuild replaces that sample's size and labels with the run's current ones, and moves its tags
+to the ``tags_before_image_changed`` field: a tag is the reviewer's verdict on the picture and
+mask they saw, and keeping ``approved`` on a picture nobody has looked at would export an
+unreviewed mask as approved; moved, the verdict is not lost and the sample shows up again as
+not reviewed. The reviewer's mask edits of the old picture are dropped (they do not fit the new
+one). A sample made before samples recorded their key is taken as replaced when its size
+differs from the run's.
 
 The dataset name is recorded in the run folder's ``review.json``; it is the default for the
 next ``review``, ``export`` and ``train --reviewed`` of that run. Every build sets each of the
@@ -43,7 +55,15 @@ from typing import TYPE_CHECKING, Any
 from ..data.images import find_images
 from ..evaluate import load_gt_mask, load_predictions, match
 from ..runfolder.coco import RleError, decode_rle
-from ..runfolder.layout import RunFolder, read_run, record_reviewing_dataset, reviewing_datasets
+from ..runfolder.journal import labelled_keys
+from ..runfolder.layout import (
+    ANNOTATIONS_NAME,
+    RunFolder,
+    is_relative_name,
+    read_run,
+    record_reviewing_dataset,
+    reviewing_datasets,
+)
 from .appconfig import apply_app_config
 from .convert import mask_to_detection
 from .db import ReviewError, connect
@@ -51,9 +71,11 @@ from .fields import (
     ENTITIES_FIELD,
     GT_FIELD,
     INFO_KEY,
+    KEY_FIELD,
     NO_MASK_FIELD,
     PARTS_FIELD,
     PSEUDO_FIELD,
+    REPLACED_TAGS_FIELD,
     RUN_FIELD,
     SCORE_FIELD,
     label_fields,
@@ -102,7 +124,7 @@ def _image_detections(
     annotations: list[dict[str, Any]], mode: str, image: dict[str, Any]
 ) -> dict[str, list[fo.Detection]]:
     fields: dict[str, list[fo.Detection]] = {name: [] for name in label_fields(mode)}
-    for ann in annotations:
+    for index, ann in enumerate(annotations):
         try:
             mask = decode_rle(ann["segmentation"], (int(image["height"]), int(image["width"])))
         except RleError as error:
@@ -111,7 +133,7 @@ def _image_detections(
             ) from None
         if not mask.any():
             continue
-        attributes: dict[str, Any] = {"coco_id": int(ann["id"])}
+        attributes: dict[str, Any] = {"coco_id": int(ann["id"]), "ann_index": index}
         field = PSEUDO_FIELD
         if mode == "entities":
             level = int(ann.get("level", 0))
@@ -155,6 +177,12 @@ def _gt_detections(run_dir: Path, gt_dir: Path) -> dict[str, fo.Detections]:
     return found
 
 
+def _view_mode(run: RunFolder) -> str:
+    """The mode whose review views a run gets: an instance head's run (``apply`` with an
+    instance head) is reviewed like an ``instances`` run."""
+    return "instances" if run.provenance.get("options", {}).get("task") == "instances" else run.mode
+
+
 def build_dataset(
     run_dir: str | Path,
     name: str | None = None,
@@ -170,7 +198,9 @@ def build_dataset(
     no longer has are deleted, and samples of images the run no longer labels are deleted.
     With ``gt_dir``, samples without ground truth get it in the ``ground_truth`` field. The
     dataset name is recorded in the run's ``review.json``; the review fields, views and App
-    settings are set (see the module's docstring).
+    settings are set (see the module's docstring). A sample whose image the run labelled again
+    since gets the new labels (its tags move to a field, see the module's docstring). A build
+    that fails on a dataset it created deletes it, so nothing half-built is left.
 
     Arguments:
       run_dir: a finished run folder (annotations.json and run.json).
@@ -183,19 +213,21 @@ def build_dataset(
       The dataset.
 
     Raises:
-      ReviewError: the run folder cannot be read, or the name belongs to another run (and
-        ``add`` is false, or its label fields differ).
+      ReviewError: the run folder cannot be read, names an image outside its input folder,
+        or the name belongs to another run (and ``add`` is false, or its label fields differ).
       DatabaseError: the database cannot be reached.
     """
     import fiftyone as fo
 
     run = read_run(Path(run_dir).resolve())
-    run_dir, mode, input_dir = run.path, run.mode, run.input_dir
+    run_dir, mode = run.path, run.mode
     name = name or reviewing_dataset(run_dir) or dataset_name(run_dir)
     fields = label_fields(mode)
+    _check_file_names(run)
     connect()
     info: dict[str, Any] = {}
-    if fo.dataset_exists(name):
+    created = not fo.dataset_exists(name)
+    if not created:
         dataset = fo.load_dataset(name)
         info = dict(dataset.info.get(INFO_KEY, {}))
         owner = info.get("run_dir")
@@ -211,6 +243,37 @@ def build_dataset(
             )
     else:
         dataset = fo.Dataset(name, persistent=True)
+    try:
+        _update(dataset, run, info, Path(gt_dir) if gt_dir else None)
+    except BaseException:
+        if created:  # a failed first build leaves nothing behind
+            dataset.delete()
+        raise
+    return dataset
+
+
+def _check_file_names(run: RunFolder) -> None:
+    """Refuse a run whose annotations name an image outside its input folder.
+
+    Raises:
+      ReviewError: a ``file_name`` is absolute or holds ``..`` (not written by ``run``).
+    """
+    for image in run.coco.get("images", []):
+        if not is_relative_name(image.get("file_name")):
+            raise ReviewError(
+                f"{run.path / ANNOTATIONS_NAME} names the image {image.get('file_name')!r}, "
+                "which is not a path inside the run's input folder: the file was not written "
+                "by `selfment-label run`; label the images again"
+            )
+
+
+def _update(dataset: fo.Dataset, run: RunFolder, info: dict[str, Any], gt_dir: Path | None) -> None:
+    """Bring a run's samples, fields, info, views and App settings up to date (see
+    ``build_dataset``); ``info`` is the dataset's selfment info as it was (empty: new)."""
+    import fiftyone as fo
+
+    run_dir, mode, input_dir, name = run.path, run.mode, run.input_dir, dataset.name
+    fields = label_fields(mode)
     runs = dict(info.get("runs", {}))
     if not runs and info.get("run_dir") == str(run_dir):
         _claim_unowned_samples(dataset, run_dir)
@@ -219,8 +282,13 @@ def build_dataset(
     if runs.get(str(run_dir), fingerprint) != fingerprint:
         stale = [f for f in info.get("label_fields", []) if f not in fields]
         _relabel(dataset, run_dir, current, mode, stale)
+    keys = {
+        str(input_dir / file_name): json.dumps(key)
+        for file_name, key in labelled_keys(run_dir).items()
+    }
+    _replace_changed(dataset, run_dir, current, mode, keys)
     known = set(dataset.values("filepath"))
-    gt = _gt_detections(run_dir, Path(gt_dir)) if gt_dir else {}
+    gt = _gt_detections(run_dir, gt_dir) if gt_dir else {}
     samples = []
     for filepath, (image, anns) in current.items():
         if filepath in known:
@@ -229,7 +297,7 @@ def build_dataset(
             filepath=filepath,
             metadata=fo.ImageMetadata(width=int(image["width"]), height=int(image["height"])),
             file_name=image["file_name"],
-            **{RUN_FIELD: str(run_dir)},
+            **{RUN_FIELD: str(run_dir), KEY_FIELD: keys.get(filepath)},
         )
         for field, detections in _image_detections(anns, mode, image).items():
             sample[field] = fo.Detections(detections=detections)
@@ -253,10 +321,9 @@ def build_dataset(
     apply_app_config(dataset, info)
     dataset.info[INFO_KEY] = info
     dataset.save()
-    save_review_views(dataset, mode)
+    save_review_views(dataset, _view_mode(run))
     record_reviewing_dataset(run_dir, name)
     logger.info("dataset %s: %d new samples, %d in all", name, len(samples), len(dataset))
-    return dataset
 
 
 def no_mask_reason(image: dict[str, Any], notes: dict[str, Any]) -> str:
@@ -315,7 +382,6 @@ def _relabel(
     stale: list[str],
 ) -> None:
     """Give a changed run's samples its current labels; delete the samples it no longer has."""
-    import fiftyone as fo
     from fiftyone import ViewField as F
 
     view = dataset.match(F(RUN_FIELD) == str(run_dir))
@@ -327,10 +393,63 @@ def _relabel(
         if dataset.has_sample_field(field):
             dataset.delete_sample_field(field)
     for sample in view.iter_samples(autosave=True, progress=False):
-        image, anns = current[sample.filepath]
-        sample.metadata = fo.ImageMetadata(width=int(image["width"]), height=int(image["height"]))
-        for field, detections in _image_detections(anns, mode, image).items():
-            sample[field] = fo.Detections(detections=detections)
+        _set_labels(sample, *current[sample.filepath], mode)
+
+
+def _set_labels(
+    sample: fo.Sample, image: dict[str, Any], anns: list[dict[str, Any]], mode: str
+) -> None:
+    """Give a sample the run's size and labels of its image."""
+    import fiftyone as fo
+
+    sample.metadata = fo.ImageMetadata(width=int(image["width"]), height=int(image["height"]))
+    for field, detections in _image_detections(anns, mode, image).items():
+        sample[field] = fo.Detections(detections=detections)
+
+
+def _replace_changed(
+    dataset: fo.Dataset,
+    run_dir: Path,
+    current: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+    mode: str,
+    keys: dict[str, str],
+) -> None:
+    """Replace the samples whose image the run labelled again since (see the module's
+    docstring: size and labels replaced, tags moved), and record every sample's content key."""
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+
+    if not dataset.has_sample_field(KEY_FIELD):
+        dataset.add_sample_field(KEY_FIELD, fo.StringField)
+    if not dataset.has_sample_field(REPLACED_TAGS_FIELD):
+        dataset.add_sample_field(REPLACED_TAGS_FIELD, fo.ListField, subfield=fo.StringField)
+    view = dataset.match(F(RUN_FIELD) == str(run_dir)).select_by("filepath", list(current))
+    changed = []
+    for sample_id, path, stored, width, height in zip(
+        *view.values(["id", "filepath", KEY_FIELD, "metadata.width", "metadata.height"]),
+        strict=True,
+    ):
+        image, key = current[path][0], keys.get(path)
+        if stored is None:
+            replaced = (width, height) != (int(image["width"]), int(image["height"]))
+        else:
+            replaced = key is not None and stored != key
+        if replaced:
+            changed.append(sample_id)
+    if changed:
+        logger.warning(
+            "%d image(s) changed since they were reviewed: their labels are the run's new ones "
+            "and their tags moved to the field %r (review them again)",
+            len(changed),
+            REPLACED_TAGS_FIELD,
+        )
+    for sample in dataset.select(changed).iter_samples(autosave=True, progress=False):
+        sample[REPLACED_TAGS_FIELD] = list(sample.tags)
+        sample.tags = []
+        _set_labels(sample, *current[sample.filepath], mode)
+    present = {path: keys[path] for path in view.values("filepath") if path in keys}
+    if present:
+        dataset.set_values(KEY_FIELD, present, key_field="filepath")
 
 
 def _fill_missing_gt(dataset: fo.Dataset, input_dir: Path, gt: dict[str, fo.Detections]) -> None:

@@ -19,7 +19,10 @@ class DatabaseError(ReviewError):
 def connect() -> None:
     """Start (or reach) FiftyOne's database, turning its failures into a ``DatabaseError``.
 
-    The embedded MongoDB is used unless ``FIFTYONE_DATABASE_URI`` names a server.
+    The embedded MongoDB is used unless ``FIFTYONE_DATABASE_URI`` names a server. FiftyOne
+    attaches to an embedded database service already running on the machine whatever
+    ``FIFTYONE_DATABASE_DIR`` says; a service of another folder is refused
+    (``check_database_dir``), so reviews are never written to one database and read from another.
 
     Raises:
       DatabaseError: with the reason and what to do.
@@ -53,3 +56,32 @@ def connect() -> None:
         ) from None
     except (ConnectionError, RuntimeError) as error:
         raise DatabaseError(f"cannot connect to FiftyOne's database ({error}); {fix}") from None
+    if not uri:
+        check_database_dir()
+
+
+def check_database_dir() -> None:
+    """Refuse an embedded database that serves another folder than the configured one.
+
+    The folder is asked of the server itself (``getCmdLineOpts``), so a service found by
+    FiftyOne's process search and a port inherited from a parent process are both checked.
+
+    Raises:
+      DatabaseError: the database FiftyOne connected to runs on another ``dbPath``.
+    """
+    import fiftyone as fo
+    from fiftyone.core.odm.database import get_db_client
+    from pymongo.errors import PyMongoError
+
+    try:
+        options = get_db_client().admin.command("getCmdLineOpts")
+        serving = Path(options["parsed"]["storage"]["dbPath"])
+    except (PyMongoError, KeyError, TypeError):
+        return
+    configured = Path(fo.config.database_dir)
+    if serving.resolve() != configured.resolve():
+        raise DatabaseError(
+            f"FiftyOne connected to the database of {serving}, already running on this "
+            f"machine, not to FIFTYONE_DATABASE_DIR={configured}: stop the FiftyOne process "
+            f"that holds it or set FIFTYONE_DATABASE_DIR={serving}, then run again"
+        )

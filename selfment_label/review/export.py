@@ -24,18 +24,24 @@ see ``export_split``), or by the reviewer's ``train``/``val`` tags (``split_by_t
 YOLO label files and mask PNGs are named after the image without its extension; images whose
 names differ only by extension (``a.jpg``, ``a.png``) keep it (``a.jpg.png``, ``a.png.png``).
 
-Media are only read from inside the run's input folder (the resolved path is checked); an image
-that is missing or lies outside is left out of the export and reported in ``skipped``. Every
-output path is built from a sanitised relative name (no ``..``, no absolute paths) and checked
-to lie inside the target. The export is written into a temporary folder beside the target and
-renamed into place at the end, so a failed export leaves the target as it was. A non-empty
-target is refused unless ``overwrite``; a target inside, equal to or holding the run folder or
-the input folder is always refused.
+Media are only read from the images the run labelled: a sample's file must be its run's input
+folder joined with its relative ``file_name`` (no ``..``, not absolute), recorded in the run's
+journal and unchanged since (content key); a link the user placed in the input folder is
+followed, as ``run`` followed it. Any other image is left out of the export and reported in
+``skipped``; an export that would write no image is refused. Every output path is built from a
+sanitised relative name (no ``..``, no absolute paths) and checked to lie inside the target.
+The export is written into a temporary folder beside the target and renamed into place at the
+end, so a failed export leaves the target as it was. A target inside, equal to or holding the
+run folder, the input folder or FiftyOne's database folder is always refused. Every export
+writes a marker file (``MARKER_NAME``) naming what it wrote; a non-empty target is replaced
+only with ``overwrite`` and only when it is such an export holding nothing else, so
+``overwrite`` never deletes a folder the tool did not make.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -60,18 +66,22 @@ from ..config import (
     EXPORT_VAL_FRACTION,
     YOLO_MIN_PIECE_AREA,
 )
+from ..data.storage import content_key
 from ..outputs import OutputError, check_output
 from ..runfolder.coco import annotation_record, write_coco_stream
+from ..runfolder.journal import labelled_keys
+from ..runfolder.layout import RUN_NAME, is_relative_name
 from .convert import LABEL, detection_to_mask
 from .dataset import INFO_KEY, PARTS_FIELD, PSEUDO_FIELD
 from .db import ReviewError
+from .fields import RUN_FIELD
 from .split import (
     SPLITS,
     SplitError,
     hash_splits,
     tag_splits,
 )
-from .yolo import dataset_yaml, label_rows, yolo_image_name
+from .yolo import dataset_yaml, label_rows, yolo_image_name, yolo_image_problem
 
 if TYPE_CHECKING:
     import fiftyone as fo
@@ -83,6 +93,8 @@ MASKS_DIR = "masks"
 PARTS_DIR = "parts"
 LABELS_DIR = "labels"
 ANNOTATIONS_DIR = "annotations"
+MARKER_NAME = ".selfment-export.json"
+"""The file every export writes at its root: the proof that ``overwrite`` may replace it."""
 
 
 class ExportError(ReviewError):
@@ -144,25 +156,82 @@ def inside(target: Path, relative: str) -> Path:
     return path
 
 
+def check_options(fmt: str, media: str, val_fraction: float, min_piece_area: int) -> None:
+    """Refuse options no export can use; cheap, so callers check them before the database.
+
+    Raises:
+      ExportError: an unknown format or media mode, a validation fraction outside ``[0, 1)``
+        (NaN included), or a negative ``min_piece_area``.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if media not in EXPORT_MEDIA:
+        raise ExportError(f"unknown media mode {media!r}: choose one of {', '.join(EXPORT_MEDIA)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ExportError(f"the validation fraction must be in [0, 1), not {val_fraction}")
+    if min_piece_area < 0:
+        raise ExportError(f"the minimum piece area must be 0 or more, not {min_piece_area}")
+
+
 def check_target(target: Path, overwrite: bool, protected: dict[Path, str]) -> None:
     """Refuse a target that cannot be exported into; nothing is changed on disk.
 
     Arguments:
       target: the export folder.
-      overwrite: a non-empty target may be replaced.
-      protected: folders the target must not be inside, equal to, nor contain (run, images),
-        each with its role.
+      overwrite: a non-empty target may be replaced if it is a previous export
+        (``check_own_export``).
+      protected: folders the target must not be inside, equal to, nor contain (run, images,
+        FiftyOne's database), each with its role.
 
     Raises:
-      ExportError: a protected, non-folder or (without ``overwrite``) non-empty target
-        (``outputs.check_output``, the guard of every writer).
+      ExportError: a protected or non-folder target (``outputs.check_output``, the guard of
+        every writer), a non-empty one without ``overwrite``, or one that is not a previous
+        export.
     """
     try:
         check_output(target, "the export", folder=True, protected=protected)
     except OutputError as error:
         raise ExportError(str(error)) from None
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
+        check_own_export(target)
+
+
+def check_own_export(target: Path) -> None:
+    """Refuse to replace a folder unless it is a previous export holding only what it wrote.
+
+    The export's marker file (``MARKER_NAME``) lists the entries it wrote at the target's top
+    level; a folder without it (a user's folder, a home, a database) or with anything else
+    beside those entries is not the tool's to delete.
+
+    Raises:
+      ExportError: ``target`` is not a previous export, or holds files the export did not write.
+    """
+    marker = target / MARKER_NAME
+    try:
+        entries = set(json.loads(marker.read_text(encoding="utf-8"))["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = None
+    if marker.is_symlink() or entries is None:
+        raise ExportError(
+            f"refusing to replace {target}: it is not a selfment-label export (no {MARKER_NAME}) "
+            "and --overwrite only replaces a previous export; choose an empty or new folder"
+        )
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in entries | {MARKER_NAME})
+    if foreign:
+        raise ExportError(
+            f"refusing to replace {target}: it holds {foreign[0]!r}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which the export "
+            "did not write; move it out or choose another folder"
+        )
+
+
+def _write_marker(staging: Path, fmt: str) -> None:
+    """Write the marker that lets a later ``overwrite`` replace this export (``MARKER_NAME``)."""
+    entries = sorted(p.name for p in staging.iterdir())
+    marker = {"tool": "selfment-label", "version": __version__, "format": fmt, "entries": entries}
+    (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -193,6 +262,22 @@ def select_samples(
     if exclude_tags:
         view = view.match_tags(list(exclude_tags), bool=False)
     return view
+
+
+def _nothing_selected(
+    dataset: fo.Dataset, tags: list[str] | None, exclude_tags: list[str] | None
+) -> str:
+    """Why the tag filters selected no sample, naming the tags the dataset has."""
+    counts = dataset.count_sample_tags()
+    existing = ", ".join(f"{tag} ({n})" for tag, n in sorted(counts.items())) or "none"
+    if not len(dataset):
+        return f"dataset {dataset.name!r} has no samples"
+    if tags and not any(tag in counts for tag in tags):
+        return f"no sample has any of the tags {', '.join(tags)}; the dataset's tags: {existing}"
+    return (
+        f"the tag filters select no sample (--tags {', '.join(tags or []) or '-'}, "
+        f"--exclude-tags {', '.join(exclude_tags or []) or '-'}); the dataset's tags: {existing}"
+    )
 
 
 def _image_size(sample: Any) -> tuple[int, int]:
@@ -305,32 +390,69 @@ def distinct_stems(names: list[str]) -> dict[str, str]:
     return stems
 
 
-def _source_problem(filepath: str, input_root: Path | None) -> str | None:
-    """Why an image cannot be read for export (missing, outside the input folder), or None."""
-    path = Path(filepath)
-    if not path.is_file():
+@dataclass
+class _RunImages:
+    """What a run folder says about its images: its input folder and the content key of every
+    image its journal holds as labelled."""
+
+    input_dir: Path | None
+    keys: dict[str, Any]
+
+    @classmethod
+    def read(cls, run_dir: str | None) -> _RunImages:
+        """The run's input folder (from ``run.json``) and labelled images (from its journal)."""
+        if not run_dir:
+            return cls(None, {})
+        try:
+            recorded = json.loads((Path(run_dir) / RUN_NAME).read_text(encoding="utf-8"))
+            input_dir = Path(recorded["input_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            input_dir = None
+        return cls(input_dir, labelled_keys(Path(run_dir)))
+
+
+def _source_problem(filepath: str, file_name: str | None, run: _RunImages) -> str | None:
+    """Why an image cannot be read for export, or None.
+
+    The image must be the one its run labelled: a relative file name without ``..``, at that
+    name under the run's input folder, in the run's journal, and unchanged since (same content
+    key). A link the user placed in the input folder is followed, as ``run`` followed it.
+    """
+    if not is_relative_name(file_name):
+        return f"its file name {file_name!r} is not a path inside the run's input folder"
+    if run.input_dir is None:
+        return "its run folder does not name the run's input folder"
+    if os.path.normpath(filepath) != os.path.normpath(run.input_dir / file_name):
+        return f"its file {filepath} is not the run's image {run.input_dir / file_name}"
+    if not Path(filepath).is_file():
         return f"missing ({filepath})"
-    if input_root is None:
-        return "the dataset does not name the run's input folder"
-    resolved = path.resolve()
-    if input_root not in resolved.parents:
-        return f"outside the input folder {input_root} ({resolved})"
+    if file_name not in run.keys:
+        return "the run never labelled it (its journal has no record of it)"
+    recorded = run.keys[file_name]
+    if recorded is not None and content_key(Path(filepath)) != recorded:
+        return "the image changed since the run labelled it: run `selfment-label run` again"
     return None
 
 
 def _plan(
     view: Any,
-    input_dir: str | None,
+    run_dir: str | None,
+    fmt: str,
     media: str,
     val_fraction: float,
     split_seed: int,
     split_by_tag: bool,
 ) -> tuple[dict[str, _Item], list[str]]:
-    """Sample id -> what to write for it, and the ``"name: reason"`` of the samples left out."""
+    """Sample id -> what to write for it, and the ``"name: reason"`` of the samples left out.
+
+    Arguments:
+      run_dir: the run of samples that do not record theirs (``RUN_FIELD``).
+    """
     ids, filepaths = view.values("id"), view.values("filepath")
     file_names = (
         view.values("file_name") if view.has_sample_field("file_name") else [None] * len(ids)
     )
+    runs_of = view.values(RUN_FIELD) if view.has_sample_field(RUN_FIELD) else [None] * len(ids)
     names = unique_names([f or Path(p).name for f, p in zip(file_names, filepaths, strict=True)])
     stems = distinct_stems(names)
     try:
@@ -340,11 +462,18 @@ def _plan(
             splits = hash_splits(names, val_fraction, split_seed)
     except SplitError as error:
         raise ExportError(str(error)) from None
-    input_root = Path(input_dir).resolve() if input_dir else None
+    runs: dict[str | None, _RunImages] = {}
     items: dict[str, _Item] = {}
     skipped: list[str] = []
-    for sample_id, filepath, name in zip(ids, filepaths, names, strict=True):
-        problem = _source_problem(filepath, input_root) if media != "none" else None
+    for sample_id, filepath, file_name, run_of, name in zip(
+        ids, filepaths, file_names, runs_of, names, strict=True
+    ):
+        problem = None
+        if media != "none":
+            run = runs.setdefault(run_of or run_dir, _RunImages.read(run_of or run_dir))
+            problem = _source_problem(filepath, file_name, run)
+            if problem is None and fmt == "yolo":
+                problem = yolo_image_problem(Path(filepath))
         if problem:
             skipped.append(f"{name}: {problem}")
             continue
@@ -463,7 +592,7 @@ def export_dataset(
       exclude_tags: drop samples with any of these tags.
       polygons: COCO polygons instead of compressed RLE (``coco`` only).
       media: ``copy``, ``symlink`` or ``none`` (images not written).
-      overwrite: replace the target folder's contents.
+      overwrite: replace the target folder when it holds a previous export (only).
       val_fraction: share of images in ``val``, by a hash of the file name (0: no ``val``).
       split_seed: the seed of that hash.
       split_by_tag: split by the samples' ``train``/``val`` tags instead (untagged: train).
@@ -473,12 +602,13 @@ def export_dataset(
       An ``ExportSummary``.
 
     Raises:
-      ExportError: a bad option, or a target that is not empty or is protected.
+      ExportError: a bad option (``check_options``), a target that cannot be used
+        (``check_target``), tag filters that select no sample (the message names the dataset's
+        tags), or no selected image that can be exported.
     """
-    if fmt not in EXPORT_FORMATS:
-        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    if media not in EXPORT_MEDIA:
-        raise ExportError(f"unknown media mode {media!r}: choose one of {', '.join(EXPORT_MEDIA)}")
+    import fiftyone as fo
+
+    check_options(fmt, media, val_fraction, min_piece_area)
     target = Path(target)
     info = dataset.info.get(INFO_KEY, {})
     fields = [f for f in info.get("label_fields", [PSEUDO_FIELD]) if dataset.has_sample_field(f)]
@@ -486,11 +616,19 @@ def export_dataset(
         raise ExportError(f"dataset {dataset.name!r} has no selfment label field")
     roles = {"run_dir": "the run folder", "input_dir": "the run's input folder"}
     protected = {Path(info[key]): role for key, role in roles.items() if info.get(key)}
+    protected[Path(fo.config.database_dir)] = "FiftyOne's database folder"
     check_target(target, overwrite, protected)
     view = select_samples(dataset, tags, exclude_tags)
+    if not len(view):
+        raise ExportError(_nothing_selected(dataset, tags, exclude_tags))
     items, skipped = _plan(
-        view, info.get("input_dir"), media, val_fraction, split_seed, split_by_tag
+        view, info.get("run_dir"), fmt, media, val_fraction, split_seed, split_by_tag
     )
+    if not items:
+        raise ExportError(
+            f"nothing to export: none of the {len(skipped)} selected images can be exported "
+            f"({skipped[0]})"
+        )
     description = f"selfment-label export of FiftyOne dataset {dataset.name}"
     resolved = target.resolve()
     resolved.parent.mkdir(parents=True, exist_ok=True)
@@ -513,6 +651,7 @@ def export_dataset(
             )
         else:
             n_masks = _write_masks(view, staging, items, fields, media)
+        _write_marker(staging, fmt)
         _publish(staging, resolved)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

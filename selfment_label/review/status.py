@@ -1,10 +1,13 @@
 """Where the review of a run stands, read from its dataset without opening the App.
 
 Samples are counted by their review tags (``approved``, ``rejected``, neither: untouched).
-Masks are compared with the run's ``annotations.json`` through the ``coco_id`` every
-detection keeps: a run annotation whose id no detection of its sample carries any more was
-deleted; a detection that carries it with another mask (pixels or box) was edited; a
-detection with no run id was added by the reviewer.
+Masks are compared with the run's ``annotations.json`` through the ``ann_index`` every
+detection keeps (its annotation's position among its image's annotations; ``coco_id`` for
+datasets built before it was kept): ids are renumbered when the run rewrites
+``annotations.json``, positions are not while the image is unchanged. A run annotation no
+detection of its sample refers to any more was deleted; a detection that refers to it with
+another mask (pixels or box) was edited; a detection that refers to none was added by the
+reviewer.
 """
 
 from __future__ import annotations
@@ -56,20 +59,29 @@ def _compare_masks(
     status: ReviewStatus, detections: list[Any], anns: list[dict[str, Any]], width: int, height: int
 ) -> None:
     """Count the deleted, edited and added masks of one sample."""
-    by_id = {int(ann["id"]): ann for ann in anns}
+    index_of_id = {int(ann["id"]): index for index, ann in enumerate(anns)}
     seen = set()
     for detection in detections:
-        coco_id = getattr(detection, "coco_id", None)
-        if coco_id is None or int(coco_id) not in by_id:
+        index = _annotation_index(detection, index_of_id, len(anns))
+        if index is None:
             status.added += 1
             continue
-        seen.add(int(coco_id))
+        seen.add(index)
         mask = detection_to_mask(detection, width, height)
-        original = decode_rle(by_id[int(coco_id)]["segmentation"], (height, width))
+        original = decode_rle(anns[index]["segmentation"], (height, width))
         if not np.array_equal(mask, original):
             status.edited += 1
-    status.run_masks += len(by_id)
-    status.deleted += len(set(by_id) - seen)
+    status.run_masks += len(anns)
+    status.deleted += len(anns) - len(seen)
+
+
+def _annotation_index(detection: Any, index_of_id: dict[int, int], count: int) -> int | None:
+    """The position of the run annotation a detection comes from, or None (added by hand)."""
+    index = getattr(detection, "ann_index", None)
+    if index is not None:
+        return int(index) if 0 <= int(index) < count else None
+    coco_id = getattr(detection, "coco_id", None)
+    return index_of_id.get(int(coco_id)) if coco_id is not None else None
 
 
 def review_status(run_dir: str | Path, name: str | None = None) -> ReviewStatus:

@@ -6,19 +6,53 @@ outer contour is spliced into the polygon built so far at the closest pair of ve
 a zero-width bridge there and back (the idea Ultralytics' own COCO converter uses). Pieces
 smaller than ``min_piece_area`` pixels are dropped, except the largest piece, which is always
 kept; a piece whose contour is a line or a point (one pixel wide) is outlined by its pixel box,
-so every row has at least 3 points. Holes are filled (a YOLO polygon has none).
+so every row has at least 3 points. Holes are filled (a YOLO polygon has none). An image
+Ultralytics would reject as corrupt (under 10 pixels a side, or a format it does not read) is
+left out of a YOLO export with its reason (``yolo_image_problem``).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
+from PIL import Image
 
 from ..config import YOLO_MIN_PIECE_AREA
 
 IMAGE_DIR_NAME = "images"
+YOLO_MIN_SIDE = 10
+"""Ultralytics rejects an image with a side under this many pixels as corrupt."""
+YOLO_IMAGE_FORMATS = frozenset(
+    ("avif", "bmp", "dng", "heic", "heif", "jp2", "jpeg", "jpeg2000", "jpg", "mpo", "png")
+    + ("tif", "tiff", "webp")
+)
+"""The file formats (Pillow's names, lower case) Ultralytics reads; any other is corrupt to it."""
+
+
+def yolo_image_problem(path: Path) -> str | None:
+    """Why Ultralytics would reject an image as corrupt (its ``check_image`` rules), or None.
+
+    The format is the file's own (a GIF renamed ``.png`` is a GIF), not its extension.
+
+    Arguments:
+      path: the image file.
+    """
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            kind = (image.format or "unknown").lower()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return f"Ultralytics cannot read it ({error})"
+    if min(width, height) < YOLO_MIN_SIDE:
+        return (
+            f"{width}x{height} pixels: Ultralytics rejects images under {YOLO_MIN_SIDE} "
+            "pixels a side"
+        )
+    if kind not in YOLO_IMAGE_FORMATS:
+        return f"a {kind.upper()} file, a format Ultralytics does not read"
+    return None
 
 
 def _piece_ring(piece: np.ndarray, x0: int, y0: int) -> np.ndarray:

@@ -1,14 +1,14 @@
 """The run folder's durable state: an exclusive lock and an append-only journal.
 
-The journal (``journal.jsonl``) holds one header line with the options that decide the
-results, then one line per finished image (its annotations, or the reason it was skipped).
+The journal (``journal.jsonl``) holds one header line with the options that decide the results
+and the input the run labels (a run folder belongs to one input: another input is refused, see
+``Journal``), then one line per finished image (its annotations, or the reason it was skipped).
 Lines are flushed as they are made, so a run killed at any point loses at most the image in
 flight; a torn last line is cut off when the journal is reopened, and a corrupt line in the
-middle is skipped with a warning (the records after it are kept). Each image's record holds
-its content key (file size and modification time in ns): an image changed since it was
-labelled is labelled again, and skipped images are retried on every resume. The lock is an ``flock``
-on ``.lock``: the kernel releases it when the process dies, so a killed run never leaves it
-stuck.
+middle is skipped with a warning (the records after it are kept). Each image's record holds its
+content key (file size and modification time in ns): an image changed since it was labelled is
+labelled again, and skipped images are retried on every resume. The lock is an ``flock`` on
+``.lock``: the kernel releases it when the process dies, so a killed run never leaves it stuck.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_path
-from .layout import JOURNAL_NAME, LOCK_NAME
+from .layout import JOURNAL_NAME, LOCK_NAME, RUN_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,15 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _run_json_input(folder: Path) -> str | None:
+    """The input recorded in a run folder's ``run.json``, or None."""
+    try:
+        recorded = json.loads((folder / RUN_NAME).read_text(encoding="utf-8")).get("input_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(recorded) if recorded else None
 
 
 def _is_record(entry: Any) -> bool:
@@ -115,11 +124,15 @@ class Journal:
     Arguments:
       folder: the run folder.
       fingerprint: the options that decide results; must match an existing journal's.
+      source: the input the run labels (absolute folder or URI), recorded in the header; an
+        existing journal of another input is refused (journals written before the header
+        recorded it are compared with ``run.json``'s ``input_dir``).
     """
 
-    def __init__(self, folder: Path, fingerprint: dict[str, Any]):
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], source: str | None = None):
         self.path = folder / JOURNAL_NAME
         self.fingerprint = fingerprint
+        self.source = source
         self.offsets: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
         self.notes: dict[str, dict[str, Any]] = {}
@@ -129,12 +142,14 @@ class Journal:
             self._reopen()
         self._fh = open(self.path, "ab")
         if fresh:
-            self._append({"kind": "header", "fingerprint": fingerprint})
+            header = {"kind": "header", "fingerprint": fingerprint}
+            self._append({**header, "input": source} if source else header)
 
     def _reopen(self) -> None:
         entries, good_end, corrupt = _valid_lines(self.path)
         if not entries or entries[0][1].get("kind") != "header":
             raise RunConflict(f"{self.path} is not a selfment-label journal; use --overwrite")
+        self._check_source(entries[0][1])
         previous = entries[0][1].get("fingerprint")
         if not isinstance(previous, dict):
             raise RunConflict(
@@ -153,6 +168,16 @@ class Journal:
                 fh.truncate(good_end)
         for offset, entry in entries[1:]:
             self._index(entry, offset)
+
+    def _check_source(self, header: dict[str, Any]) -> None:
+        """Refuse to resume a run of another input (see the class's ``source``)."""
+        recorded = header.get("input") or _run_json_input(self.path.parent)
+        if self.source and recorded and recorded != self.source:
+            raise RunConflict(
+                f"{self.path.parent} holds the run of {recorded}, not of {self.source}: a run "
+                "folder belongs to one input; use --overwrite to replace it, or choose another "
+                "--out"
+            )
 
     def _drop_corrupt_lines(
         self, entries: list[tuple[int, dict[str, Any]]], corrupt: int
@@ -256,6 +281,28 @@ class JournalRecords:
                 entry.pop("kind", None)
                 entry.pop("key", None)
                 yield entry
+
+
+def labelled_keys(folder: Path) -> dict[str, Any]:
+    """File name -> content key of every image a run folder's journal holds as labelled.
+
+    Read without the run's lock (a consumer such as ``review`` or ``export``); the latest
+    record of an image wins, and an image whose latest record is a skip is left out. Empty when
+    the folder has no journal.
+
+    Arguments:
+      folder: the run folder.
+    """
+    path = folder / JOURNAL_NAME
+    if not path.is_file():
+        return {}
+    keys: dict[str, Any] = {}
+    for _, entry in _valid_lines(path)[0]:
+        if entry["kind"] == "image":
+            keys[entry["file_name"]] = entry.get("key")
+        elif entry["kind"] == "skip":
+            keys.pop(entry["file_name"], None)
+    return keys
 
 
 def describe_mismatch(previous: dict[str, Any], current: dict[str, Any], folder: Path) -> str:

@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,15 @@ def is_run_folder(folder: Path) -> bool:
     return (folder / LOCK_NAME).exists() or (
         (folder / RUN_NAME).is_file() and (folder / JOURNAL_NAME).is_file()
     )
+
+
+def is_relative_name(file_name: Any) -> bool:
+    """Whether an image's ``file_name`` is one ``run`` writes: a non-empty relative POSIX path
+    without ``..`` or backslashes, so it names a file inside the run's input folder."""
+    if not isinstance(file_name, str) or not file_name or "\\" in file_name:
+        return False
+    parts = PurePosixPath(file_name).parts
+    return parts[0] != "/" and ".." not in parts
 
 
 SCORE_NAME_BYTES = 200

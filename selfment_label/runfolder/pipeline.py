@@ -436,7 +436,7 @@ def label_folder(
         (``s3://bucket/prefix``; needs pyarrow, the ``ray`` extra).
       out_dir: the run folder; default ``./<folder name>-selfment``.
       config: run options (defaults when None).
-      overwrite: replace a run folder made with other options.
+      overwrite: replace a run folder made from another input or with other options.
       backbone: a ready backbone (built from ``config`` when None).
       segmenter: how tokens become masks (``make_segmenter(config.segment)`` when None).
       progress: called after every image with ``(done, total, file_name, skip_reason)``.
@@ -454,7 +454,7 @@ def label_folder(
       StorageError: the object storage prefix cannot be listed.
       NoImages: the folder has no images.
       OutputError: the run folder cannot be written (checked before the model loads).
-      RunConflict: the output folder is busy or holds a run with other options.
+      RunConflict: the output folder is busy or holds a run of another input or options.
       BackboneError: the weights cannot be found or loaded.
       RefineUnavailable: the refinement asked for needs a package that is not installed.
     """
@@ -490,7 +490,7 @@ def label_folder(
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with RunLock(out_dir):
         _check_out_dir(out_dir, overwrite)
-        journal = Journal(out_dir, fingerprint)
+        journal = Journal(out_dir, fingerprint, source.uri)
         try:
             summary = _label(out_dir, source, keys, config, labeller, journal, progress, executor)
         finally:

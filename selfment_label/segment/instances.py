@@ -13,13 +13,13 @@ corners is an instance too (IPO gathers look-alike objects that lie apart, such 
 animal of the same kind, which later cuts on a graph of mostly background rarely find).
 
 The first cut is single mode's cut: refined by IPO over the whole image, swapped for its
-complement when it covers more than half of the frame's border patches (``border_prior``), and
-tested for no distinct object (``objectness``: then the image gets no instance and a
-``no_object`` note). From the second cut on, the free patches are mostly background, so a cut
-whose foreground holds three or four of the grid's corners is flipped (CutLER's corner rule),
-and an instance that still holds three corners or more than ``LATER_MAX_BORDER`` of the border
-patches is a piece of background: the search stops there (and such extra components are
-dropped).
+complement when single mode's side rule takes it for the background (``border_prior``,
+``single.border_swap``), and tested for no distinct object (``objectness``: then the image
+gets no instance and a ``no_object`` note). From the second cut on, the free patches are
+mostly background, so a cut whose foreground holds three or four of the grid's corners is
+flipped (CutLER's corner rule), and an instance that still holds three corners or more than
+``LATER_MAX_BORDER`` of the border patches is a piece of background: the search stops there
+(and such extra components are dropped).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class MaskCut(InstancesConfig):
                 kept = refined.labels[0]
                 scores = refined.scores[0]
                 if index == 0:
-                    if bool(border_swap(kept.view(1, *grid), self.border_prior)):
+                    if bool(border_swap(kept.view(1, *grid), flat[None], self.border_prior)):
                         kept, cut, scores = ~kept, ~cut, 1.0 - scores
                     reason = no_object_reasons(cosine, kept.view(1, *grid))[0]
                     if reason:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+SHARE_CLAMP = 1e-3
+
 
 def confidence_score(patch_probability: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mask score in [0, 1]: how cleanly the patches separate into object and background.
@@ -86,3 +88,49 @@ def border_fraction(labels: torch.Tensor) -> torch.Tensor:
         [labels[:, 0], labels[:, -1], labels[:, 1:-1, 0], labels[:, 1:-1, -1]], dim=-1
     )
     return border.float().mean(-1)
+
+
+def frame_excess(labels: torch.Tensor) -> torch.Tensor:
+    """How much more of the grid's border a mask holds than its size would give it.
+
+    ``logit(border share) - logit(grid share)``, the shares clamped to
+    ``[SHARE_CLAMP, 1 - SHARE_CLAMP]``. A region placed at random holds as large a share of
+    the border as of the grid (0). An object holds less of the border than its size would
+    give it (the frame cuts it, if at all, less than it cuts the scene around it); a
+    background runs along the frame and holds more. A mask and its complement have opposite
+    excesses, so the sign compares both sides of a cut at once, each relative to its size: a
+    close-up whose subject fills 75 % of the frame and holds 60 % of the border is the object
+    (-0.69). In log-odds a mask that touches no border is far on the object side (-6.9 or
+    less), so no other evidence outweighs it.
+
+    Arguments:
+      labels: ``[B, rows, cols]`` boolean masks.
+
+    Returns:
+      ``[B]`` excesses.
+    """
+    border = border_fraction(labels).clamp(SHARE_CLAMP, 1.0 - SHARE_CLAMP)
+    grid = labels.flatten(1).float().mean(-1).clamp(SHARE_CLAMP, 1.0 - SHARE_CLAMP)
+    return torch.logit(border) - torch.logit(grid)
+
+
+def uniformity_excess(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How much more alike a mask's patches are than its complement's.
+
+    A side's uniformity is the length of the mean of its L2-normalised tokens, which is the
+    mean cosine of its patches to their own mean direction (1 when all alike, 0 for an empty
+    side). Sky, sea, a wall or a floor forms one clean cluster; an object has parts.
+
+    Arguments:
+      tokens: ``[B, N, D]`` patch tokens.
+      labels: ``[B, rows, cols]`` boolean masks.
+
+    Returns:
+      ``[B]`` the mask's uniformity minus its complement's, in [-1, 1].
+    """
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
+    inside = labels.flatten(1).to(unit.dtype)
+    sides = torch.stack([inside, 1.0 - inside], dim=1)
+    means = (sides @ unit) / sides.sum(-1, keepdim=True).clamp_min(1.0)
+    length = means.norm(dim=-1)
+    return length[:, 0] - length[:, 1]

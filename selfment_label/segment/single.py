@@ -12,17 +12,34 @@ from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization
 from .ncut import normalized_cut, pair_cosine
 from .objectness import no_object_reasons
-from .scores import agreement_score, border_fraction, centre_start
+from .scores import agreement_score, centre_start, frame_excess, uniformity_excess
 
-MAX_BORDER = 0.5
 SCORE_ROUNDS = 20
+UNIFORMITY_WEIGHT = 2.5
 EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
 
 
-def border_swap(labels: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """``[B]`` whether each mask covers more than ``MAX_BORDER`` of the grid's border patches
-    (the border prior takes it for the background); all False when the prior is off."""
-    return (border_fraction(labels) > MAX_BORDER) & enabled
+def border_swap(labels: torch.Tensor, tokens: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``[B]`` whether each mask is the background side of its cut; all False when the prior
+    is off.
+
+    Both sides are compared, each relative to its size: a mask is the background when
+    ``frame_excess`` (the log-odds of its share of the grid's border patches minus those of
+    its share of the grid) plus ``UNIFORMITY_WEIGHT`` x ``uniformity_excess`` (how much more
+    alike its patches are than its complement's) is above 0; its complement then scores the
+    opposite. The rule it replaces swapped any mask holding more than half of the border
+    patches: it took close-ups (the subject touching most of the frame) and a photo under a
+    band of sky for the background. The weight is the middle of the range (2-3) that does
+    best on the failure sets and ecssd-dev (``benchmarks/failure_sets.py``;
+    docs/quality-report.md).
+
+    Arguments:
+      labels: ``[B, rows, cols]`` boolean masks.
+      tokens: ``[B, rows * cols, D]`` their patch tokens.
+      enabled: the border prior is on.
+    """
+    excess = frame_excess(labels) + UNIFORMITY_WEIGHT * uniformity_excess(tokens, labels)
+    return (excess > 0) & enabled
 
 
 @dataclass
@@ -42,13 +59,14 @@ class NcutIpo(SingleConfig):
             )
             labels = refined.labels.reshape(b, rows, cols)
             scores = refined.scores.reshape(b, rows, cols)
-            swapped = border_swap(labels, self.border_prior)[:, None, None]
+            swapped = border_swap(labels, flat, self.border_prior)[:, None, None]
             labels = torch.where(swapped, ~labels, labels)
             scores = torch.where(swapped, 1.0 - scores, scores)
             blind = iterative_patch_optimization(
                 flat, centre_start(b, (rows, cols), flat.device), SCORE_ROUNDS
             ).labels.reshape(b, rows, cols)
-            blind = torch.where(border_swap(blind, self.border_prior)[:, None, None], ~blind, blind)
+            swap_blind = border_swap(blind, flat, self.border_prior)[:, None, None]
+            blind = torch.where(swap_blind, ~blind, blind)
             confidence = agreement_score(labels, torch.where(swapped, ~cut, cut), blind).tolist()
         capped = (~eigen.converged).tolist()
         empty = no_object_reasons(cosine, labels)

@@ -1,0 +1,229 @@
+"""Class-agnostic COCO mask AP of ``run --mode instances`` and of the instance head learnt from it.
+
+On a folder with COCO instance masks (every category merged into one: the class-agnostic
+protocol of CutLER and SOHES), with ``pycocotools.cocoeval.COCOeval`` (iouType ``segm``, one
+category, maxDets 100; AR@1000 as SOHES reports it):
+
+1. ``run --mode instances`` (MaskCut + IPO), its own scores and every score set to 1.0
+   (how CutLER scored MaskCut);
+2. the instance head trained on that run's masks and applied to the same images (the
+   labelling use case: "make my folder's labels better"), after 0, 1, 2 self-correction
+   rounds;
+
+and the time of training per round and of ``apply`` against the bare backbone (one forward
+pass over the same images, measured interleaved in this process). Run from the repository
+root::
+
+    python -m benchmarks.instances_coco --images ../shared/data/coco-dev/images \\
+        --gt ../shared/data/coco-dev/instances.json \\
+        --weights ../shared/weights/dinov2_vits14.safetensors --work /tmp/instances-coco
+
+Work folders are reused (runs resume), so a second call re-evaluates at little cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from selfment_label.config import (
+    EntitiesConfig,
+    InstancesConfig,
+    InstanceTrainConfig,
+    RunConfig,
+)
+from selfment_label.data.batching import batches_by_grid, stack_pixels
+from selfment_label.data.images import prepare_image
+from selfment_label.data.storage import open_source
+from selfment_label.features.backbone import Backbone, build_backbone
+from selfment_label.head.apply import apply_head
+from selfment_label.head.checkpoint import load_checkpoint, save_checkpoint
+from selfment_label.head.instance_train import distil_instances
+from selfment_label.runfolder.layout import read_run
+from selfment_label.runfolder.pipeline import label_folder
+
+MAX_DETS = [1, 10, 100, 1000]
+
+
+def class_agnostic_eval(
+    gt_path: Path, run_dir: Path, score_one: bool = False, top_level: bool = False
+) -> dict[str, float]:
+    """AP, AP50, AR@100 and AR@1000 (in %) of a run folder against COCO ground truth.
+
+    Arguments:
+      gt_path: COCO ground truth (every category is merged into one).
+      run_dir: a run folder; its images are matched to the ground truth by file name.
+      score_one: set every predicted score to 1.0.
+      top_level: leave out parts (annotations with a ``parent_id``).
+    """
+    run = read_run(run_dir)
+    found = {
+        image["file_name"]: [
+            (ann["segmentation"], 1.0 if score_one else float(ann.get("score", 1.0)))
+            for ann in anns
+            if not (top_level and ann.get("parent_id") is not None)
+        ]
+        for image, anns in run.images()
+    }
+    return evaluate_detections(gt_path, found)
+
+
+def evaluate_detections(
+    gt_path: Path, found: dict[str, list[tuple[dict[str, Any], float]]]
+) -> dict[str, float]:
+    """AP, AP50, AR@100 and AR@1000 (in %) of ``file name -> [(RLE, score)]`` against COCO
+    ground truth, every category merged into one; ``masks/img`` over the images given."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+    for ann in gt.dataset["annotations"]:
+        ann["category_id"] = 1
+    gt.dataset["categories"] = [{"id": 1, "name": "object"}]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    ids = {image["file_name"]: image["id"] for image in gt.dataset["images"]}
+    detections = [
+        {"image_id": ids[name], "category_id": 1, "segmentation": rle, "score": score}
+        for name, masks in found.items()
+        for rle, score in masks
+    ]
+    if not detections:
+        return {"AP": 0.0, "AP50": 0.0, "AR@100": 0.0, "AR@1000": 0.0, "masks/img": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = gt.loadRes(detections)
+        evaluator = COCOeval(gt, result, iouType="segm")
+        evaluator.params.maxDets = MAX_DETS
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    recall = evaluator.eval["recall"][:, :, 0, 3]  # [iou, category, area all, maxDets 1000]
+    return {
+        "AP": 100 * float(evaluator.stats[0]),
+        "AP50": 100 * float(evaluator.stats[1]),
+        "AR@100": 100 * float(evaluator.stats[8]),
+        "AR@1000": 100 * float(np.mean(recall[recall > -1])),
+        "masks/img": len(detections) / max(1, len(found)),
+    }
+
+
+def backbone_seconds(backbone: Backbone, images: Path, resolution: int) -> float:
+    """Seconds of decoding + one backbone pass over every image (the bare backbone)."""
+    mean, std = backbone.mean_std
+    names = list(open_source(images).list_images())
+    start = time.perf_counter()
+    decoded = (
+        (name, prepare_image(images, name, resolution, backbone.patch_size, mean, std))
+        for name in names
+    )
+    for batch, _ in batches_by_grid(decoded, 4, window=8):
+        if batch:
+            backbone.patch_tokens(stack_pixels(batch, backbone.device))
+    return time.perf_counter() - start
+
+
+def train_per_round(
+    run_dir: Path, work: Path, config: InstanceTrainConfig, weights: Path
+) -> list[tuple[Path, dict[str, Any]]]:
+    """Train with ``config.rounds`` rounds; a checkpoint per round (the model as that round
+    left it) with its round record. Checkpoints already in ``work`` (a rerun) are reused."""
+    paths = [work / f"head-r{index}.pt" for index in range(config.rounds + 1)]
+    if all(path.is_file() for path in paths):
+        return [(path, load_checkpoint(path).meta["rounds"][-1]) for path in paths]
+    snapshots: list[dict[str, torch.Tensor]] = []
+    final = paths[-1]
+    distil_instances(
+        run_dir,
+        final,
+        config,
+        weights=weights,
+        round_done=lambda index, head: snapshots.append(copy.deepcopy(head.state_dict())),
+    )
+    loaded = load_checkpoint(final)
+    out = []
+    for index, state in enumerate(snapshots):
+        path = work / f"head-r{index}.pt"
+        meta = {**loaded.meta, "rounds": loaded.meta["rounds"][: index + 1]}
+        loaded.head.load_state_dict(state)
+        save_checkpoint(path, loaded.head, meta)
+        out.append((path, meta["rounds"][index]))
+    return out
+
+
+def main() -> None:
+    """Run the benchmark and print its table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--gt", type=Path, required=True)
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=InstanceTrainConfig.epochs)
+    parser.add_argument("--max-instances", type=int, default=InstancesConfig.max_instances)
+    parser.add_argument(
+        "--source",
+        choices=("instances", "entities"),
+        default="instances",
+        help="the run mode the head learns from (entities: its entities; the run's own row "
+        "counts entities and parts as detections)",
+    )
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    config = RunConfig(weights=str(args.weights), device="cpu")
+    backbone = build_backbone(config.backbone, args.weights, "cpu")
+    rows: list[tuple[str, dict[str, float]]] = []
+
+    run_dir = args.work / args.source
+    mode = (
+        InstancesConfig(max_instances=args.max_instances)
+        if args.source == "instances"
+        else EntitiesConfig()
+    )
+    label_folder(args.images, run_dir, replace(config, segment=mode), backbone=backbone)
+    rows.append((f"run --mode {args.source}", class_agnostic_eval(args.gt, run_dir)))
+    rows.append(("  scores set to 1.0", class_agnostic_eval(args.gt, run_dir, score_one=True)))
+    if args.source == "entities":
+        top = class_agnostic_eval(args.gt, run_dir, top_level=True)
+        rows.append(("  entities only (what is learnt)", top))
+
+    train = InstanceTrainConfig(epochs=args.epochs, rounds=args.rounds)
+    timings = []
+    for path, record in train_per_round(run_dir, args.work, train, args.weights):
+        out = args.work / f"apply-r{record['round']}"
+        bare = backbone_seconds(backbone, args.images, config.resolution)
+        start = time.perf_counter()
+        apply_head(path, args.images, out, config, backbone=backbone, overwrite=True)
+        applied = time.perf_counter() - start
+        timings.append((record, bare, applied))
+        name = f"head on {args.source}, {record['round']} rounds"
+        rows.append((name, class_agnostic_eval(args.gt, out)))
+
+    print(f"\nclass-agnostic COCO mask eval on {args.images} ({args.gt.name})")
+    print(f"{'':32}{'AP':>7}{'AP50':>7}{'AR@100':>8}{'AR@1000':>9}{'masks/img':>11}")
+    for name, stats in rows:
+        print(
+            f"{name:32}{stats['AP']:7.2f}{stats['AP50']:7.2f}{stats['AR@100']:8.2f}"
+            f"{stats['AR@1000']:9.2f}{stats['masks/img']:11.2f}"
+        )
+    print("\nround  pseudo-masks  replaced  dropped  added  train s  apply/backbone s (ratio)")
+    for record, bare, applied in timings:
+        print(
+            f"{record['round']:5}  {record['pseudo_masks']:12}  {record['replaced']:8}  "
+            f"{record['dropped']:7}  {record['added']:5}  {record['seconds']:7.1f}  "
+            f"{applied:.1f}/{bare:.1f} ({bare / applied:.2f})"
+        )
+    print(json.dumps({name: stats for name, stats in rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

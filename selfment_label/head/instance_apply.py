@@ -1,0 +1,63 @@
+"""The instance head as a segmenter: many scored, disjoint masks per image."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..config import InstanceApplyConfig
+from ..device import small_kernel_threads
+from ..segment.base import PatchMask
+from ..timing import StageTimer
+from .instance_model import THREADS, InstanceHead, raw_predictions, select_instances
+
+
+@dataclass
+class InstanceHeadSegmenter:
+    """Segmenter that runs a trained instance head on patch tokens.
+
+    Each image gets the head's masks that ``select_instances`` keeps (score, NMS, cap,
+    painted in score order), best score first; the pipeline's full-size path keeps them
+    disjoint (``masks.full_size_masks``).
+
+    Arguments:
+      head: the trained instance head, on the backbone's device.
+      head_sha256: sha256 of its checkpoint (recorded, and compared when a run resumes).
+      select: which predictions are written.
+    """
+
+    head: InstanceHead
+    head_sha256: str
+    select: InstanceApplyConfig
+
+    def options(self) -> dict[str, Any]:
+        """Options that decide the masks."""
+        return {
+            "mode": "head",
+            "task": "instances",
+            "head_sha256": self.head_sha256,
+            **asdict(self.select),
+        }
+
+    def to(self, device: torch.device | str) -> InstanceHeadSegmenter:
+        """This segmenter with its head on ``device`` (a Ray actor moves it to its GPU)."""
+        return InstanceHeadSegmenter(self.head.to(device), self.head_sha256, self.select)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
+        """The kept masks of each image of a ``[B, rows, cols, D]`` batch."""
+        with timer.stage("head"), small_kernel_threads(tokens.device, THREADS):
+            found = []
+            for prediction in raw_predictions(self.head, tokens):
+                kept = select_instances(prediction, self.select)
+                found.append(
+                    [
+                        PatchMask(scores=probability, score=float(score))
+                        for probability, score in zip(
+                            kept.probabilities, kept.scores.tolist(), strict=True
+                        )
+                    ]
+                )
+        return found

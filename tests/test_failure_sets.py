@@ -1,0 +1,112 @@
+"""The failure sets of ``benchmarks/failure_sets.py`` on a few real images: close-ups, a sky
+band above the photo, thin images (issue 24)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.failure_sets import band, closeup, squeezer
+from selfment_label.data.images import MIN_SHORT_PATCHES, decoded_image, grid_for
+from selfment_label.evaluate import load_gt_mask
+from selfment_label.features.backbone import Backbone
+from selfment_label.masks import full_size_masks
+from selfment_label.segment.scores import frame_excess, uniformity_excess
+from selfment_label.segment.single import NcutIpo
+from selfment_label.timing import StageTimer
+
+
+def label(backbone: Backbone, image: Image.Image, resolution: int = 448) -> np.ndarray:
+    """The full-size single-mode mask of one image (all False when it gets none)."""
+    mean, std = backbone.mean_std
+    item = decoded_image(image, "x.png", image.size, resolution, backbone.patch_size, mean, std)
+    tokens = backbone.patch_tokens(torch.from_numpy(item.pixels)[None])
+    (masks,) = NcutIpo()(tokens, StageTimer())
+    kept, _ = full_size_masks(masks, item.width, item.height)
+    return kept[0].mask if kept else np.zeros((item.height, item.width), dtype=bool)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks."""
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def source(ecssd_dir: Path, stem: str) -> tuple[Image.Image, np.ndarray]:
+    """An ecssd-dev image and its ground truth."""
+    with Image.open(ecssd_dir / "images" / f"{stem}.jpg") as image:
+        return image.convert("RGB"), load_gt_mask(ecssd_dir / "masks" / f"{stem}.png")
+
+
+def test_thin_images_keep_a_short_side_that_can_hold_an_object():
+    assert grid_for(1600, 120, 448, 14) == (MIN_SHORT_PATCHES, 107)  # was (2, 32)
+    assert grid_for(120, 1600, 448, 14) == (107, MIN_SHORT_PATCHES)
+    assert grid_for(100_000, 100, 448, 14) == (MIN_SHORT_PATCHES, 4 * 32)  # long side capped
+    # ordinary images and anything up to 2:1 keep the grid they had, at any resolution
+    for resolution in (112, 224, 448):
+        side = resolution // 14
+        assert grid_for(640, 480, resolution, 14) == (round(side * 0.75), side)
+        assert grid_for(800, 400, resolution, 14) == (side // 2, side)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem, index", [("0036", 0), ("0013", 0)])
+def test_a_thin_real_image_is_labelled_like_the_whole_one(real_backbone, ecssd_dir, stem, index):
+    # squeezed to 13:1 these got a 2-patch short side and no mask ("every pair alike")
+    image, truth = source(ecssd_dir, stem)
+    thin, thin_truth = squeezer(13)(image, truth, index)
+    whole = iou(label(real_backbone, image), truth)
+    assert iou(label(real_backbone, thin), thin_truth) >= whole - 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem, index", [("0002", 1), ("0041", 40), ("0003", 2)])
+def test_a_closeup_keeps_its_object(real_backbone, ecssd_dir, stem, index):
+    # crops in which the object fills 60-90 % of the frame: 0002 and 0041's object holds more
+    # than half of the border patches and was swapped for the strip beside it; 0003's cut
+    # fell on the background, holding 41 % of the border for 19 % of the frame, and was kept
+    image, truth = source(ecssd_dir, stem)
+    crop, crop_truth = closeup(image, truth, index)
+    mask = label(real_backbone, crop)
+    assert iou(mask, ~crop_truth) <= 0.5, "the mask is the background"
+    assert iou(mask, crop_truth) > 0.7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stem, index, height_factor", [("0001", 0, 1.8), ("0003", 2, 1.8), ("0002", 1, 2.8)]
+)
+def test_a_band_of_sky_is_not_the_object(real_backbone, ecssd_dir, stem, index, height_factor):
+    # the photo under a 44 % band held more than half of the border patches and was swapped
+    # for the band; under a 64 % band the border shares alone would take the band (it holds
+    # less of the border than of the frame): its patches being far more alike decides it
+    image, truth = source(ecssd_dir, stem)
+    composite, composite_truth = band(image, truth, index, height_factor)
+    mask = label(real_backbone, composite)
+    sky = np.zeros_like(composite_truth)
+    sky[: composite_truth.shape[0] - truth.shape[0]] = True
+    assert iou(mask, sky) <= 0.5, "the mask is the band"
+    assert (mask & composite_truth).sum() > 0.8 * composite_truth.sum(), "the object was lost"
+
+
+def test_uniformity_excess_is_the_length_of_each_side_mean():
+    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    labels = torch.tensor([[[True, True], [False, False]]])
+    # mask: two identical tokens (1); complement: (1, 0) and (0, 1), mean length sqrt(2)/2
+    assert uniformity_excess(tokens, labels).item() == pytest.approx(1 - 0.5**0.5)
+    assert uniformity_excess(tokens, ~labels).item() == pytest.approx(0.5**0.5 - 1)
+
+
+def test_frame_excess_compares_border_and_grid_shares():
+    labels = torch.zeros(1, 4, 4, dtype=torch.bool)
+    labels[0, :3, :3] = True  # 9 of 16 patches; 5 of the 12 border patches
+    expected = math.log(5 / 7) - math.log(9 / 7)  # log-odds of the two shares
+    assert frame_excess(labels).item() == pytest.approx(expected, rel=1e-5)
+    assert frame_excess(~labels).item() == pytest.approx(-expected, rel=1e-5)
+    inside = torch.zeros(1, 4, 4, dtype=torch.bool)
+    inside[0, 1:3, 1:3] = True  # touches no border: far on the object side
+    assert frame_excess(inside).item() < -5

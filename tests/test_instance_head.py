@@ -1,0 +1,269 @@
+"""The instance head: matching, selection, self-correction rules, and on real coco-dev images
+(the real backbone) training, apply, scores, disjointness, resume, CLI, review views. One test
+touches FiftyOne: run this module under the shared lock (``flock /work/wt/fiftyone.lock``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from selfment_label_cli.main import app
+from typer.testing import CliRunner
+
+from selfment_label.config import (
+    InstanceApplyConfig,
+    InstancesConfig,
+    InstanceTrainConfig,
+    RunConfig,
+)
+from selfment_label.features.backbone import Backbone
+from selfment_label.head.apply import apply_head
+from selfment_label.head.checkpoint import HeadError, load_checkpoint
+from selfment_label.head.instance_model import (
+    InstanceHead,
+    Prediction,
+    hungarian_match,
+    select_instances,
+)
+from selfment_label.head.instance_train import (
+    InstanceImage,
+    distil_instances,
+    top_level_masks,
+    train_rounds,
+)
+from selfment_label.head.rounds import correct_image
+from selfment_label.runfolder.coco import annotation_record, decode_rle, write_coco_stream
+from selfment_label.runfolder.layout import read_run
+from selfment_label.runfolder.pipeline import label_folder
+
+COCO_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-dev"
+MULTI_OBJECT = ("000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg")
+SMALL = InstanceTrainConfig(epochs=25, batch_size=2, seed=1)
+
+
+def _box(grid: tuple[int, int], rows: slice, cols: slice) -> torch.Tensor:
+    mask = torch.zeros(grid)
+    mask[rows, cols] = 1.0
+    return mask
+
+
+def test_hungarian_match_pairs_each_query_with_its_own_target() -> None:
+    grid = (6, 6)
+    a, b = _box(grid, slice(0, 3), slice(0, 3)), _box(grid, slice(3, 6), slice(3, 6))
+    logits = torch.stack([b, a, torch.zeros(grid)]).flatten(1) * 20 - 10
+    queries, targets = hungarian_match(torch.zeros(3), logits, torch.stack([a, b]).flatten(1))
+    assert dict(zip(queries.tolist(), targets.tolist(), strict=True)) == {0: 1, 1: 0}
+
+
+def test_select_instances_suppresses_duplicates_and_keeps_masks_disjoint() -> None:
+    grid = (8, 8)
+    big = _box(grid, slice(0, 6), slice(0, 6)) * 0.9 + 0.05
+    twin = _box(grid, slice(0, 6), slice(0, 5)) * 0.9 + 0.05  # IoU 30/36 with big
+    overlapping = _box(grid, slice(4, 8), slice(4, 8)) * 0.9 + 0.05  # 4 of 16 patches in big
+    faint = _box(grid, slice(6, 8), slice(0, 2)) * 0.9 + 0.05
+    prediction = Prediction(
+        torch.stack([big, twin, overlapping, faint]), torch.tensor([0.9, 0.8, 0.7, 0.01])
+    )
+    kept = select_instances(prediction, InstanceApplyConfig(min_score=0.05, nms_iou=0.5))
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.7])
+    binary = kept.probabilities > 0.5
+    assert not bool((binary[0] & binary[1]).any())
+    assert int(binary[1].sum()) == 12  # the patches big holds are left to big
+    capped = select_instances(prediction, InstanceApplyConfig(max_instances=1, min_score=0.05))
+    assert len(capped.scores) == 1
+
+
+def test_correct_image_replaces_drops_and_adds_by_the_stated_rules() -> None:
+    grid = (8, 8)
+    matched = _box(grid, slice(0, 4), slice(0, 4))
+    doubted = _box(grid, slice(5, 8), slice(0, 3))
+    kept_as_is = _box(grid, slice(0, 2), slice(6, 8))
+    teacher_fix = _box(grid, slice(0, 4), slice(0, 5))  # IoU 16/20 with matched
+    teacher_new = _box(grid, slice(5, 8), slice(5, 8))
+    prediction = Prediction(
+        torch.stack([teacher_fix, teacher_new, doubted, kept_as_is]),
+        torch.tensor([0.9, 0.8, 0.1, 0.3]),
+    )
+    config = InstanceTrainConfig(keep_score=0.7, drop_score=0.2, match_iou=0.5)
+    targets, change = correct_image(torch.stack([matched, doubted, kept_as_is]), prediction, config)
+    assert (change.replaced, change.dropped, change.added) == (1, 1, 1)
+    assert torch.equal(targets[0], teacher_fix)  # replaced by the teacher's mask
+    assert torch.equal(targets[1], kept_as_is)  # scored 0.3 >= drop_score: kept
+    assert torch.equal(targets[2], teacher_new)  # a missed object, added
+
+
+def test_train_rounds_is_deterministic_and_records_every_round() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for index in range(3):
+        tokens = torch.randn(6, 8, 16, generator=generator)
+        target = _box((6, 8), slice(1, 4), slice(index, index + 3))
+        tokens[1:4, index : index + 3, :4] += 3.0
+        images.append(InstanceImage(str(index), tokens.half(), target[None]))
+    config = InstanceTrainConfig(epochs=3, batch_size=2, hidden=16, heads=2, queries=5, rounds=1)
+    first, history = train_rounds(
+        [InstanceImage(i.file_name, i.tokens, i.targets) for i in images], config
+    )
+    second, _ = train_rounds(images, config)
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    assert [record["round"] for record in history] == [0, 1]
+    assert {"pseudo_masks", "replaced", "dropped", "added", "losses", "seconds"} <= set(history[1])
+    assert all(np.isfinite(v) for v in history[1]["losses"].values())
+
+
+@pytest.fixture(scope="module")
+def coco_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four real multi-object COCO images from coco-dev."""
+    if not (COCO_DEV / "images").is_dir():
+        pytest.skip(f"coco-dev images not found at {COCO_DEV}")
+    folder = tmp_path_factory.mktemp("coco") / "images"
+    folder.mkdir()
+    for name in MULTI_OBJECT:
+        shutil.copy(COCO_DEV / "images" / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def instances_run(
+    coco_images: Path, real_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``run --mode instances`` on the coco images (224 px, no refinement)."""
+    out = tmp_path_factory.mktemp("runs") / "instances"
+    config = RunConfig(
+        resolution=224, workers=1, refine="none", segment=InstancesConfig(max_instances=5)
+    )
+    label_folder(coco_images, out, config, backbone=real_backbone)
+    return out
+
+
+def _masks(run_dir: Path) -> dict[str, list[tuple[np.ndarray, float]]]:
+    found = {}
+    for image, anns in read_run(run_dir).images():
+        size = (image["height"], image["width"])
+        found[image["file_name"]] = [
+            (decode_rle(ann["segmentation"], size), ann["score"]) for ann in anns
+        ]
+    return found
+
+
+def test_real_instance_head_writes_scored_disjoint_instances_and_resumes(
+    instances_run: Path, coco_images: Path, real_backbone: Backbone, tmp_path: Path
+) -> None:
+    result = distil_instances(instances_run, tmp_path / "head.pt", SMALL, backbone=real_backbone)
+    loaded = load_checkpoint(result.checkpoint)
+    assert isinstance(loaded.head, InstanceHead) and loaded.meta["task"] == "instances"
+    assert loaded.meta["rounds"][0]["pseudo_masks"] == result.pseudo_masks > 0
+    out = tmp_path / "applied"
+    config = RunConfig(resolution=224, workers=1, refine="none")
+    summary = apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
+    assert summary.labelled == len(MULTI_OBJECT)
+    found = _masks(out)
+    assert max(len(masks) for masks in found.values()) >= 3
+    for masks in found.values():
+        scores = [score for _, score in masks]
+        assert scores == sorted(scores, reverse=True)
+        for i, (first, _) in enumerate(masks):
+            for second, _ in masks[i + 1 :]:
+                assert not (first & second).any()
+    before = read_run(out).coco["annotations"]
+    again = apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
+    assert again.resumed == len(MULTI_OBJECT) and again.labelled == 0
+    assert read_run(out).coco["annotations"] == before
+
+
+def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
+    instances_run: Path, coco_images: Path, tmp_path: Path
+) -> None:
+    # the run's features are cached by the test above or computed here from the run's weights
+    out = tmp_path / "head.pt"
+    result = CliRunner().invoke(
+        app, ["train", str(instances_run), "--out", str(out), "--epochs", "2", "--rounds", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    meta = load_checkpoint(out).meta
+    assert meta["task"] == "instances" and [r["round"] for r in meta["rounds"]] == [0, 1]
+    assert "round" in result.output and "pseudo-masks" in result.output
+    refused = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(instances_run),
+            "--out",
+            str(tmp_path / "x.pt"),
+            "--task",
+            "single",
+            "--rounds",
+            "1",
+        ],
+    )
+    assert refused.exit_code != 0 and "--rounds" in refused.output
+    applied = tmp_path / "applied"
+    result = CliRunner().invoke(
+        app,
+        ["apply", str(out), str(coco_images), "--out", str(applied), "--refine", "none"]
+        + ["--max-instances", "2", "--min-score", "0", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    run = read_run(applied)
+    assert run.options["max_instances"] == 2 and run.options["task"] == "instances"
+    assert all(len(anns) <= 2 for _, anns in run.images())
+
+
+def test_entities_parts_are_not_learnt_as_instances(tmp_path: Path) -> None:
+    entity = np.zeros((20, 30), dtype=bool)
+    entity[2:12, 3:20] = True
+    part = entity.copy()
+    part[2:12, 10:20] = False
+    records = [
+        annotation_record(entity, 0.9, {"level": 0}),
+        annotation_record(part, 0.8, {"level": 1, "parent": 0}),
+    ]
+    write_coco_stream(
+        tmp_path / "annotations.json",
+        [{"file_name": "a.jpg", "width": 30, "height": 20, "annotations": records}],
+    )
+    run = read_run(tmp_path, require_provenance=False)
+    [(name, width, height, masks)] = list(top_level_masks(run))
+    assert (name, width, height) == ("a.jpg", 30, 20)
+    assert len(masks) == 1 and np.array_equal(masks[0], entity)
+
+
+def test_review_shows_an_instance_head_run_like_an_instances_run(
+    instances_run: Path, coco_images: Path, real_backbone: Backbone, tmp_path: Path
+) -> None:
+    # touches FiftyOne: run under flock /work/wt/fiftyone.lock
+    from selfment_label.review.dataset import build_dataset
+    from selfment_label.review.views import SEVERAL_INSTANCES_VIEW
+
+    config = InstanceTrainConfig(epochs=2, rounds=0)
+    result = distil_instances(instances_run, tmp_path / "head.pt", config, backbone=real_backbone)
+    out = tmp_path / "applied"
+    run_config = RunConfig(resolution=224, workers=1, refine="none")
+    apply_head(result.checkpoint, coco_images, out, run_config, backbone=real_backbone)
+    dataset = build_dataset(out, f"instance-head-{tmp_path.name}")
+    try:
+        assert SEVERAL_INSTANCES_VIEW in dataset.list_saved_views()
+    finally:
+        dataset.delete()
+
+
+def test_training_refuses_a_run_without_masks_and_a_diverged_loss(
+    instances_run: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    shutil.copytree(instances_run, empty)
+    coco = json.loads((empty / "annotations.json").read_text())
+    coco["annotations"] = []
+    (empty / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(HeadError, match="has a mask"):
+        distil_instances(empty, tmp_path / "head.pt", SMALL)
+    tokens = torch.full((4, 4, 8), float("nan")).half()
+    images = [InstanceImage("a", tokens, _box((4, 4), slice(0, 2), slice(0, 2))[None])]
+    with pytest.raises(HeadError, match="diverged"):
+        train_rounds(images, InstanceTrainConfig(epochs=1, hidden=8, heads=2, queries=2))
+    assert not (tmp_path / "head.pt").exists()
