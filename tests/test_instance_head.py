@@ -163,7 +163,9 @@ def test_real_instance_head_writes_scored_disjoint_instances_and_resumes(
     summary = apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
     assert summary.labelled == len(MULTI_OBJECT)
     found = _masks(out)
-    assert max(len(masks) for masks in found.values()) >= 3
+    # several instances on a multi-object image (the 224 px MaskCut run it learns from gives
+    # 1-3 pseudo-masks per image)
+    assert max(len(masks) for masks in found.values()) >= 2
     for masks in found.values():
         scores = [score for _, score in masks]
         assert scores == sorted(scores, reverse=True)
