@@ -10,6 +10,10 @@ import typer
 from rich.table import Table
 
 from selfment_label.config import (
+    APP_ADDRESS,
+    APP_PORT,
+    DEFAULT_EXPORT_FORMAT,
+    DEFAULT_EXPORT_MEDIA,
     DEVICE_HELP,
     EXPORT_FORMATS,
     EXPORT_MEDIA,
@@ -107,9 +111,9 @@ def review(
         "from the run folder).",
     ),
     gt: Path = typer.Option(None, "--gt", help="Folder of ground-truth masks to compare with."),
-    port: int = typer.Option(5151, "--port", help="Port of the FiftyOne App."),
+    port: int = typer.Option(APP_PORT, "--port", help="Port of the FiftyOne App."),
     address: str = typer.Option(
-        "127.0.0.1", "--address", help="Address the App listens on (0.0.0.0: all interfaces)."
+        APP_ADDRESS, "--address", help="Address the App listens on (0.0.0.0: all interfaces)."
     ),
     no_launch: bool = typer.Option(False, "--no-launch", help="Only build the dataset."),
     embeddings: bool = typer.Option(
@@ -188,7 +192,7 @@ def export(
     run_dir: Path = typer.Argument(..., help="Run folder whose dataset was reviewed."),
     target: Path = typer.Argument(..., help="Folder to write the dataset into."),
     fmt: str = typer.Option(
-        "coco", "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."
+        DEFAULT_EXPORT_FORMAT, "--format", "-f", help=f"Output format: {', '.join(EXPORT_FORMATS)}."
     ),
     tags: list[str] = typer.Option(
         None, "--tags", help="Keep only samples with any of these tags (repeatable)."
@@ -200,7 +204,9 @@ def export(
         False, "--polygons", help="COCO polygons instead of exact compressed RLE."
     ),
     media: str = typer.Option(
-        "copy", "--media", help=f"How images go with the labels: {', '.join(EXPORT_MEDIA)}."
+        DEFAULT_EXPORT_MEDIA,
+        "--media",
+        help=f"How images go with the labels: {', '.join(EXPORT_MEDIA)}.",
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a previous export in TARGET (nothing else)."

@@ -27,6 +27,11 @@ PRECISION_HELP = (
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 EXPORT_FORMATS = ("coco", "yolo", "masks")
 EXPORT_MEDIA = ("copy", "symlink", "none")
+DEFAULT_EXPORT_FORMAT = EXPORT_FORMATS[0]
+DEFAULT_EXPORT_MEDIA = EXPORT_MEDIA[0]
+APP_PORT = 5151
+APP_ADDRESS = "127.0.0.1"
+"""Where the FiftyOne App listens by default: this machine only."""
 EXPORT_VAL_FRACTION = 0.1
 EXPORT_SPLIT_SEED = 0
 YOLO_MIN_PIECE_AREA = 16

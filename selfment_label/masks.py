@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from .refine import guide_tensor, refine_layers
+from .segment.base import THRESHOLD as THRESHOLD  # a full-size mask is scores > THRESHOLD
 from .segment.base import PatchMask
 
-THRESHOLD = 0.5
 LOGIT_EPS = 1e-6
 
 

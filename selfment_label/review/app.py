@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..config import APP_ADDRESS, APP_PORT
+
 if TYPE_CHECKING:
     import fiftyone as fo
 
 
 def launch_app(
     dataset: fo.Dataset,
-    port: int = 5151,
-    address: str = "127.0.0.1",
+    port: int = APP_PORT,
+    address: str = APP_ADDRESS,
     spaces: fo.Space | None = None,
 ) -> Any:
     """Launch the FiftyOne App on a dataset (no browser is opened).

@@ -60,6 +60,8 @@ from PIL import Image
 from .. import __version__
 from ..atomic import atomic_write_text, umask
 from ..config import (
+    DEFAULT_EXPORT_FORMAT,
+    DEFAULT_EXPORT_MEDIA,
     EXPORT_FORMATS,
     EXPORT_MEDIA,
     EXPORT_SPLIT_SEED,
@@ -570,12 +572,12 @@ def _write_masks(
 def export_dataset(
     dataset: fo.Dataset,
     target: str | Path,
-    fmt: str = "coco",
+    fmt: str = DEFAULT_EXPORT_FORMAT,
     *,
     tags: list[str] | None = None,
     exclude_tags: list[str] | None = None,
     polygons: bool = False,
-    media: str = "copy",
+    media: str = DEFAULT_EXPORT_MEDIA,
     overwrite: bool = False,
     val_fraction: float = EXPORT_VAL_FRACTION,
     split_seed: int = EXPORT_SPLIT_SEED,

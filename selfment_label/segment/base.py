@@ -14,6 +14,9 @@ import torch
 
 from ..timing import StageTimer
 
+THRESHOLD = 0.5
+"""A soft score above this is inside the mask: on the patch grid and at full size."""
+
 
 @dataclass
 class PatchMask:

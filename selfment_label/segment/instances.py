@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from ..config import InstancesConfig
 from ..timing import StageTimer
-from .base import ImageMasks, PatchMask
+from .base import THRESHOLD, ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization, prototype_scores
 from .ncut import linked, pair_cosine, second_eigenvector, seed_component
 from .objectness import no_object_reasons
@@ -190,7 +190,7 @@ class MaskCut(InstancesConfig):
                 for found in [labels, *others][: self.max_instances - len(instances)]:
                     probability = prototype_scores(unit[None], found[None])[0]
                     confidence = float(confidence_score(probability[free], found[free]))
-                    own = torch.where(found, scores, scores.clamp(max=0.5))
+                    own = torch.where(found, scores, scores.clamp(max=THRESHOLD))
                     instances.append(PatchMask(scores=own.reshape(grid), score=confidence))
                     taken.append(found)
                     free = free & ~found

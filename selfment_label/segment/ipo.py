@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import SingleConfig
+from .base import THRESHOLD
+
 PATCH_TEMPERATURE = 0.05
 KEPT_MARGIN = 1e-3
 
@@ -72,7 +75,7 @@ def _margin(unit: torch.Tensor, mean_fg: torch.Tensor, mean_bg: torch.Tensor) ->
 def iterative_patch_optimization(
     tokens: torch.Tensor,
     labels: torch.Tensor,
-    iterations: int = 20,
+    iterations: int = SingleConfig.ipo_iters,
     min_patches: int = 10,
     temperature: float = PATCH_TEMPERATURE,
     active: torch.Tensor | None = None,
@@ -119,7 +122,9 @@ def iterative_patch_optimization(
         scores = prototype_scores(unit, labels, temperature)
     # the written mask is scores > 0.5: keep it the labelling the stop rule kept
     scores = torch.where(
-        labels, scores.clamp(min=0.5 + KEPT_MARGIN), scores.clamp(max=0.5 - KEPT_MARGIN)
+        labels,
+        scores.clamp(min=THRESHOLD + KEPT_MARGIN),
+        scores.clamp(max=THRESHOLD - KEPT_MARGIN),
     )
     scores = torch.where(active, scores, torch.zeros_like(scores))
     return IpoResult(labels=labels, scores=scores, rounds=rounds)
