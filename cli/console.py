@@ -155,14 +155,17 @@ def invalid_options() -> Iterator[None]:
 
 @contextmanager
 def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """Turn the listed library exceptions into a clean error message and exit code 1.
+    """Turn a library error (``SelfmentError``) or one of the listed exceptions into a clean
+    error message and exit code 1.
 
     Any other exception is a bug: its traceback is shown with ``-v``, else one line that
     says how to see it.
     """
+    from selfment_label.errors import SelfmentError
+
     try:
         yield
-    except kinds as error:
+    except (SelfmentError, *kinds) as error:
         raise fail(str(error)) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise

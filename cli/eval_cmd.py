@@ -84,14 +84,13 @@ def evaluate(
     """Score a run's masks against ground truth (maxF, IoU, S-measure, E-measure, MAE...)."""
     setup_logging(verbose)
     from selfment_label.atomic import atomic_write_text
-    from selfment_label.evaluate import EvalError, evaluate_run, per_image_csv
-    from selfment_label.outputs import OutputError, check_output, run_input_protection
-    from selfment_label.runfolder.layout import RunFolderError
+    from selfment_label.evaluate import evaluate_run, per_image_csv
+    from selfment_label.outputs import check_output, run_input_protection
 
     if per_image:
-        with user_errors(OutputError):
+        with user_errors():
             check_output(per_image, "the per-image CSV", protected=run_input_protection(run_dir))
-    with user_errors(EvalError, RunFolderError), make_progress() as progress:
+    with user_errors(), make_progress() as progress:
         task = progress.add_task("evaluating", total=None)
 
         def on_image(done: int, total: int, result: ImageResult) -> None:

@@ -30,24 +30,10 @@ def train_instances(
 ) -> None:
     """Train an instance head (with its self-correction rounds) under progress bars and print
     what every round did."""
-    from selfment_label.device import DeviceError, resolve_device
-    from selfment_label.features.cache import CacheError
-    from selfment_label.features.presets import BackboneError
-    from selfment_label.head.checkpoint import HeadError
+    from selfment_label.device import resolve_device
     from selfment_label.head.instance_train import distil_instances
-    from selfment_label.outputs import OutputError
-    from selfment_label.runfolder.layout import RunFolderError
 
-    errors = (
-        HeadError,
-        OutputError,
-        RunFolderError,
-        CacheError,
-        BackboneError,
-        DeviceError,
-        FileNotFoundError,
-    )
-    with user_errors(*errors), make_progress() as progress:
+    with user_errors(FileNotFoundError), make_progress() as progress:
         features = progress.add_task("features", total=None)
         rounds = [
             progress.add_task(f"round {index}", total=None, start=False)

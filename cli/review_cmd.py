@@ -77,11 +77,9 @@ def add_embeddings(
 
 def print_status(run_dir: Path, name: str | None) -> None:
     """Print how the review of a run stands, without opening the App."""
-    from selfment_label.review.db import ReviewError
     from selfment_label.review.status import review_status
-    from selfment_label.runfolder.layout import RunFolderError
 
-    with user_errors(ReviewError, RunFolderError):
+    with user_errors():
         status = review_status(run_dir, name)
     table = Table(title=f"review of {run_dir} in dataset {status.dataset}", show_header=False)
     rows = [
@@ -145,12 +143,10 @@ def review(
 ) -> None:
     """Build (or update) the run's FiftyOne dataset and open it in the FiftyOne App."""
     setup_logging(verbose)
-    from selfment_label.device import DeviceError, resolve_device
+    from selfment_label.device import resolve_device
     from selfment_label.review.app import app_url, launch_app
     from selfment_label.review.dataset import GT_FIELD, build_dataset
-    from selfment_label.review.db import ReviewError
     from selfment_label.review.embeddings import embeddings_space
-    from selfment_label.runfolder.layout import RunFolderError
 
     if status:
         print_status(run_dir, name)
@@ -158,10 +154,10 @@ def review(
     require_choice(precision, PRECISION_NAMES, "--precision")
     if gt is not None and not gt.is_dir():
         raise fail(f"--gt {gt} is not a folder")
-    with user_errors(ReviewError, RunFolderError), console.status("building the FiftyOne dataset"):
+    with user_errors(), console.status("building the FiftyOne dataset"):
         dataset = build_dataset(run_dir, name, gt)
     if embeddings:
-        with user_errors(ReviewError, RunFolderError, DeviceError):
+        with user_errors():
             add_embeddings(
                 dataset, run_dir, weights, str(resolve_device(device)), precision, not offline
             )
@@ -243,22 +239,20 @@ def export(
     """Export the reviewed labels (tags, deletions and edits honoured) as a training set."""
     setup_logging(verbose)
     from selfment_label.review.dataset import NotReviewed, load_run_dataset
-    from selfment_label.review.db import ReviewError
     from selfment_label.review.export import (
         ExportError,
         check_options,
         check_target,
         export_dataset,
     )
-    from selfment_label.runfolder.layout import RunFolderError
 
     try:
         check_options(fmt, media, val_fraction, min_piece_area)
     except ExportError as error:
         raise fail(f"invalid option: {error}", EXIT_USAGE) from None
-    with user_errors(ExportError):
+    with user_errors():
         check_target(target, overwrite, {})  # the run's folders are checked with the dataset
-    with user_errors(ReviewError, ExportError, RunFolderError), console.status("exporting"):
+    with user_errors(), console.status("exporting"):
         try:
             dataset = load_run_dataset(run_dir, name, unreviewed=unreviewed)
         except NotReviewed as error:

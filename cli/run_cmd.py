@@ -74,9 +74,9 @@ def ray_executor(
         return None
     with invalid_options():
         options = RayConfig(address=address, actors=actors)
-    from selfment_label.distributed.ray_run import RayExecutor, RayUnavailable
+    from selfment_label.distributed.ray_run import RayExecutor
 
-    with user_errors(RayUnavailable):
+    with user_errors():
         executor = RayExecutor(options)
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
@@ -129,32 +129,8 @@ def print_summary(summary: RunSummary) -> None:
         console.print(skipped)
 
 
-def label_errors() -> tuple[type[BaseException], ...]:
-    """The library errors a labelling call reports as a sentence (imported on use, so the
-    CLI's help stays fast)."""
-    from selfment_label.data.storage import StorageError
-    from selfment_label.device import DeviceError
-    from selfment_label.distributed.ray_run import RayUnavailable
-    from selfment_label.features.presets import BackboneError
-    from selfment_label.outputs import OutputError
-    from selfment_label.refine import RefineUnavailable
-    from selfment_label.runfolder.journal import RunConflict
-    from selfment_label.runfolder.layout import RunFolderError
-    from selfment_label.runfolder.pipeline import NoImages
-
-    return (
-        RayUnavailable,
-        StorageError,
-        NoImages,
-        RefineUnavailable,
-        RunConflict,
-        RunFolderError,
-        OutputError,
-        BackboneError,
-        DeviceError,
-        FileNotFoundError,
-        NotADirectoryError,
-    )
+LABEL_ERRORS = (FileNotFoundError, NotADirectoryError)
+"""Besides every ``SelfmentError``: a missing input folder is a sentence too."""
 
 
 def refine_option() -> Any:
@@ -171,17 +147,14 @@ def precision_option() -> Any:
     return typer.Option(RunConfig.precision, help=f"{PRECISION_HELP}.")
 
 
-def label_with_progress(
-    label: Callable[[ProgressCallback], RunSummary], *errors: type[BaseException]
-) -> RunSummary:
+def label_with_progress(label: Callable[[ProgressCallback], RunSummary]) -> RunSummary:
     """Run a labelling call under a progress bar, print its summary and return it.
 
     Arguments:
-      label: called with the progress callback; returns the run's summary.
-      errors: more library exceptions to report as clean errors (the labelling ones are
-        always reported).
+      label: called with the progress callback; returns the run's summary. Its library
+        errors (``SelfmentError``) and a missing input folder are reported as a sentence.
     """
-    with user_errors(*label_errors(), *errors), make_progress() as progress:
+    with user_errors(*LABEL_ERRORS), make_progress() as progress:
         summary = label(LabelProgress(progress))
     print_summary(summary)
     if summary.total and len(summary.skipped) == summary.total:

@@ -50,9 +50,9 @@ def _loss_text(losses: dict[str, float]) -> str:
 
 def _run_task(run_dir: Path) -> str:
     """The head a run trains by default (``default_task`` of its mode)."""
-    from selfment_label.runfolder.layout import RunFolderError, read_run
+    from selfment_label.runfolder.layout import read_run
 
-    with user_errors(RunFolderError):
+    with user_errors():
         return default_task(read_run(run_dir).mode)
 
 
@@ -127,18 +127,13 @@ def train(
     """Train a head on a run's masks (features are cached, training is on the CPU): the
     single-object patch head, or the instance head on instances and entities runs."""
     setup_logging(verbose)
-    from selfment_label.device import DeviceError, resolve_device
-    from selfment_label.features.cache import CacheError
-    from selfment_label.features.presets import BackboneError
-    from selfment_label.head.checkpoint import HeadError
+    from selfment_label.device import resolve_device
     from selfment_label.head.train import check_train_outputs, distil
-    from selfment_label.outputs import OutputError
-    from selfment_label.runfolder.layout import RunFolderError
 
     require_choice(precision, PRECISION_NAMES, "--precision")
     if not reviewed and (name or tags):
         raise fail("--name and --tags choose a reviewed dataset: pass --reviewed too")
-    with user_errors(OutputError):
+    with user_errors():
         check_train_outputs(run_dir, out, cache)
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
@@ -171,26 +166,16 @@ def train(
         raise fail("--rounds is an option of the instance head (--task instances)")
     with invalid_options():
         config = TrainConfig(**chosen, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
-    errors = (
-        HeadError,
-        OutputError,
-        RunFolderError,
-        CacheError,
-        BackboneError,
-        DeviceError,
-        FileNotFoundError,
-    )
     source = None
     if reviewed:
-        from selfment_label.review.db import ReviewError
         from selfment_label.review.targets import reviewed_targets
 
-        with user_errors(ReviewError, RunFolderError), console.status("reading the review"):
+        with user_errors(), console.status("reading the review"):
             source = reviewed_targets(run_dir, name, tags, exclude_tags)
         console.print(
             f"dataset [bold]{source.dataset}[/]: {len(source.targets)} samples to learn from"
         )
-    with user_errors(*errors), make_progress() as progress:
+    with user_errors(FileNotFoundError), make_progress() as progress:
         features = progress.add_task("features", total=None)
         steps = progress.add_task("training", total=None, start=False)
 
@@ -279,7 +264,6 @@ def apply(
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
     setup_logging(verbose)
     from selfment_label.head.apply import apply_head
-    from selfment_label.head.checkpoint import HeadError
 
     require_choice(refine, REFINE_METHODS, "--refine")
     require_choice(precision, PRECISION_NAMES, "--precision")
@@ -311,16 +295,13 @@ def apply(
             executor=executor,
             instances=instances,
         ),
-        HeadError,
     )
     if review:
         from selfment_label.review.dataset import build_dataset
-        from selfment_label.review.db import ReviewError
-        from selfment_label.runfolder.layout import RunFolderError
 
         from .review_cmd import print_dataset
 
-        with user_errors(ReviewError, RunFolderError), console.status("adding to FiftyOne"):
+        with user_errors(), console.status("adding to FiftyOne"):
             dataset = build_dataset(summary.out_dir, name, add=name is not None)
         print_dataset(dataset)
         console.print(f"review it with `selfment-label review {summary.out_dir}`")

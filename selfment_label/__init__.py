@@ -39,6 +39,7 @@ _PUBLIC = {
     "build_dataset": "review.dataset",
     "export_dataset": "review.export",
     "selfment_model": "review.model",
+    "SelfmentError": "errors",
 }
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "build_dataset",
     "export_dataset",
     "selfment_model",
+    "SelfmentError",
 ]
 
 if TYPE_CHECKING:
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
         SingleConfig,
         TrainConfig,
     )
+    from .errors import SelfmentError
     from .evaluate import evaluate_run
     from .features.backbone import build_backbone
     from .head.apply import apply_head

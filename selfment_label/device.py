@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .config import PRECISION_NAMES
+from .errors import SelfmentError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """``/proc/cpuinfo`` flags of CPUs that run bf16 matrix products natively."""
 
 
-class DeviceError(RuntimeError):
+class DeviceError(SelfmentError, RuntimeError):
     """The device asked for does not exist on this machine."""
 
 

@@ -31,6 +31,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .data.images import IMAGE_EXTENSIONS, find_images
+from .errors import SelfmentError
 from .runfolder.layout import RunFolderError, read_run, union_mask
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ BOUNDARY_TOLERANCE = 3
 ROW_METRICS = ("iou", "accuracy", "max_f", "s_measure", "max_e", "weighted_f", "mae")
 
 
-class EvalError(RuntimeError):
+class EvalError(SelfmentError, RuntimeError):
     """The run folder or the ground-truth folder cannot be evaluated."""
 
 

@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .data.storage import is_uri
+from .errors import SelfmentError
 from .runfolder.layout import RUN_FILES, RUN_NAME, is_run_folder
 
 
-class OutputError(RuntimeError):
+class OutputError(SelfmentError, RuntimeError):
     """A path the tool refuses to write (protected, a run's own file, or not writable)."""
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .config import REFINE_MAX_SIDE, REFINE_METHODS
+from .errors import SelfmentError
 
 GUIDED_RADIUS_PATCHES = 1.25
 """Window radius of the guided filter, in patches (16 px on ecssd-dev)."""
@@ -49,7 +50,7 @@ CRF_MIN_PROBABILITY = 1e-5
 """Probabilities are clipped to at least this before their negative log is the CRF's unary."""
 
 
-class RefineUnavailable(RuntimeError):
+class RefineUnavailable(SelfmentError, RuntimeError):
     """The refinement asked for needs a package that is not installed."""
 
 

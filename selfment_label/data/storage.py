@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from ..errors import SelfmentError
 from .images import (
     ImageReader,
     ImageSkip,
@@ -46,7 +47,7 @@ ENDPOINT_SECONDS = 10.0
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
-class StorageError(RuntimeError):
+class StorageError(SelfmentError, RuntimeError):
     """Object storage that cannot be listed, or a URI no filesystem understands."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..config import RAY_ADDRESS_ENV, RAY_CPU_THREADS_PER_ACTOR, RayConfig, RunConfig
 from ..device import DeviceError, resolve_device
+from ..errors import SelfmentError
 from ..refine import guide_side
 from ..runfolder.pipeline import LabelJob, Labeller
 from .stages import (
@@ -50,7 +51,7 @@ DECODE_CPUS = 1.0
 MAX_BLOCKS = 10_000
 
 
-class RayUnavailable(RuntimeError):
+class RayUnavailable(SelfmentError, RuntimeError):
     """Ray is not installed, or the cluster cannot be reached."""
 
 

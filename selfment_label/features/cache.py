@@ -26,6 +26,7 @@ from ..atomic import atomic_path, atomic_write_json
 from ..data.batching import batches_by_grid, prefetch, stack_pixels
 from ..data.images import DecodedImage, prepare_image
 from ..device import PRECISIONS
+from ..errors import SelfmentError
 from .backbone import Backbone, error_summary, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ HASH_CHARS = 24
 FeatureProgress = Callable[[int, int], None]
 
 
-class CacheError(RuntimeError):
+class CacheError(SelfmentError, RuntimeError):
     """The cache cannot serve the features asked for (missing image, foreign settings)."""
 
 

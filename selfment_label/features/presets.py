@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import SelfmentError
+
 WEIGHTS_ENV = "SELFMENT_WEIGHTS"
 
 
@@ -61,7 +63,7 @@ def _presets() -> dict[str, BackbonePreset]:
 PRESETS: dict[str, BackbonePreset] = _presets()
 
 
-class BackboneError(RuntimeError):
+class BackboneError(SelfmentError, RuntimeError):
     """Raised when a backbone cannot be built or its weights cannot be found or loaded."""
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..config import MAX_RESOLUTION, MIN_RESOLUTION, check_int
+from ..errors import SelfmentError
 from ..features.backbone import Backbone, error_summary, file_sha256
 from .instance_model import InstanceHead
 from .model import PatchHead
@@ -23,7 +24,7 @@ from .model import PatchHead
 CHECKPOINT_FORMAT = "selfment-label-head/1"
 
 
-class HeadError(RuntimeError):
+class HeadError(SelfmentError, RuntimeError):
     """A run folder or checkpoint cannot be used to train or apply a head."""
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..errors import SelfmentError
+
 INSTALL_HINT = 'pip install -e ".[dev]" ./third_party/fiftyone-db-shim'
 
 
-class ReviewError(RuntimeError):
+class ReviewError(SelfmentError, RuntimeError):
     """A run folder cannot be reviewed (missing files, unknown dataset...)."""
 
 

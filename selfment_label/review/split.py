@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 
 from ..config import EXPORT_SPLIT_SEED, EXPORT_VAL_FRACTION
+from ..errors import SelfmentError
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ VAL = "val"
 SPLITS = (TRAIN, VAL)
 
 
-class SplitError(ValueError):
+class SplitError(SelfmentError, ValueError):
     """Split options or tags that cannot give a split."""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..atomic import atomic_path
+from ..errors import SelfmentError
 
 FOREGROUND_CATEGORY = {"id": 1, "name": "foreground", "supercategory": "object"}
 
@@ -30,7 +31,7 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
 
 
-class RleError(ValueError):
+class RleError(SelfmentError, ValueError):
     """An RLE mask that is malformed, truncated, or not the size of its image."""
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_path
+from ..errors import SelfmentError
 from .layout import JOURNAL_NAME, LOCK_NAME, RUN_NAME
 
 logger = logging.getLogger(__name__)
 
 
-class RunConflict(RuntimeError):
+class RunConflict(SelfmentError, RuntimeError):
     """The output folder is busy or holds a run made with different options."""
 
 

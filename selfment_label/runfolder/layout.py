@@ -27,6 +27,7 @@ import numpy as np
 
 from ..atomic import atomic_write_json, truncate_name
 from ..data.storage import is_uri
+from ..errors import SelfmentError
 from .coco import RleError, decode_rle, load_coco, masks_by_image
 
 ANNOTATIONS_NAME = "annotations.json"
@@ -42,7 +43,7 @@ RUN_FILES = frozenset(
 """The names a run folder keeps for itself: no other output may take them."""
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(SelfmentError, RuntimeError):
     """A folder is not a finished run folder, or its files cannot be read."""
 
 

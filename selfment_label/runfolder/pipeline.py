@@ -29,6 +29,7 @@ from ..data.batching import batches_by_grid, prefetch, stack_pixels
 from ..data.images import DecodedImage, ImageSkip, prepare_image
 from ..data.storage import ContentKey, ImageSource, is_uri, open_source
 from ..device import resolve_device, resolve_precision, small_kernel_threads
+from ..errors import SelfmentError
 from ..features.backbone import Backbone, build_backbone
 from ..masks import full_size_masks
 from ..outputs import check_output
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int, str, "str | None"], None]
 
 
-class NoImages(RuntimeError):
+class NoImages(SelfmentError, RuntimeError):
     """The input folder has no images."""
 
 
