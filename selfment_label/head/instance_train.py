@@ -217,6 +217,13 @@ class InstanceDistilResult:
         return self.rounds[-1]["losses"]
 
 
+def _no_mask_error(images: int) -> HeadError:
+    return HeadError(
+        f"none of the run's {images} images has a mask: an instance head learnt "
+        "from them would find no object; label with other options first"
+    )
+
+
 def distil_instances(
     run_dir: str | Path,
     out: str | Path,
@@ -260,6 +267,8 @@ def distil_instances(
     check_train_outputs(run_dir, out, cache_dir)
     source = read_run(run_dir)
     masks = list(top_level_masks(source))
+    if masks and not any(image_masks for *_, image_masks in masks):
+        raise _no_mask_error(len(masks))  # before any feature is computed
     cache, entries = run_features(
         source,
         [name for name, *_ in masks],
@@ -285,10 +294,7 @@ def distil_instances(
         images.append(InstanceImage(name, cached.tokens.half(), stacked))
     pseudo_masks = sum(len(image.targets) for image in images)
     if images and not pseudo_masks:
-        raise HeadError(
-            f"none of the run's {len(images)} images has a mask: an instance head learnt "
-            "from them would find no object; label with other options first"
-        )
+        raise _no_mask_error(len(images))
     head, rounds = train_rounds(images, config, device, train_progress, round_done)
     meta = {
         "format": CHECKPOINT_FORMAT,
