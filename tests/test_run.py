@@ -572,3 +572,35 @@ def test_object_less_images_get_no_mask_and_a_reason(
     assert annotated == {"0010.jpg", "0011.jpg"}
     assert set(names.values()) == empty | annotated  # labelled, not skipped
     assert set(json.loads((out / "run.json").read_text())["image_notes"]) == empty
+
+
+def test_the_backbone_runs_one_batch_ahead_of_the_masks(tmp_path, tiny_backbone, monkeypatch):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(3):
+        _scene(seed).save(folder / f"{seed}.png")
+    asked: list[str] = []
+    ahead: list[bool] = []
+    tokens, label = Labeller.tokens, Labeller.label
+
+    def counting_tokens(self, batch, timer):
+        asked.append(batch[0].file_name)
+        return tokens(self, batch, timer)
+
+    def waiting_label(self, batch, timer, save_scores=False, batch_tokens=None):
+        # the next batch's backbone must be under way before this batch's masks are made
+        wanted = min(len(ahead) + 2, 3)
+        deadline = time.monotonic() + 5.0
+        while len(asked) < wanted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ahead.append(len(asked) >= wanted)
+        return label(self, batch, timer, save_scores, batch_tokens)
+
+    monkeypatch.setattr(Labeller, "tokens", counting_tokens)
+    monkeypatch.setattr(Labeller, "label", waiting_label)
+    summary = label_folder(
+        folder, tmp_path / "run", RunConfig(batch_size=1), backbone=tiny_backbone
+    )
+    assert summary.labelled == 3
+    assert ahead == [True, True, True]
+    assert sorted(asked) == ["0.png", "1.png", "2.png"]
