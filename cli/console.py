@@ -38,12 +38,12 @@ class _State:
 def setup_logging(verbose: bool) -> None:
     """Route the library's logging through rich (warnings only unless ``verbose``)."""
     _State.verbose = verbose
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
-        force=True,
-    )
+    level = logging.DEBUG if verbose else logging.WARNING
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    # The handler's own level filters what other packages' loggers pass up to the root
+    # (FiftyOne logs its App banner at INFO with a handler of its own: shown once, by it).
+    handler.setLevel(level)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
 
 
 class RateColumn(ProgressColumn):
