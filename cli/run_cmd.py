@@ -42,7 +42,8 @@ from .console import (
 )
 
 if TYPE_CHECKING:
-    from selfment_label.runfolder.pipeline import Executor, ProgressCallback, RunSummary
+    from selfment_label.engine import Executor
+    from selfment_label.runfolder.record import ProgressCallback, RunSummary
 
 IMAGES_HELP = (
     "Folder of images (searched recursively), or an object storage prefix "
@@ -262,7 +263,7 @@ def run(
             segment=segment,
         )
     executor = ray_executor(ray, ray_address, ray_actors, verbose)
-    from selfment_label.runfolder.pipeline import label_folder
+    from selfment_label.runfolder.label import label_folder
 
     label_with_progress(
         lambda progress: label_folder(

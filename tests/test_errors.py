@@ -23,10 +23,10 @@ from selfment_label.head import features as head_features
 from selfment_label.head.train import distil
 from selfment_label.review.export import ExportError, check_target
 from selfment_label.runfolder import journal as journal_module
-from selfment_label.runfolder import pipeline
+from selfment_label.runfolder import label as labelling
 from selfment_label.runfolder.coco import RleError, decode_rle
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import RunFolderError, union_mask
-from selfment_label.runfolder.pipeline import label_folder
 
 
 def _rle(height: int = 10, width: int = 12) -> dict:
@@ -151,7 +151,7 @@ def images(tmp_path: Path) -> Path:
 def test_full_or_read_only_disk_is_a_sentence_and_nothing_is_lost(
     images, tmp_path, tiny_backbone, monkeypatch, code, sentence
 ):
-    monkeypatch.setattr(pipeline, "backbone_for", lambda config: tiny_backbone)
+    monkeypatch.setattr(labelling, "backbone_for", lambda config: tiny_backbone)
     real_append = journal_module.Journal._append
     calls = []
 
@@ -206,7 +206,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(pipeline, "backbone_for", refuse)
+    monkeypatch.setattr(labelling, "backbone_for", refuse)
     monkeypatch.setattr(head_features, "build_backbone", refuse)
 
 

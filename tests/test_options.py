@@ -17,6 +17,7 @@ from selfment_label_cli.console import LabelProgress, RateColumn
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
+from selfment_label import engine
 from selfment_label.config import (
     EntitiesConfig,
     InstanceApplyConfig,
@@ -27,8 +28,8 @@ from selfment_label.config import (
     TrainConfig,
 )
 from selfment_label.device import DeviceError, resolve_device
-from selfment_label.runfolder import pipeline
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder import label as labelling
+from selfment_label.runfolder.label import label_folder
 
 BAD_OPTIONS = [
     (RunConfig, {"resolution": 0}),
@@ -82,7 +83,7 @@ def test_defaults_are_valid():
 @pytest.fixture
 def tiny_cli(monkeypatch, tiny_backbone):
     """The CLI in-process, building the tiny backbone instead of downloading one."""
-    monkeypatch.setattr(pipeline, "backbone_for", lambda config: tiny_backbone)
+    monkeypatch.setattr(labelling, "backbone_for", lambda config: tiny_backbone)
     return CliRunner()
 
 
@@ -182,7 +183,7 @@ def test_programming_errors_in_decoding_propagate(monkeypatch, tmp_path, tiny_ba
     def broken(*args, **kwargs):
         raise TypeError("a bug, not a bad image")
 
-    monkeypatch.setattr(pipeline, "prepare_image", broken)
+    monkeypatch.setattr(engine, "prepare_image", broken)
     images = _images(tmp_path / "img")
     with pytest.raises(TypeError, match="a bug"):
         label_folder(images, tmp_path / "o", RunConfig(resolution=112), backbone=tiny_backbone)
@@ -192,7 +193,7 @@ def test_cli_shows_traceback_of_a_bug_only_with_verbose(monkeypatch, tiny_cli, t
     def broken(*args, **kwargs):
         raise TypeError("a bug, not a bad image")
 
-    monkeypatch.setattr(pipeline, "prepare_image", broken)
+    monkeypatch.setattr(engine, "prepare_image", broken)
     images = _images(tmp_path / "img")
     quiet = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o")])
     assert quiet.exit_code == 1
@@ -224,7 +225,7 @@ def test_wall_seconds_include_model_loading(monkeypatch, tmp_path, tiny_backbone
         time.sleep(0.3)
         return tiny_backbone
 
-    monkeypatch.setattr(pipeline, "backbone_for", slow_backbone)
+    monkeypatch.setattr(labelling, "backbone_for", slow_backbone)
     images = _images(tmp_path / "img")
     summary = label_folder(images, tmp_path / "o", RunConfig(resolution=112))
     assert summary.stages["load model"] >= 0.3

@@ -20,12 +20,13 @@ from pycocotools.coco import COCO
 from selfment_label.config import RunConfig, SingleConfig, mode_config
 from selfment_label.data.images import prepare_image
 from selfment_label.device import DeviceError
+from selfment_label.engine import Labeller
 from selfment_label.masks import full_size_masks
 from selfment_label.refine import guide_side
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict, RunLock
+from selfment_label.runfolder.label import NoImages, label_folder
 from selfment_label.runfolder.layout import score_map_path
-from selfment_label.runfolder.pipeline import Labeller, NoImages, label_folder
 from selfment_label.segment.base import ImageMasks
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer

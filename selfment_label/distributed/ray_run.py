@@ -30,9 +30,9 @@ from typing import Any
 
 from ..config import RAY_ADDRESS_ENV, RAY_CPU_THREADS_PER_ACTOR, RayConfig, RunConfig
 from ..device import DeviceError, resolve_device
+from ..engine import LabelJob, Labeller
 from ..errors import SelfmentError
 from ..refine import guide_side
-from ..runfolder.pipeline import LabelJob, Labeller
 from .stages import (
     DecodeSettings,
     LabelActor,
