@@ -1,11 +1,12 @@
-"""Shared rich helpers of the CLI: console, logging, progress bars, errors."""
+"""Shared rich helpers of the CLI: console, logging, progress bars, errors, a run's summary."""
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -22,7 +23,11 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from selfment_label.runfolder.record import ProgressCallback, RunSummary
 
 console = Console(stderr=True)
 
@@ -178,3 +183,55 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
         raise fail(
             f"unexpected {type(error).__name__}: {error} (run again with -v for the traceback)"
         ) from None
+
+
+def print_summary(summary: RunSummary) -> None:
+    """The final table: counts, seconds per stage, throughput."""
+    title = f"selfment-label -> {summary.out_dir}"
+    table = Table(title=title, show_header=False, min_width=len(title))  # the title on one line
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("images found", str(summary.total))
+    table.add_row("labelled now", str(summary.labelled))
+    if summary.resumed:
+        table.add_row("already done (resumed)", str(summary.resumed))
+    table.add_row("skipped", str(len(summary.skipped)))
+    table.add_row("annotations", str(summary.annotations))
+    for note in sorted({key for notes in summary.notes.values() for key in notes}):
+        count = sum(note in notes for notes in summary.notes.values())
+        table.add_row(f"{note} noted (run.json)", str(count))
+    for stage, seconds in summary.stages.items():
+        table.add_row(f"{stage} s", f"{seconds:.2f}")
+    table.add_row("wall s (all)", f"{summary.wall_seconds:.2f}")
+    table.add_row("images/s", f"{summary.images_per_second:.2f}")
+    console.print(table)
+    if summary.skipped:
+        skipped = Table(title="skipped images")
+        skipped.add_column("file")
+        skipped.add_column("reason")
+        for name, reason in summary.skipped.items():
+            skipped.add_row(name, reason)
+        console.print(skipped)
+
+
+LABEL_ERRORS = (FileNotFoundError, NotADirectoryError)
+"""Besides every ``SelfmentError``: a missing input folder is a sentence too."""
+
+
+def label_with_progress(label: Callable[[ProgressCallback], RunSummary]) -> RunSummary:
+    """Run a labelling call under a progress bar, print its summary and return it.
+
+    Arguments:
+      label: called with the progress callback; returns the run's summary. Its library
+        errors (``SelfmentError``) and a missing input folder are reported as a sentence.
+    """
+    with user_errors(*LABEL_ERRORS), make_progress() as progress:
+        summary = label(LabelProgress(progress))
+    print_summary(summary)
+    if summary.total and len(summary.skipped) == summary.total:
+        raise fail(
+            f"nothing was labelled: all {summary.total} images were skipped "
+            "(reasons in the table above)",
+            EXIT_NOTHING_LABELLED,
+        )
+    return summary

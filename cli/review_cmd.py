@@ -34,6 +34,7 @@ from .console import (
     setup_logging,
     user_errors,
 )
+from .options import offline_option, verbose_option
 
 
 def print_dataset(dataset: Any) -> None:
@@ -132,14 +133,14 @@ def review(
     precision: str = typer.Option(
         RunConfig.precision, help=f"With --embeddings: {PRECISION_HELP.lower()}."
     ),
-    offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    offline: bool = offline_option(),
     status: bool = typer.Option(
         False,
         "--status",
         help="Only print how the review stands (tags, masks deleted or edited, saved views); "
         "the App is not opened.",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Build (or update) the run's FiftyOne dataset and open it in the FiftyOne App."""
     setup_logging(verbose)
@@ -234,7 +235,7 @@ def export(
         help="When no dataset reviews the run, build one from the run and export its labels "
         "as they are.",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Export the reviewed labels (tags, deletions and edits honoured) as a training set."""
     setup_logging(verbose)
