@@ -158,6 +158,31 @@ def invalid_options() -> Iterator[None]:
         raise fail(f"invalid option: {error}", EXIT_USAGE) from None
 
 
+ADVICE = {
+    "overwrite": "use --overwrite to replace it, or choose another --out",
+    "out_dir": "choose another --out",
+    "run_dir": "make one with `selfment-label run IMAGES --out RUN_DIR`",
+    "input_dir": "copy the images down (for example `aws s3 sync URI ./images`) and run "
+    "`selfment-label run ./images --out RUN_DIR` with the run's options (images whose size "
+    "and modification time match the journal are not labelled again)",
+    "weights": "pass a local weights file with --weights FILE (or set $SELFMENT_WEIGHTS)",
+    "backbone": "choose that --backbone, or pass the weights of yours with --weights",
+    "device": "choose another --device (auto, cpu, cuda or cuda:N)",
+    "refine": "or choose another --refine (guided needs no extra)",
+    "ray_address": "`ray start --head` prints a cluster's address; leave out --ray-address "
+    "for a local instance",
+}
+"""What to do at the command line, for each ``SelfmentError.remedy``: the library states the
+fact, the CLI names its flags."""
+
+
+def describe_error(error: BaseException) -> str:
+    """The sentence the CLI prints for a user's error: the library's fact, then the advice of
+    its remedy in command-line terms (``ADVICE``)."""
+    advice = ADVICE.get(getattr(error, "remedy", None) or "")
+    return f"{error}; {advice}" if advice else str(error)
+
+
 @contextmanager
 def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     """Turn a library error (``SelfmentError``) or one of the listed exceptions into a clean
@@ -171,7 +196,7 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except (SelfmentError, *kinds) as error:
-        raise fail(str(error)) from None
+        raise fail(describe_error(error)) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except Exception as error:
@@ -212,6 +237,10 @@ def print_summary(summary: RunSummary) -> None:
         for name, reason in summary.skipped.items():
             skipped.add_row(name, reason)
         console.print(skipped)
+        from selfment_label.data.images import TOO_LARGE
+
+        if any(reason.startswith(TOO_LARGE) for reason in summary.skipped.values()):
+            console.print(f"images {TOO_LARGE}: raise the limit with --max-pixels to label them")
 
 
 LABEL_ERRORS = (FileNotFoundError, NotADirectoryError)

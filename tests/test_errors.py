@@ -125,7 +125,9 @@ def test_commands_without_backbone_option_ask_for_the_right_weights(
         assert result.exit_code == 1, result.output
         text = _text(result)
         assert "holds weights of another model (patch 16, dim 384, 12 blocks)" in text
-        assert "needs the weights of dinov2-vits14: pass its weights file with --weights" in text
+        assert (
+            "needs the weights of dinov2-vits14; pass a local weights file with --weights" in text
+        )
         assert "--backbone" not in text
 
 

@@ -161,6 +161,17 @@ def test_options_of_the_chosen_mode_are_taken(tiny_cli, tmp_path):
     assert (options["max_instances"], options["min_area"], options["tau"]) == (2, 0.05, 0.3)
 
 
+def test_images_over_the_pixel_limit_are_skipped_with_the_flag_to_raise_it(tiny_cli, tmp_path):
+    """The skip reason (run.json) states the limit; the CLI's summary names --max-pixels."""
+    images = _images(tmp_path / "img")
+    out = tmp_path / "o"
+    result = tiny_cli.invoke(app, ["run", str(images), "--out", str(out), "--max-pixels", "100"])
+    assert result.exit_code == 3, result.output
+    reasons = json.loads((out / "run.json").read_text())["images_skipped"].values()
+    assert all(r.endswith("(max_pixels)") and "--" not in r for r in reasons)
+    assert "raise the limit with --max-pixels" in " ".join(result.output.split())
+
+
 def test_run_that_labels_nothing_exits_3(tiny_cli, tmp_path):
     images = tmp_path / "img"
     images.mkdir()

@@ -307,6 +307,7 @@ def test_an_address_that_is_not_ray_fails_in_one_sentence_before_the_model_loads
         assert result.returncode == 1, result.stderr
         text = " ".join(result.stderr.split())
         assert f"{silent} accepts connections but did not answer as a Ray cluster" in text
+        assert "leave out --ray-address for a local instance" in text  # the CLI's advice
         assert "Traceback" not in text
     with tcp_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as web:
         with pytest.raises(RayUnavailable, match=r"is not a Ray cluster: it answered b'HTTP/1.1"):

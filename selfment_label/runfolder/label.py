@@ -67,9 +67,7 @@ def input_source(input_dir: str | Path, out_dir: Path) -> ImageSource:
         return open_source(input_dir)
     input_dir = Path(input_dir)
     if out_dir.resolve() == input_dir.resolve():
-        raise RunConflict(
-            f"--out {out_dir} is the input folder itself; choose a folder for the run's files"
-        )
+        raise RunConflict(f"the run folder {out_dir} is the input folder itself", remedy="out_dir")
     out = out_dir.resolve()
     return open_source(
         input_dir, skip_folder=lambda folder: folder.resolve() == out or is_run_folder(folder)
@@ -103,8 +101,8 @@ def _refuse_foreign_annotations(out_dir: Path, overwrite: bool) -> None:
     foreign = (out_dir / ANNOTATIONS_NAME).exists() and not (out_dir / JOURNAL_NAME).exists()
     if foreign and not overwrite:
         raise RunConflict(
-            f"{out_dir} already holds an annotations.json that this tool did not journal; "
-            "use --overwrite to replace it, or choose another --out"
+            f"{out_dir} already holds an annotations.json that this tool did not journal",
+            remedy="overwrite",
         )
 
 
