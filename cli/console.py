@@ -1,4 +1,5 @@
-"""Shared rich helpers of the CLI: console, logging, progress bars, errors, a run's summary."""
+"""Shared rich helpers of the CLI: console, logging, progress bars, errors (and the advice
+the CLI adds to them), a run's summary, a review dataset."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import errno
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -264,3 +265,13 @@ def label_with_progress(label: Callable[[ProgressCallback], RunSummary]) -> RunS
             EXIT_NOTHING_LABELLED,
         )
     return summary
+
+
+def print_dataset(dataset: Any) -> None:
+    """Print a review dataset's name, size, label fields and saved views."""
+    fields = ", ".join(dataset.info["selfment"]["label_fields"])
+    console.print(
+        f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
+    )
+    views = ", ".join(f"'{view}'" for view in dataset.list_saved_views())
+    console.print(f"saved views: {views}")

@@ -30,21 +30,12 @@ from .console import (
     console,
     fail,
     make_progress,
+    print_dataset,
     require_choice,
     setup_logging,
     user_errors,
 )
 from .options import offline_option, verbose_option
-
-
-def print_dataset(dataset: Any) -> None:
-    """Print a review dataset's name, size, label fields and saved views."""
-    fields = ", ".join(dataset.info["selfment"]["label_fields"])
-    console.print(
-        f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
-    )
-    views = ", ".join(f"'{view}'" for view in dataset.list_saved_views())
-    console.print(f"saved views: {views}")
 
 
 def add_embeddings(

@@ -24,6 +24,7 @@ from .console import (
     invalid_options,
     label_with_progress,
     make_progress,
+    print_dataset,
     require_choice,
     setup_logging,
     user_errors,
@@ -297,8 +298,6 @@ def apply(
     )
     if review:
         from selfment_label.review.dataset import build_dataset
-
-        from .review_cmd import print_dataset
 
         with user_errors(), console.status("adding to FiftyOne"):
             dataset = build_dataset(summary.out_dir, name, add=name is not None)
