@@ -60,7 +60,7 @@ def resolve_device(device: str) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise DeviceError(
-            f"unknown device {device!r}: the devices are auto, cpu, cuda or cuda:N", "device"
+            f"unknown device {device!r}: the devices are auto, cpu, cuda or cuda:N", remedy="device"
         ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(

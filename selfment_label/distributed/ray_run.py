@@ -194,7 +194,7 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise RayUnavailable(
-            f"cannot connect to the Ray cluster at {target}: {error}", "ray_address"
+            f"cannot connect to the Ray cluster at {target}: {error}", remedy="ray_address"
         ) from None
     try:
         yield ray

@@ -132,7 +132,7 @@ class WeightsMismatch(BackboneError):
         """The error for a command with no ``--backbone``: ``fixed_by`` (``the head``, ``the
         run``) decides the preset, so the fix is that preset's weights file."""
         return BackboneError(
-            f"{self._what()}; {fixed_by} needs the weights of {self.preset.name}", "weights"
+            f"{self._what()}; {fixed_by} needs the weights of {self.preset.name}", remedy="weights"
         )
 
 
@@ -329,7 +329,7 @@ def _from_hub(preset: BackbonePreset, kwargs: dict[str, object]) -> torch.nn.Mod
                 remedy="weights",
             ) from None
         raise BackboneError(
-            f"could not download {preset.timm_id} from the model hub ({error})", "weights"
+            f"could not download {preset.timm_id} from the model hub ({error})", remedy="weights"
         ) from None
 
 

@@ -159,7 +159,7 @@ class Journal:
             )
         if previous != self.fingerprint:
             raise RunConflict(
-                describe_mismatch(previous, self.fingerprint, self.path.parent), "overwrite"
+                describe_mismatch(previous, self.fingerprint, self.path.parent), remedy="overwrite"
             )
         torn = good_end < self.path.stat().st_size
         if torn:

@@ -168,7 +168,7 @@ def read_run(run_dir: str | Path, require_provenance: bool = True) -> RunFolder:
     for name in names:
         if not (run_dir / name).is_file():
             raise RunFolderError(
-                f"{run_dir} is not a finished run folder: {name} not found", "run_dir"
+                f"{run_dir} is not a finished run folder: {name} not found", remedy="run_dir"
             )
     try:
         coco = load_coco(run_dir / ANNOTATIONS_NAME)
