@@ -41,7 +41,7 @@ from selfment_label.review.export import export_dataset
 from selfment_label.review.model import selfment_model
 from selfment_label.review.targets import reviewed_targets
 from selfment_label.runfolder.coco import decode_rle, load_coco
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 fo = pytest.importorskip("fiftyone")
 F = fo.ViewField
