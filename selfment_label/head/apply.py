@@ -12,7 +12,6 @@ import torch
 
 from ..config import InstanceApplyConfig, RunConfig
 from ..features.backbone import Backbone, WeightsMismatch, file_sha256
-from ..masks import THRESHOLD
 from ..runfolder.layout import RUN_NAME
 from ..runfolder.pipeline import (
     Executor,
@@ -29,7 +28,7 @@ from ..timing import StageTimer
 from .checkpoint import HeadCheckpoint, load_checkpoint
 from .instance_apply import InstanceHeadSegmenter
 from .instance_model import InstanceHead
-from .model import PatchHead
+from .model import PatchHead, mask_score
 
 
 @dataclass
@@ -42,28 +41,43 @@ class HeadSegmenter:
     Arguments:
       head: the trained head, on the backbone's device.
       head_sha256: sha256 of its checkpoint (recorded, and compared when a run resumes).
+      layers: the backbone blocks whose tokens the head reads (None: the last layer's).
+      flip: test-time flip: the mirrored image goes through the backbone too (in the same
+        batch) and the head's foreground logits of both, mirrored back, are averaged.
     """
 
     head: PatchHead
     head_sha256: str
+    layers: tuple[int, ...] | None = None
+    flip: bool = False
 
     def options(self) -> dict[str, Any]:
-        """Options that decide the masks."""
-        return {"mode": "head", "head_sha256": self.head_sha256}
+        """Options that decide the masks (``flip`` only when on: runs made before it resume)."""
+        flip = {"flip": True} if self.flip else {}
+        return {"mode": "head", "head_sha256": self.head_sha256, **flip}
 
     def to(self, device: torch.device | str) -> HeadSegmenter:
         """This segmenter with its head on ``device`` (a Ray actor moves it to its GPU)."""
-        return HeadSegmenter(self.head.to(device), self.head_sha256)
+        return replace(self, head=self.head.to(device))
+
+    def tokens(
+        self, backbone: Backbone, pixels: torch.Tensor, dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """The tokens the head reads: its layers' for the batch, then for its mirror image."""
+        views = torch.cat([pixels, pixels.flip(-1)]) if self.flip else pixels
+        return backbone.patch_tokens(views, dtype, self.layers)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
-        """One ``PatchMask`` per image of a ``[B, rows, cols, D]`` batch."""
+        """One ``PatchMask`` per image of a ``[B, rows, cols, D]`` batch (``[2B, ...]``, the
+        mirror images last, with ``flip``)."""
         with timer.stage("head"):
-            probability = self.head.foreground(tokens.float())
-            inside = probability > THRESHOLD
-            count = inside.flatten(1).sum(1)
-            total = (probability * inside).flatten(1).sum(1)
-            score = torch.where(count > 0, total / count.clamp(min=1), 0.0).tolist()
+            logit = self.head.foreground_logit(tokens.float())
+            if self.flip:
+                images = len(logit) // 2
+                logit = (logit[:images] + logit[images:].flip(-1)) / 2
+            probability = torch.sigmoid(logit)
+            score = mask_score(probability).tolist()
         return [[PatchMask(scores=probability[i], score=score[i])] for i in range(len(score))]
 
 
@@ -85,13 +99,15 @@ def head_segmenter(
     loaded: HeadCheckpoint,
     device: torch.device | str,
     instances: InstanceApplyConfig | None = None,
+    flip: bool = False,
 ) -> HeadSegmenter | InstanceHeadSegmenter:
-    """The segmenter of a loaded head on ``device``: one mask per image for the single head,
-    the selected scored masks (``instances``, defaults when None) for an instance head."""
+    """The segmenter of a loaded head on ``device``: one mask per image for the single head
+    (on the layers it learnt on; ``flip``: with test-time flip), the selected scored masks
+    (``instances``, defaults when None) for an instance head."""
     head = loaded.head.to(device)
     if isinstance(head, InstanceHead):
         return InstanceHeadSegmenter(head, loaded.sha256, instances or InstanceApplyConfig())
-    return HeadSegmenter(head, loaded.sha256)
+    return HeadSegmenter(head, loaded.sha256, loaded.layers, flip)
 
 
 def apply_head(

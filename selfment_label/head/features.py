@@ -31,6 +31,7 @@ def run_features(
     allow_download: bool = True,
     backbone: Backbone | None = None,
     progress: FeatureProgress | None = None,
+    layers: tuple[int, ...] | None = None,
 ) -> tuple[FeatureCache, dict[str, Path]]:
     """The feature cache of a run and the entries of ``file_names`` in it (missing ones made).
 
@@ -46,6 +47,8 @@ def run_features(
       allow_download: whether hub downloads are allowed.
       backbone: a ready backbone (tests); must match the run's.
       progress: called with ``(done, total)`` while features are gathered.
+      layers: the backbone blocks whose tokens are wanted, concatenated (None: the last
+        layer's).
 
     Returns:
       The cache and file name -> cache entry (images that cannot be decoded are left out).
@@ -85,6 +88,7 @@ def run_features(
         precision=resolve_precision(
             precision, backbone.device if backbone else torch.device(device)
         ).name,
+        layers=layers,
     )
     cache = FeatureCache(Path(cache_dir) if cache_dir else source.path / FEATURES_DIR, settings)
     entries = ensure_features(cache, source.input_dir, file_names, make_backbone, progress=progress)
