@@ -293,6 +293,9 @@ class RayConfig:
             raise ValueError("ray_address must not be empty (leave it out for a local instance)")
 
 
+HEAD_FLIP = False
+"""Whether ``apply`` runs the single head with test-time flip by default (docs/head.md)."""
+
 KEEP_SCORE = 0.7
 """Self-correction: a teacher mask scored at least this replaces the pseudo-mask it matches."""
 DROP_SCORE = 0.2

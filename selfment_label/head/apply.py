@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import InstanceApplyConfig, RunConfig
+from ..config import HEAD_FLIP, InstanceApplyConfig, RunConfig
 from ..features.backbone import Backbone, WeightsMismatch, file_sha256
 from ..runfolder.layout import RUN_NAME
 from ..runfolder.pipeline import (
@@ -121,6 +121,8 @@ def apply_head(
     progress: ProgressCallback | None = None,
     executor: Executor | None = None,
     instances: InstanceApplyConfig | None = None,
+    flip: bool = HEAD_FLIP,
+    extra_provenance: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Label a folder with a trained head; writes the same run folder as ``run``.
 
@@ -141,6 +143,9 @@ def apply_head(
         cluster).
       instances: which masks an instance head writes (defaults when None; a single head
         ignores it).
+      flip: single head: test-time flip (the mirrored image too, the two foreground logits
+        averaged; about twice the backbone's time). An instance head ignores it.
+      extra_provenance: more keys for run.json (``self_train_folder`` records its stages).
 
     Raises:
       HeadError / HeadMismatch: unusable checkpoint, or a backbone other than the head's.
@@ -164,15 +169,17 @@ def apply_head(
         except WeightsMismatch as error:
             raise error.for_fixed_preset("the head") from None
     loaded.check_backbone(backbone)
-    segmenter = head_segmenter(loaded, backbone.device, instances)
+    segmenter = head_segmenter(loaded, backbone.device, instances, flip)
     provenance = {
         "head": {
             "checkpoint": str(Path(checkpoint).resolve()),
             "sha256": loaded.sha256,
             "training": meta["training"],
+            "layers": loaded.layers,
             "data": meta["data"],
             "tool_version": meta["tool_version"],
-        }
+        },
+        **(extra_provenance or {}),
     }
     return label_folder(
         input_dir,
