@@ -15,6 +15,7 @@ both stages (``self_train``). A folder with too few images to learn from is refu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -24,11 +25,11 @@ from typing import Any
 
 from .config import HEAD_FLIP, RunConfig, TrainConfig
 from .errors import SelfmentError
-from .features.backbone import Backbone, file_sha256
+from .features.backbone import Backbone
 from .head.apply import apply_head
 from .head.checkpoint import HeadError, load_checkpoint
 from .head.train import TrainProgress, distil
-from .runfolder.layout import ANNOTATIONS_NAME, read_run
+from .runfolder.layout import read_run
 from .runfolder.pipeline import (
     ProgressCallback,
     RunSummary,
@@ -72,8 +73,13 @@ def _count_images(input_dir: str | Path, out_dir: Path) -> int:
     return len(input_source(input_dir, out_dir).list_images())
 
 
-def _images_with_masks(run_dir: Path) -> int:
-    return sum(1 for _, anns in read_run(run_dir).images() if anns)
+def _stage1_facts(run_dir: Path) -> tuple[int, str]:
+    """Images with a mask in a run, and a digest of its images and masks (not of the
+    run's date, which every resume rewrites)."""
+    run = read_run(run_dir)
+    content = json.dumps([run.coco["images"], run.coco["annotations"]], sort_keys=True)
+    digest = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    return sum(1 for _, anns in run.images() if anns), digest
 
 
 def _training_record(train: TrainConfig) -> dict[str, Any]:
@@ -81,7 +87,7 @@ def _training_record(train: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(train)))
 
 
-def _reusable_head(head: Path, annotations_sha256: str, train: TrainConfig) -> bool:
+def _reusable_head(head: Path, masks_sha256: str, train: TrainConfig) -> bool:
     """Whether ``head`` was trained on these stage-1 annotations with these options."""
     if not head.is_file():
         return False
@@ -90,7 +96,7 @@ def _reusable_head(head: Path, annotations_sha256: str, train: TrainConfig) -> b
     except HeadError as error:
         logger.warning("training the head again: %s", error)
         return False
-    return meta["data"].get("annotations_sha256") == annotations_sha256 and json.loads(
+    return meta["data"].get("masks_sha256") == masks_sha256 and json.loads(
         json.dumps(meta["training"])
     ) == _training_record(train)
 
@@ -149,16 +155,15 @@ def self_train_folder(
     stage1 = label_folder(
         input_dir, stage1_dir, config, overwrite=overwrite, backbone=backbone, progress=progress
     )
-    with_masks = _images_with_masks(stage1_dir)
+    with_masks, masks_sha256 = _stage1_facts(stage1_dir)
     if with_masks < MIN_IMAGES:
         raise SelfTrainError(
             f"NCut+IPO found an object in {with_masks} of {found} images: too few to learn "
             f"from (self-training needs {MIN_IMAGES}); its labels are in {stage1_dir}"
         )
     head = out_dir / HEAD_NAME
-    annotations_sha256 = file_sha256(stage1_dir / ANNOTATIONS_NAME)
     start = time.perf_counter()
-    trained = not _reusable_head(head, annotations_sha256, train)
+    trained = not _reusable_head(head, masks_sha256, train)
     if trained:
         distil(
             stage1_dir,
@@ -166,7 +171,7 @@ def self_train_folder(
             train,
             backbone=backbone,
             train_progress=train_progress,
-            data={"annotations_sha256": annotations_sha256},
+            data={"masks_sha256": masks_sha256},
         )
     train_seconds = time.perf_counter() - start
     record = {
@@ -176,7 +181,7 @@ def self_train_folder(
                 "images_labelled": stage1.total - len(stage1.skipped),
                 "images_with_masks": with_masks,
                 "annotations": stage1.annotations,
-                "annotations_sha256": annotations_sha256,
+                "masks_sha256": masks_sha256,
                 "seconds": round(stage1.wall_seconds, 3),
             },
             "head": {
