@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from selfment_label_cli.main import app
+from typer.testing import CliRunner
 
 from selfment_label.config import RunConfig, TrainConfig
 from selfment_label.data.images import prepare_image
@@ -172,3 +174,24 @@ def test_self_train_labels_trains_and_relabels_in_one_folder(
     assert recorded["head"]["sha256"] == load_checkpoint(out / "head.pt").sha256
     again = self_train_folder(images, out, SMALL, train, backbone=real_backbone)
     assert not again.head_trained and again.stage1.resumed == 4 and again.final.resumed == 4
+
+
+def test_cli_train_layers_rounds_and_apply_flip(
+    real_run: Path, layered_head: Path, weights_path: Path, tmp_path: Path
+) -> None:
+    """From the layered features the fixture cached: no backbone pass for training."""
+    out = tmp_path / "cli.pt"
+    args = ["train", str(real_run / "run"), "--out", str(out), "--epochs", "1", "--offline"]
+    result = CliRunner().invoke(app, [*args, "--layers", "8,11", "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    assert "round 1" in result.output and load_checkpoint(out).layers == LAYERS
+    for bad, said in (("8,x", "block numbers separated by commas"), ("8,40", "[40]")):
+        refused = CliRunner().invoke(app, [*args, "--overwrite", "--layers", bad])
+        assert refused.exit_code == 1 and said in refused.output, refused.output
+    applied = tmp_path / "applied"
+    run = ["apply", str(out), str(real_run / "images"), "--out", str(applied)]
+    result = CliRunner().invoke(
+        app, [*run, "--weights", str(weights_path), "--flip", "--refine", "none"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((applied / "run.json").read_text())["options"]["flip"] is True

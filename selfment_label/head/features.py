@@ -17,7 +17,7 @@ from ..features.backbone import Backbone, WeightsMismatch, build_backbone
 from ..features.cache import CacheSettings, FeatureCache, FeatureProgress, ensure_features
 from ..features.presets import get_preset
 from ..runfolder.layout import FEATURES_DIR, RunFolder
-from .checkpoint import HeadMismatch, check_identity
+from .checkpoint import HeadError, HeadMismatch, check_identity
 
 
 def run_features(
@@ -77,6 +77,10 @@ def run_features(
         except WeightsMismatch as error:
             raise error.for_fixed_preset("the run") from None
         check_identity(identity, built, "the run's masks were made with")
+        try:
+            built.check_layers(layers)
+        except ValueError as error:
+            raise HeadError(f"the head cannot read {error}") from None
         return built
 
     settings = CacheSettings(
