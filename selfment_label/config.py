@@ -323,7 +323,8 @@ class TrainConfig:
         reads concatenated; None: the last layer's only.
       rounds: self-correction rounds after the first training (``head.rounds``: the last
         head's confident mask replaces the target it matches, a target it does not believe
-        is dropped), each training a new head on the corrected targets.
+        is dropped), each training a new head on the corrected targets (1: IoU, accuracy and
+        MAE better for each of 3 seeds, maxF even; docs/head.md).
       keep_score, drop_score, match_iou: the rules of those rounds (``InstanceTrainConfig``).
     """
 
@@ -337,7 +338,7 @@ class TrainConfig:
     contrastive_patches: int = 256
     target_threshold: float | None = None
     layers: tuple[int, ...] | None = None
-    rounds: int = 0
+    rounds: int = 1
     keep_score: float = KEEP_SCORE
     drop_score: float = DROP_SCORE
     match_iou: float = MATCH_IOU

@@ -22,6 +22,8 @@ from selfment_label.runfolder.pipeline import label_folder
 from selfment_label.selftrain import SelfTrainError, self_train_folder
 from selfment_label.timing import StageTimer
 
+pytestmark = pytest.mark.slow
+
 SMALL = RunConfig(resolution=112, workers=1, refine="none", save_scores=True)
 LAYERS = (8, 11)
 
