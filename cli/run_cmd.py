@@ -228,6 +228,12 @@ def run(
     ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
     ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     ray_actors: int = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
+    self_train: bool = typer.Option(
+        False,
+        "--self-train",
+        help="Single mode: label with NCut+IPO into OUT/stage1, train the head on those "
+        "masks (OUT/head.pt), relabel the folder with it into OUT (about 3x the time).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
 ) -> None:
     """Find the main object in every image and write annotations.json (COCO) + run.json."""
@@ -261,6 +267,11 @@ def run(
             refine=refine,
             segment=segment,
         )
+    if self_train:
+        if ray:
+            raise fail("--self-train runs in this process: drop --ray")
+        _self_train(images, out, config, overwrite)
+        return
     executor = ray_executor(ray, ray_address, ray_actors, verbose)
     from selfment_label.runfolder.pipeline import label_folder
 
@@ -268,6 +279,29 @@ def run(
         lambda progress: label_folder(
             images, out, config, overwrite=overwrite, progress=progress, executor=executor
         )
+    )
+
+
+def _self_train(images: str, out: Path | None, config: RunConfig, overwrite: bool) -> None:
+    """``run --self-train``: the three stages under one progress bar, then where each is."""
+    from selfment_label.runfolder.pipeline import default_out_dir
+    from selfment_label.selftrain import self_train_folder
+
+    out = out or default_out_dir(images)
+    done = {}
+
+    def label(progress: ProgressCallback) -> RunSummary:
+        done["summary"] = self_train_folder(
+            images, out, config, overwrite=overwrite, progress=progress
+        )
+        return done["summary"].final
+
+    label_with_progress(label)
+    summary = done["summary"]
+    trained = "trained" if summary.head_trained else "kept from an earlier run"
+    console.print(
+        f"stage 1 (NCut+IPO): {summary.stage1.annotations} masks in {summary.stage1.out_dir}; "
+        f"head {trained}: {summary.head} ({summary.train_seconds:.1f} s)"
     )
 
 

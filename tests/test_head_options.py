@@ -197,3 +197,15 @@ def test_cli_train_layers_rounds_and_apply_flip(
     )
     assert result.exit_code == 0, result.output
     assert json.loads((applied / "run.json").read_text())["options"]["flip"] is True
+
+
+def test_cli_self_train_refuses_a_small_folder_and_ray(real_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "self"
+    run = ["run", str(real_run / "images"), "--out", str(out), "--self-train"]
+    result = CliRunner().invoke(app, run)
+    assert result.exit_code == 1 and "self-training needs at least 10" in result.output
+    result = CliRunner().invoke(app, [*run, "--ray"])
+    assert result.exit_code == 1 and "drop --ray" in result.output
+    result = CliRunner().invoke(app, [*run, "--mode", "instances"])
+    assert result.exit_code == 1 and "needs --mode single" in result.output
+    assert not (out / "annotations.json").exists()
