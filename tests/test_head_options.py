@@ -14,8 +14,15 @@ from typer.testing import CliRunner
 from selfment_label.config import RunConfig, TrainConfig
 from selfment_label.data.images import prepare_image
 from selfment_label.features.backbone import Backbone
-from selfment_label.head.apply import HeadSegmenter, apply_head
-from selfment_label.head.checkpoint import HeadMismatch, load_checkpoint, save_checkpoint
+from selfment_label.head.apply import HeadSegmenter, apply_head, head_segmenter
+from selfment_label.head.checkpoint import (
+    HeadCheckpoint,
+    HeadError,
+    HeadMismatch,
+    load_checkpoint,
+    save_checkpoint,
+)
+from selfment_label.head.instance_model import InstanceHead
 from selfment_label.head.train import distil
 from selfment_label.runfolder.layout import read_run
 from selfment_label.runfolder.pipeline import label_folder
@@ -209,3 +216,9 @@ def test_cli_self_train_refuses_a_small_folder_and_ray(real_run: Path, tmp_path:
     result = CliRunner().invoke(app, [*run, "--mode", "instances"])
     assert result.exit_code == 1 and "needs --mode single" in result.output
     assert not (out / "annotations.json").exists()
+
+
+def test_flip_is_refused_for_an_instance_head() -> None:
+    loaded = HeadCheckpoint(head=InstanceHead(384), meta={}, sha256="0" * 64)
+    with pytest.raises(HeadError, match="single-object head only"):
+        head_segmenter(loaded, "cpu", flip=True)

@@ -25,7 +25,7 @@ from ..runfolder.pipeline import (
 )
 from ..segment.base import PatchMask
 from ..timing import StageTimer
-from .checkpoint import HeadCheckpoint, load_checkpoint
+from .checkpoint import HeadCheckpoint, HeadError, load_checkpoint
 from .instance_apply import InstanceHeadSegmenter
 from .instance_model import InstanceHead
 from .model import PatchHead, mask_score
@@ -106,6 +106,8 @@ def head_segmenter(
     (``instances``, defaults when None) for an instance head."""
     head = loaded.head.to(device)
     if isinstance(head, InstanceHead):
+        if flip:
+            raise HeadError("test-time flip is an option of the single-object head only")
         return InstanceHeadSegmenter(head, loaded.sha256, instances or InstanceApplyConfig())
     return HeadSegmenter(head, loaded.sha256, loaded.layers, flip)
 
@@ -144,7 +146,7 @@ def apply_head(
       instances: which masks an instance head writes (defaults when None; a single head
         ignores it).
       flip: single head: test-time flip (the mirrored image too, the two foreground logits
-        averaged; about twice the backbone's time). An instance head ignores it.
+        averaged; about twice the backbone's time). Refused for an instance head.
       extra_provenance: more keys for run.json (``self_train_folder`` records its stages).
 
     Raises:
