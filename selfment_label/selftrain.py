@@ -24,19 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import HEAD_FLIP, RunConfig, TrainConfig
+from .engine import backbone_for
 from .errors import SelfmentError
 from .features.backbone import Backbone
 from .head.apply import apply_head
 from .head.checkpoint import HeadError, load_checkpoint
 from .head.train import TrainProgress, distil
+from .runfolder.label import check_run_target, input_source, label_folder
 from .runfolder.layout import read_run
-from .runfolder.pipeline import (
-    ProgressCallback,
-    RunSummary,
-    check_run_target,
-    input_source,
-    label_folder,
-)
+from .runfolder.record import ProgressCallback, RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +145,6 @@ def self_train_folder(
             "learn from; label it without self-training"
         )
     if backbone is None:
-        from .runfolder.pipeline import backbone_for
-
         backbone = backbone_for(config)
     stage1_dir = out_dir / STAGE1_DIR
     stage1 = label_folder(

@@ -24,8 +24,8 @@ from selfment_label.head.checkpoint import (
 )
 from selfment_label.head.instance_model import InstanceHead
 from selfment_label.head.train import distil
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import read_run
-from selfment_label.runfolder.pipeline import label_folder
 from selfment_label.selftrain import SelfTrainError, self_train_folder
 from selfment_label.timing import StageTimer
 
