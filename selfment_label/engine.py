@@ -26,7 +26,7 @@ from .device import resolve_device, resolve_precision, small_kernel_threads
 from .features.backbone import Backbone, build_backbone
 from .masks import annotation_record, full_size_masks
 from .refine import guide_side
-from .segment.base import PatchMask, Segmenter
+from .segment.base import PatchMask, Segmenter, segmenter_tokens
 from .timing import StageTimer
 
 
@@ -98,7 +98,8 @@ class Labeller:
     def tokens(self, batch: list[DecodedImage], timer: StageTimer) -> torch.Tensor:
         """``[B, rows, cols, D]`` patch tokens of a batch of images that share one grid."""
         with timer.stage("backbone"):
-            return self.backbone.patch_tokens(stack_pixels(batch, self.device), self.choice.dtype)
+            pixels = stack_pixels(batch, self.device)
+            return segmenter_tokens(self.segmenter, self.backbone, pixels, self.choice.dtype)
 
     def patch_masks(
         self, batch: list[DecodedImage], timer: StageTimer, tokens: torch.Tensor | None = None
