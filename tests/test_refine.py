@@ -86,8 +86,8 @@ def _mean_scores(items: list, method: str) -> tuple[float, float]:
 def test_refined_masks_follow_the_object_better_on_real_images(ecssd_patch_masks, method):
     """On 13 ecssd-dev images the refined masks beat the unrefined ones in IoU and in
     boundary F (3 px). Measured: IoU 0.833 -> 0.873 (guided), 0.867 (crf); BF@3px 0.623 ->
-    0.780 (guided), 0.767 (crf); on all 200 images see docs/quality-report.md "Edges". A refinement that does
-    nothing, blurs, or shifts the boundary fails the margins."""
+    0.780 (guided), 0.767 (crf); on all 200 images see "Edges" in docs/quality-report.md. A
+    refinement that does nothing, blurs, or shifts the boundary fails the margins."""
     base_iou, base_bf = _mean_scores(ecssd_patch_masks, "none")
     iou, bf = _mean_scores(ecssd_patch_masks, method)
     assert iou > base_iou + 0.01, (base_iou, iou)
