@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks._common import COCO, ECSSD, WEIGHTS
 from selfment_label.features.backbone import Backbone, build_backbone
 
 # FiftyOne: a private database folder per test session and no usage tracking, set before any
@@ -59,14 +60,6 @@ def _process_settings_unchanged():
     after = _process_settings()
     changed = {name: (before[name], after[name]) for name in before if before[name] != after[name]}
     assert not changed, f"the test left process-wide settings changed (before, after): {changed}"
-
-
-SHARED = Path(
-    os.environ.get("SELFMENT_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")
-)
-WEIGHTS = SHARED / "weights" / "dinov2_vits14.safetensors"
-ECSSD = SHARED / "data" / "ecssd-dev"
-COCO = SHARED / "data" / "coco-dev"
 
 
 @pytest.fixture(scope="session")
