@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import write_scenes
 
 from benchmarks.speed import (
     BenchConfig,
@@ -25,14 +24,7 @@ from selfment_label.device import small_kernel_threads
 @pytest.fixture()
 def scenes(tmp_path: Path) -> Path:
     """Five small images with a bright block on a dark background."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        array = rng.integers(0, 60, (70, 90, 3), dtype=np.uint8)
-        array[10:50, 20:70] = rng.integers(150, 255, 3, dtype=np.uint8)
-        Image.fromarray(array).save(folder / f"{i}.png")
-    return folder
+    return write_scenes(tmp_path / "images", 5, size=(90, 70), name="{}.png")
 
 
 def test_target_direction():

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from PIL import Image
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
@@ -156,14 +157,14 @@ def test_run_json_records_refine_and_resume_with_another_is_refused(
     scenes, tmp_path, tiny_backbone
 ):
     out = tmp_path / "run"
-    label_folder(scenes, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    label_folder(scenes, out, tiny_config(), backbone=tiny_backbone)
     assert json.loads((out / "run.json").read_text())["options"]["refine"] == "guided"
     with pytest.raises(RunConflict, match="refine: 'guided' -> 'none'"):
-        label_folder(scenes, out, RunConfig(resolution=112, refine="none"), backbone=tiny_backbone)
+        label_folder(scenes, out, tiny_config(refine="none"), backbone=tiny_backbone)
     summary = label_folder(
         scenes,
         out,
-        RunConfig(resolution=112, refine="none"),
+        tiny_config(refine="none"),
         backbone=tiny_backbone,
         overwrite=True,
     )
@@ -175,7 +176,7 @@ def test_saved_score_map_is_the_refined_soft_map(scenes, tmp_path, tiny_backbone
     maps = {}
     for method in ("none", "guided"):
         out = tmp_path / method
-        config = RunConfig(resolution=112, save_scores=True, refine=method)
+        config = tiny_config(save_scores=True, refine=method)
         label_folder(scenes, out, config, backbone=tiny_backbone)
         coco = json.loads((out / "annotations.json").read_text())
         image = next(i for i in coco["images"] if i["file_name"] == "0.jpg")
@@ -205,7 +206,7 @@ def test_large_images_are_refined_at_the_guide_size_and_upsampled(
     )
     assert max(item.guide.shape[:2]) == 48 and item.guide.shape[2] == 3
     out = tmp_path / "run"
-    label_folder(scenes, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    label_folder(scenes, out, tiny_config(), backbone=tiny_backbone)
     coco = json.loads((out / "annotations.json").read_text())
     for ann in coco["annotations"]:
         image = next(i for i in coco["images"] if i["id"] == ann["image_id"])
@@ -255,7 +256,7 @@ def test_crf_without_pydensecrf2_names_the_extra(scenes, tmp_path, tiny_backbone
         label_folder(
             scenes,
             tmp_path / "run",
-            RunConfig(resolution=112, refine="crf"),
+            tiny_config(refine="crf"),
             backbone=tiny_backbone,
         )
     assert not (tmp_path / "run" / "journal.jsonl").exists()
@@ -265,7 +266,7 @@ def test_crf_without_pydensecrf2_names_the_extra(scenes, tmp_path, tiny_backbone
 @pytest.mark.skipif(not HAS_CRF, reason=NO_CRF)
 def test_crf_run_writes_masks(scenes, tmp_path, tiny_backbone):
     out = tmp_path / "run"
-    label_folder(scenes, out, RunConfig(resolution=112, refine="crf"), backbone=tiny_backbone)
+    label_folder(scenes, out, tiny_config(refine="crf"), backbone=tiny_backbone)
     coco = json.loads((out / "annotations.json").read_text())
     assert len(coco["annotations"]) == 3
     assert json.loads((out / "run.json").read_text())["options"]["refine"] == "crf"
