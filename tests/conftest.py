@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import _common
 from benchmarks._common import COCO, ECSSD, WEIGHTS
 from selfment_label.features.backbone import Backbone, build_backbone
 
@@ -95,7 +96,4 @@ def real_backbone(weights_path: Path) -> Backbone:
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
     """A randomly initialised two-block ViT with patch 14 (plumbing tests only)."""
-    torch.manual_seed(0)
-    return build_backbone(
-        "dinov2-vits14", random_init=True, depth=2, embed_dim=64, num_heads=2, img_size=112
-    )
+    return _common.tiny_backbone()

@@ -16,12 +16,11 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from benchmarks._common import TINY_RESOLUTION
 from selfment_label import label_folder
 from selfment_label.config import RunConfig, mode_config
 from selfment_label.features.backbone import Backbone
 
-TINY_RESOLUTION = 112
-"""The resolution of plumbing tests: 8 x 8 patches of 14 px, the tiny backbone's image size."""
 SCENE_SIZE = (96, 72)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_path, atomic_write_json
+from ..config import RunConfig
 from ..data.batching import batches_by_grid, prefetch, stack_pixels
 from ..data.images import DecodedImage, prepare_image
 from ..device import PRECISIONS
@@ -210,8 +211,8 @@ def ensure_features(
     file_names: list[str],
     backbone_factory: Callable[[], Backbone],
     *,
-    batch_size: int = 4,
-    workers: int = 2,
+    batch_size: int = RunConfig.batch_size,
+    workers: int = RunConfig.workers,
     progress: FeatureProgress | None = None,
 ) -> dict[str, Path]:
     """Make sure every image has cached tokens; compute only the missing ones.
