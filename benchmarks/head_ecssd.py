@@ -26,7 +26,7 @@ if not __package__:  # run as `python benchmarks/X.py`: import the checkout's be
 
 from benchmarks._common import add_asset_arguments, load_backbone
 from selfment_label.config import DEFAULT_RESOLUTION, RunConfig, TrainConfig
-from selfment_label.data.batching import batches_by_grid, prefetch, stack_pixels
+from selfment_label.data.batching import batches_by_grid, lookahead, prefetch, stack_pixels
 from selfment_label.data.images import DecodedImage, find_images, prepare_image
 from selfment_label.evaluate import evaluate_run
 from selfment_label.features.backbone import Backbone
@@ -64,7 +64,7 @@ def bare_forward_seconds(
         return prepare_image(images, name, resolution, backbone.patch_size, mean, std)
 
     start = time.perf_counter()
-    depth = max(4, 2 * batch_size)
+    depth = lookahead(batch_size)
     for batch, _ in batches_by_grid(prefetch(names, decode, 2, depth), batch_size, depth):
         if batch:
             pixels = stack_pixels(batch)

@@ -24,7 +24,7 @@ import torch
 
 from ..atomic import atomic_path, atomic_write_json
 from ..config import RunConfig
-from ..data.batching import batches_by_grid, prefetch, stack_pixels
+from ..data.batching import batches_by_grid, lookahead, prefetch, stack_pixels
 from ..data.images import DecodedImage, prepare_image
 from ..device import PRECISIONS
 from ..errors import SelfmentError
@@ -279,7 +279,7 @@ def ensure_features(
     def decode(name: str) -> DecodedImage:
         return prepare_image(input_dir, name, settings.resolution, settings.patch_size, mean, std)
 
-    depth = max(4, 2 * batch_size)
+    depth = lookahead(batch_size)
     stream = prefetch(list(missing), decode, workers=workers, depth=depth)
     for batch, failures in batches_by_grid(stream, batch_size, window=depth):
         for name, error in failures:
