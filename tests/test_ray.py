@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import scene, tiny_config
+from helpers import copy_ecssd, ecssd_stems, scene, tiny_config
 from pycocotools.coco import COCO
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
@@ -147,10 +146,7 @@ def test_ray_run_writes_what_a_local_run_writes(local_ray, small_folder, tmp_pat
 def test_ray_run_with_the_real_backbone_gives_the_local_masks(
     local_ray, ecssd_dir, real_backbone, tmp_path
 ):
-    images = tmp_path / "images"
-    images.mkdir()
-    for stem in ("0001", "0002", "0003", "0004"):
-        shutil.copy(ecssd_dir / "images" / f"{stem}.jpg", images / f"{stem}.jpg")
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", ecssd_stems(4))
     config = RunConfig(resolution=224, batch_size=2)
     label_folder(images, tmp_path / "local", config, backbone=real_backbone)
     label_folder(
