@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,9 @@ from benchmarks.speed import (
 )
 from selfment_label.config import RunConfig
 from selfment_label.device import small_kernel_threads
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text())
 
 
 @pytest.fixture()
@@ -102,3 +106,29 @@ def test_bench_script_help():
     )
     assert done.returncode == 0, done.stderr
     assert "--resolution" in done.stdout and "--rss-counts" in done.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_every_benchmark_imports_alike_as_a_file_and_as_a_module(script: Path):
+    """No script imports a sibling by its bare name (only a file run finds it), and one that
+    imports the benchmarks package first puts the checkout on the path when run as a file."""
+    source = script.read_text()
+    siblings = {path.stem for path in BENCHMARKS.glob("*.py")}
+    bare = set(re.findall(r"^\s*from (\w+) import", source, re.M)) & siblings
+    assert not bare, f"{script.name} imports {bare} by a bare name: use benchmarks.{min(bare)}"
+    if "from benchmarks." in source:
+        assert "if not __package__:" in source, f"{script.name} cannot run as a file"
+        assert source.index("if not __package__:") < source.index("from benchmarks.")
+
+
+def test_a_benchmark_that_imports_another_runs_both_ways(tmp_path: Path):
+    """review_loop imports head_ecssd: its help shows as a file (from any folder) and as a
+    module (from the checkout)."""
+    forms = {
+        tmp_path: [sys.executable, str(BENCHMARKS / "review_loop.py"), "--help"],
+        BENCHMARKS.parent: [sys.executable, "-m", "benchmarks.review_loop", "--help"],
+    }
+    for cwd, command in forms.items():
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        assert "--reject-iou" in result.stdout
