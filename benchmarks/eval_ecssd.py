@@ -33,8 +33,8 @@ if not __package__:  # run as `python benchmarks/X.py`: import the checkout's be
 from benchmarks._common import add_asset_arguments, load_backbone, require_assets
 from selfment_label.config import PRECISION_NAMES, REFINE_METHODS, RunConfig, SingleConfig
 from selfment_label.evaluate import METRIC_NAMES, EvalReport, evaluate_run
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import ANNOTATIONS_NAME, RUN_NAME
-from selfment_label.runfolder.pipeline import label_folder
 
 
 def parse_args() -> argparse.Namespace:

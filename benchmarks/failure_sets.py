@@ -45,7 +45,7 @@ if not __package__:  # run as `python benchmarks/X.py`: import the checkout's be
 from benchmarks._common import add_asset_arguments, load_backbone, require_assets
 from selfment_label.config import REFINE_METHODS, RunConfig
 from selfment_label.evaluate import evaluate_run, load_gt_mask
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 CLOSEUP_FILLS = (0.6, 0.75, 0.9)
 CLOSEUP_SCALES = np.linspace(1.2, 0.3, 37)

@@ -29,7 +29,7 @@ from benchmarks.speed import BenchConfig, link_images, machine_facts, run_bench
 from selfment_label.config import PRECISION_NAMES, RunConfig
 from selfment_label.data.images import find_images
 from selfment_label.device import resolve_device
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 FULL = {"resolutions": (448, 896), "batch_sizes": (1, 8, 32), "limit": 64, "masks": 50}
 QUICK = {"resolutions": (112,), "batch_sizes": (2,), "limit": 4, "masks": 2}

@@ -42,7 +42,7 @@ def measure(count: int, cpus: int, work: Path) -> dict[str, float]:
     from benchmarks._common import TINY_RESOLUTION, tiny_backbone
     from selfment_label.config import RayConfig, RunConfig
     from selfment_label.distributed.ray_run import RayExecutor
-    from selfment_label.runfolder.pipeline import label_folder
+    from selfment_label.runfolder.label import label_folder
 
     images = work / "images"
     _images(images, count)

@@ -40,7 +40,8 @@ from benchmarks.speed import link_images
 from selfment_label.config import DEFAULT_RESOLUTION, RayConfig, RunConfig
 from selfment_label.data.images import find_images, grid_for
 from selfment_label.distributed.ray_run import RayExecutor
-from selfment_label.runfolder.pipeline import Executor, label_folder
+from selfment_label.engine import Executor
+from selfment_label.runfolder.label import label_folder
 
 # Dense bf16/fp16 tensor throughput (TFLOP/s, vendor peak, no sparsity) of common GPUs.
 GPU_PEAK_TFLOPS = {"T4": 65.0, "A10G": 125.0, "L4": 121.0, "A100": 312.0, "H100 SXM": 989.0}

@@ -31,7 +31,7 @@ from selfment_label.config import DEFAULT_RESOLUTION, RunConfig, TrainConfig
 from selfment_label.evaluate import evaluate_run
 from selfment_label.head.apply import apply_head
 from selfment_label.head.train import distil
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from helpers import copy_ecssd
 
 from selfment_label.config import RunConfig, mode_config
 from selfment_label.features.backbone import Backbone
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 pytestmark = pytest.mark.slow
 
