@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .config import DEFAULT_PRECISION, RunConfig
-from .data.batching import batches_by_grid, prefetch, stack_pixels
+from .data.batching import batches_by_grid, lookahead, prefetch, stack_pixels
 from .data.images import DecodedImage, ImageSkip, prepare_image
 from .data.storage import ImageSource
 from .device import resolve_device, resolve_precision, small_kernel_threads
@@ -227,7 +227,7 @@ class LocalExecutor:
         def backbone(pair: tuple[list[DecodedImage], list]) -> torch.Tensor | None:
             return labeller.tokens(pair[0], timer) if pair[0] else None
 
-        depth = max(4, 2 * config.batch_size)
+        depth = lookahead(config.batch_size)
         stream = prefetch(job.todo, decode, workers=config.workers, depth=depth)
         batches = batches_by_grid(stream, config.batch_size, window=depth)
         for (batch, failures), tokens in prefetch(batches, backbone, workers=1, depth=2):
