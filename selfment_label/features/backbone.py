@@ -257,7 +257,6 @@ class Backbone:
         with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
             return self.model.forward_features(batch)
 
-    @torch.inference_mode()
     def patch_tokens(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Last-layer patch tokens (after the final norm, prefix tokens dropped).
 
@@ -270,14 +269,29 @@ class Backbone:
         Returns:
           ``[B, H/p, W/p, D]`` float32 tokens, whatever the precision.
         """
+        return self.patch_and_class_tokens(batch, dtype)[0]
+
+    @torch.inference_mode()
+    def patch_and_class_tokens(
+        self, batch: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``patch_tokens`` and the class token of the same forward pass.
+
+        The class token (the first prefix token, after the final norm) is the image's
+        global embedding, which self-supervised ViTs align with the main object; the single
+        segmenter uses it to tell which side of a cut is the object.
+
+        Returns:
+          ``([B, H/p, W/p, D], [B, D])`` float32 tokens, whatever the precision.
+        """
         b, _, h, w = batch.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
         tokens = self._forward(batch, dtype)
         prefix = int(getattr(self.model, "num_prefix_tokens", 1))
-        tokens = tokens[:, prefix:, :].float()
-        return tokens.reshape(b, h // p, w // p, -1)
+        patches = tokens[:, prefix:, :].float().reshape(b, h // p, w // p, -1)
+        return patches, tokens[:, 0, :].float()
 
 
 HUB_PROBE_SECONDS = 3.0

@@ -34,7 +34,7 @@ from ..features.backbone import Backbone, build_backbone
 from ..masks import full_size_masks
 from ..outputs import check_output
 from ..refine import check_available, guide_side
-from ..segment.base import PatchMask, Segmenter
+from ..segment.base import PatchMask, Segmenter, segment_batch
 from ..segment.registry import make_segmenter
 from ..timing import StageTimer
 from .coco import annotation_record, write_coco_stream
@@ -231,9 +231,11 @@ class Labeller:
     def patch_masks(self, batch: list[DecodedImage], timer: StageTimer) -> list[list[PatchMask]]:
         """Patch masks for a batch of images that share one grid."""
         with timer.stage("backbone"):
-            tokens = self.backbone.patch_tokens(stack_pixels(batch, self.device), self.choice.dtype)
+            tokens, class_tokens = self.backbone.patch_and_class_tokens(
+                stack_pixels(batch, self.device), self.choice.dtype
+            )
         with small_kernel_threads(self.device):
-            return self.segmenter(tokens, timer)
+            return segment_batch(self.segmenter, tokens, timer, class_tokens)
 
     def label(
         self, batch: list[DecodedImage], timer: StageTimer, save_scores: bool = False

@@ -50,7 +50,11 @@ class ImageMasks(list):
 
 
 class Segmenter(Protocol):
-    """What the pipeline needs from a segmenter."""
+    """What the pipeline needs from a segmenter.
+
+    A segmenter that also uses the images' class tokens says so with a class attribute
+    ``takes_class_tokens = True`` and takes them as a third argument (``segment_batch``).
+    """
 
     def options(self) -> dict[str, Any]:
         """The options that decide its results (recorded and compared on resume)."""
@@ -60,3 +64,12 @@ class Segmenter(Protocol):
         """Patch masks for each image of a ``[B, rows, cols, D]`` batch (an ``ImageMasks``
         per image when the segmenter has notes about it)."""
         ...
+
+
+def segment_batch(
+    segmenter: Segmenter, tokens: torch.Tensor, timer: StageTimer, class_tokens: torch.Tensor
+) -> list[list[PatchMask]]:
+    """Run ``segmenter`` on a batch, with the ``[B, D]`` class tokens when it takes them."""
+    if getattr(segmenter, "takes_class_tokens", False):
+        return segmenter(tokens, timer, class_tokens)
+    return segmenter(tokens, timer)
