@@ -16,7 +16,8 @@ from selfment_label.data.images import MIN_SHORT_PATCHES, decoded_image, grid_fo
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.masks import full_size_masks
-from selfment_label.segment.scores import frame_excess, uniformity_excess
+from selfment_label.segment.base import segment_batch
+from selfment_label.segment.scores import class_excess, frame_excess, uniformity_excess
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 
@@ -25,8 +26,8 @@ def label(backbone: Backbone, image: Image.Image, resolution: int = 448) -> np.n
     """The full-size single-mode mask of one image (all False when it gets none)."""
     mean, std = backbone.mean_std
     item = decoded_image(image, "x.png", image.size, resolution, backbone.patch_size, mean, std)
-    tokens = backbone.patch_tokens(torch.from_numpy(item.pixels)[None])
-    (masks,) = NcutIpo()(tokens, StageTimer())
+    tokens, class_tokens = backbone.patch_and_class_tokens(torch.from_numpy(item.pixels)[None])
+    (masks,) = segment_batch(NcutIpo(), tokens, StageTimer(), class_tokens)
     kept, _ = full_size_masks(masks, item.width, item.height)
     return kept[0].mask if kept else np.zeros((item.height, item.width), dtype=bool)
 
@@ -64,11 +65,15 @@ def test_a_thin_real_image_is_labelled_like_the_whole_one(real_backbone, ecssd_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem, index", [("0002", 1), ("0041", 40), ("0003", 2)])
+@pytest.mark.parametrize(
+    "stem, index", [("0002", 1), ("0041", 40), ("0003", 2), ("0020", 19), ("0044", 43)]
+)
 def test_a_closeup_keeps_its_object(real_backbone, ecssd_dir, stem, index):
     # crops in which the object fills 60-90 % of the frame: 0002 and 0041's object holds more
     # than half of the border patches and was swapped for the strip beside it; 0003's cut
-    # fell on the background, holding 41 % of the border for 19 % of the frame, and was kept
+    # fell on the background, holding 41 % of the border for 19 % of the frame, and was kept;
+    # 0020's and 0044's sides hold the border in proportion to their size (or less for the
+    # background) and only the class token tells them apart
     image, truth = source(ecssd_dir, stem)
     crop, crop_truth = closeup(image, truth, index)
     mask = label(real_backbone, crop)
@@ -78,12 +83,14 @@ def test_a_closeup_keeps_its_object(real_backbone, ecssd_dir, stem, index):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "stem, index, height_factor", [("0001", 0, 1.8), ("0003", 2, 1.8), ("0002", 1, 2.8)]
+    "stem, index, height_factor",
+    [("0001", 0, 1.8), ("0003", 2, 1.8), ("0002", 1, 2.8), ("0021", 20, 1.8)],
 )
 def test_a_band_of_sky_is_not_the_object(real_backbone, ecssd_dir, stem, index, height_factor):
     # the photo under a 44 % band held more than half of the border patches and was swapped
     # for the band; under a 64 % band the border shares alone would take the band (it holds
-    # less of the border than of the frame): its patches being far more alike decides it
+    # less of the border than of the frame): its patches being far more alike decides it;
+    # 0021's photo holds more of the border than of the frame: the class token decides it
     image, truth = source(ecssd_dir, stem)
     composite, composite_truth = band(image, truth, index, height_factor)
     mask = label(real_backbone, composite)
@@ -110,3 +117,33 @@ def test_frame_excess_compares_border_and_grid_shares():
     inside = torch.zeros(1, 4, 4, dtype=torch.bool)
     inside[0, 1:3, 1:3] = True  # touches no border: far on the object side
     assert frame_excess(inside).item() < -5
+
+
+def test_class_excess_compares_each_sides_closeness_to_the_class_token():
+    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]])
+    labels = torch.tensor([[[True, True], [False, False]]])
+    class_tokens = torch.tensor([[2.0, 0.0]])  # its direction is what counts
+    # mask: cosines 1 and 1; complement: 0 and 0.6
+    assert class_excess(tokens, labels, class_tokens).item() == pytest.approx(0.7)
+    assert class_excess(tokens, ~labels, class_tokens).item() == pytest.approx(-0.7)
+
+
+def test_segment_batch_gives_class_tokens_only_to_segmenters_that_take_them():
+    seen = []
+
+    class Plain:
+        def __call__(self, tokens, timer):
+            seen.append("plain")
+            return []
+
+    class Taker(Plain):
+        takes_class_tokens = True
+
+        def __call__(self, tokens, timer, class_tokens):
+            seen.append(class_tokens.shape)
+            return []
+
+    tokens, class_tokens = torch.zeros(2, 3, 3, 4), torch.zeros(2, 4)
+    segment_batch(Plain(), tokens, StageTimer(), class_tokens)
+    segment_batch(Taker(), tokens, StageTimer(), class_tokens)
+    assert seen == ["plain", (2, 4)]

@@ -22,7 +22,8 @@ from .scores import (
 )
 
 SCORE_ROUNDS = 20
-UNIFORMITY_WEIGHT = 2.5
+UNIFORMITY_WEIGHT = 1.0
+UNIFORMITY_WEIGHT_ALONE = 2.5
 CLASS_WEIGHT = 3.0
 EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
 
@@ -42,11 +43,12 @@ def border_swap(
     alike its patches are than its complement's) minus ``CLASS_WEIGHT`` x ``class_excess``
     (how much closer its patches are to the image's class token than its complement's) is
     above 0; its complement then scores the opposite. Border contact fixes close-ups (the
-    subject touching most of the frame) and a photo under a band of sky, which the rule on
-    the border fraction alone took for the background; uniformity tells a sky that fills
-    most of the frame from the photo under it; the class token settles the close-ups whose
-    two sides hold the border in proportion to their size. Without class tokens (tokens
-    read from a cache) the class term is left out. The weights are chosen on the failure
+    subject touching most of the frame) and a photo under a band of sky, which a rule on
+    the border fraction alone took for the background; the class token settles the
+    close-ups whose two sides hold the border in proportion to their size, and a sky that
+    fills most of the frame. Without class tokens (a caller with patch tokens only) the
+    class term is left out and uniformity weighs ``UNIFORMITY_WEIGHT_ALONE``: it then has to
+    tell a large sky from the photo under it alone. The weights are chosen on the failure
     sets and ecssd-dev (``benchmarks/failure_sets.py``; docs/quality-report.md).
 
     Arguments:
@@ -55,10 +57,12 @@ def border_swap(
       enabled: the border prior is on.
       class_tokens: ``[B, D]`` the images' class tokens, or None.
     """
-    excess = frame_excess(labels) + UNIFORMITY_WEIGHT * uniformity_excess(tokens, labels)
-    if class_tokens is not None:
+    if class_tokens is None:
+        excess = UNIFORMITY_WEIGHT_ALONE * uniformity_excess(tokens, labels)
+    else:
+        excess = UNIFORMITY_WEIGHT * uniformity_excess(tokens, labels)
         excess = excess - CLASS_WEIGHT * class_excess(tokens, labels, class_tokens)
-    return (excess > 0) & enabled
+    return (frame_excess(labels) + excess > 0) & enabled
 
 
 @dataclass
