@@ -12,7 +12,12 @@ import torch
 from PIL import Image
 
 from benchmarks.failure_sets import band, closeup, squeezer
-from selfment_label.data.images import MIN_SHORT_PATCHES, decoded_image, grid_for
+from selfment_label.data.images import (
+    MAX_GRID_ASPECT,
+    MIN_SHORT_PATCHES,
+    decoded_image,
+    grid_for,
+)
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.masks import full_size_masks
@@ -44,9 +49,12 @@ def source(ecssd_dir: Path, stem: str) -> tuple[Image.Image, np.ndarray]:
 
 
 def test_thin_images_keep_a_short_side_that_can_hold_an_object():
-    assert grid_for(1600, 120, 448, 14) == (MIN_SHORT_PATCHES, 107)  # was (2, 32)
-    assert grid_for(120, 1600, 448, 14) == (107, MIN_SHORT_PATCHES)
-    assert grid_for(100_000, 100, 448, 14) == (MIN_SHORT_PATCHES, 4 * 32)  # long side capped
+    # never thinner than MAX_GRID_ASPECT:1: a thinner image is stretched across its short side
+    assert grid_for(1600, 120, 448, 14) == (MIN_SHORT_PATCHES, 32)  # was (2, 32), then (8, 107)
+    assert grid_for(120, 1600, 448, 14) == (32, MIN_SHORT_PATCHES)
+    assert grid_for(100_000, 100, 448, 14) == (32 // MAX_GRID_ASPECT, 32)
+    assert grid_for(1600, 400, 448, 14) == (8, 32)  # exactly 4:1: as it was
+    assert grid_for(1600, 120, 224, 14) == (8, 16)  # the short side's minimum
     # ordinary images and anything up to 2:1 keep the grid they had, at any resolution
     for resolution in (112, 224, 448):
         side = resolution // 14
@@ -55,9 +63,11 @@ def test_thin_images_keep_a_short_side_that_can_hold_an_object():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem, index", [("0036", 0), ("0013", 0)])
+@pytest.mark.parametrize("stem, index", [("0036", 0), ("0013", 0), ("0003", 2), ("0059", 58)])
 def test_a_thin_real_image_is_labelled_like_the_whole_one(real_backbone, ecssd_dir, stem, index):
-    # squeezed to 13:1 these got a 2-patch short side and no mask ("every pair alike")
+    # squeezed to 13:1 0036 and 0013 got a 2-patch short side and no mask ("every pair
+    # alike"); on an 8 x 103 grid 0003's cut still fell on the wrong side of its squashed
+    # object (IoU 0.32) and 0059 got no mask: an 8 x 32 grid labels both
     image, truth = source(ecssd_dir, stem)
     thin, thin_truth = squeezer(13)(image, truth, index)
     whole = iou(label(real_backbone, image), truth)
