@@ -12,12 +12,7 @@ import torch
 from PIL import Image
 
 from benchmarks.failure_sets import band, closeup, squeezer
-from selfment_label.data.images import (
-    MAX_GRID_ASPECT,
-    MIN_SHORT_PATCHES,
-    decoded_image,
-    grid_for,
-)
+from selfment_label.data.images import MAX_GRID_ASPECT, decoded_image, grid_for
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.masks import full_size_masks
@@ -48,18 +43,19 @@ def source(ecssd_dir: Path, stem: str) -> tuple[Image.Image, np.ndarray]:
         return image.convert("RGB"), load_gt_mask(ecssd_dir / "masks" / f"{stem}.png")
 
 
-def test_thin_images_keep_a_short_side_that_can_hold_an_object():
-    # never thinner than MAX_GRID_ASPECT:1: a thinner image is stretched across its short side
-    assert grid_for(1600, 120, 448, 14) == (MIN_SHORT_PATCHES, 32)  # was (2, 32), then (8, 107)
-    assert grid_for(120, 1600, 448, 14) == (32, MIN_SHORT_PATCHES)
-    assert grid_for(100_000, 100, 448, 14) == (32 // MAX_GRID_ASPECT, 32)
-    assert grid_for(1600, 400, 448, 14) == (8, 32)  # exactly 4:1: as it was
-    assert grid_for(1600, 120, 224, 14) == (8, 16)  # the short side's minimum
+def test_thin_images_get_a_grid_no_thinner_than_two_to_one():
+    # a thinner image is stretched across its short side: 16 x 32 patches at 448 px
+    assert MAX_GRID_ASPECT == 2
+    assert grid_for(1600, 120, 448, 14) == (16, 32)  # was (2, 32), then (8, 107)
+    assert grid_for(120, 1600, 448, 14) == (32, 16)
+    assert grid_for(100_000, 100, 448, 14) == (16, 32)
+    assert grid_for(1600, 120, 112, 14) == (4, 8)
     # ordinary images and anything up to 2:1 keep the grid they had, at any resolution
     for resolution in (112, 224, 448):
         side = resolution // 14
         assert grid_for(640, 480, resolution, 14) == (round(side * 0.75), side)
         assert grid_for(800, 400, resolution, 14) == (side // 2, side)
+        assert grid_for(1920, 1080, resolution, 14) == (round(side * 9 / 16), side)
 
 
 @pytest.mark.slow

@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MIN_SIDE = 2
-MIN_SHORT_PATCHES = 8
-MAX_GRID_ASPECT = 4
+MAX_GRID_ASPECT = 2
 ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
@@ -301,18 +300,17 @@ def grid_for(width: int, height: int, resolution: int, patch_size: int) -> tuple
 
     Each side is rounded to the nearest multiple of the patch size, with at least two patches
     per side (tiny images are upsampled). The grid is never thinner than
-    ``MAX_GRID_ASPECT``:1, nor its short side under ``MIN_SHORT_PATCHES`` patches (half the
-    long side's count at a ``resolution`` too low for that, so images up to 2:1 are never
-    changed): a thinner image is stretched across its short side. A strip one or two patches
-    high cannot hold an object (a 1600 x 120 photo at 448 px was a 2 x 32 grid), and a
-    long thin grid of squashed content splits poorly: on ecssd-dev images squeezed to 8:1
-    and 13:1, a 8 x 32 grid labels them better than one that keeps their aspect ratio
-    (docs/quality-report.md), for a quarter of its patches.
+    ``MAX_GRID_ASPECT``:1: a thinner image is stretched across its short side (images up to
+    2:1 keep their aspect ratio). A strip one or two patches high cannot hold an object (a
+    1600 x 120 photo at 448 px was a 2 x 32 grid), and a long grid of squashed content splits
+    poorly: on ecssd-dev images squeezed to 8:1 and 13:1 a 16 x 32 grid labels them better
+    than an 8 x 32 one, and both better than an 8-patch short side with the aspect ratio
+    kept (docs/quality-report.md).
     """
     side = resolution / patch_size
     short_side = min(width, height) / max(width, height) * side
-    short_side = max(short_side, side / MAX_GRID_ASPECT, min(MIN_SHORT_PATCHES, side / 2))
-    long_count, short_count = max(2, round(side)), max(2, round(short_side))
+    long_count = max(2, round(side))
+    short_count = max(2, round(max(short_side, side / MAX_GRID_ASPECT)))
     return (short_count, long_count) if height <= width else (long_count, short_count)
 
 
