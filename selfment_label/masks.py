@@ -39,7 +39,8 @@ def upsample_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     The scores are probabilities (a sigmoid or softmax of a margin), so their logits are
     interpolated and mapped back through the sigmoid: the 0.5 boundary then falls where the
     interpolated margin crosses zero, between patch centres, instead of being snapped to the
-    patch grid by a saturated sigmoid (+0.019 IoU, +0.019 maxF on ecssd-dev; README, Quality).
+    patch grid by a saturated sigmoid (+0.019 IoU, +0.019 maxF on ecssd-dev; see "What was
+    tried" in docs/quality-report.md).
     Hard 0/1 scores come out as a sharp step half way between patch centres.
 
     Arguments:

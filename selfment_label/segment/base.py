@@ -8,11 +8,14 @@ into full-size masks (``selfment_label.masks``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ..timing import StageTimer
+
+if TYPE_CHECKING:
+    from ..features.backbone import Backbone
 
 THRESHOLD = 0.5
 """A soft score above this is inside the mask: on the patch grid and at full size."""
@@ -66,10 +69,26 @@ class Segmenter(Protocol):
         ...
 
 
+def segmenter_tokens(
+    segmenter: Segmenter, backbone: Backbone, pixels: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens ``segmenter`` is called with, and the ``[B, D]`` class tokens (None when the
+    segmenter asks for its own): those its own ``tokens(backbone, pixels, dtype)`` asks for
+    when it has that method (the single head: several blocks, the mirrored image too), else
+    the backbone's last-layer patch tokens and class tokens of one pass."""
+    own = getattr(segmenter, "tokens", None)
+    if own:
+        return own(backbone, pixels, dtype), None
+    return backbone.patch_and_class_tokens(pixels, dtype)
+
+
 def segment_batch(
-    segmenter: Segmenter, tokens: torch.Tensor, timer: StageTimer, class_tokens: torch.Tensor
+    segmenter: Segmenter,
+    tokens: torch.Tensor,
+    timer: StageTimer,
+    class_tokens: torch.Tensor | None,
 ) -> list[list[PatchMask]]:
     """Run ``segmenter`` on a batch, with the ``[B, D]`` class tokens when it takes them."""
-    if getattr(segmenter, "takes_class_tokens", False):
+    if class_tokens is not None and getattr(segmenter, "takes_class_tokens", False):
         return segmenter(tokens, timer, class_tokens)
     return segmenter(tokens, timer)
