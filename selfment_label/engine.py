@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .config import DEFAULT_PRECISION, RunConfig
-from .data.batching import batches_by_grid, prefetch, stack_pixels
+from .data.batching import batches_by_grid, lookahead, prefetch, stack_pixels
 from .data.images import DecodedImage, ImageSkip, prepare_image
 from .data.storage import ImageSource
 from .device import resolve_device, resolve_precision, small_kernel_threads
@@ -206,7 +206,7 @@ class LocalExecutor:
                 guide_side(config.refine),
             )
 
-        depth = max(4, 2 * config.batch_size)
+        depth = lookahead(config.batch_size)
         stream = prefetch(job.todo, decode, workers=config.workers, depth=depth)
         for batch, failures in batches_by_grid(stream, config.batch_size, window=depth):
             for name, error in failures:

@@ -252,13 +252,14 @@ def _check_owner(name: str, info: dict[str, Any], run: RunFolder, add: bool) -> 
         return
     if not add:
         raise ReviewError(
-            f"dataset {name!r} belongs to {owner or 'something else'}, not {run.path}; "
-            "choose another --name"
+            f"dataset {name!r} belongs to {owner or 'something else'}, not {run.path}",
+            remedy="name",
         )
     if info.get("label_fields") != fields:
         raise ReviewError(
             f"dataset {name!r} holds labels in {info.get('label_fields')}, this run's are "
-            f"in {fields}; choose another --name"
+            f"in {fields}",
+            remedy="name",
         )
 
 
@@ -530,11 +531,5 @@ def load_run_dataset(
         logger.info("building the dataset of %s from the run, unreviewed", run_dir)
         return build_dataset(run_dir, name)
     if name:
-        raise NotReviewed(
-            f"FiftyOne dataset {name!r} does not exist: review the run first with "
-            f"`selfment-label review {run_dir} --name {name}`"
-        )
-    raise NotReviewed(
-        f"no FiftyOne dataset reviews {run_dir} yet: review it first with "
-        f"`selfment-label review {run_dir}`, or name one with --name"
-    )
+        raise NotReviewed(f"FiftyOne dataset {name!r} does not exist", remedy="review")
+    raise NotReviewed(f"no FiftyOne dataset reviews {run_dir} yet", remedy="review")

@@ -198,7 +198,7 @@ def check_target(target: Path, overwrite: bool, protected: dict[Path, str]) -> N
         raise ExportError(str(error)) from None
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
-            raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
+            raise ExportError(f"{target} is not empty", remedy="export_overwrite")
         check_own_export(target)
 
 
@@ -220,7 +220,8 @@ def check_own_export(target: Path) -> None:
     if marker.is_symlink() or entries is None:
         raise ExportError(
             f"refusing to replace {target}: it is not a selfment-label export (no {MARKER_NAME}) "
-            "and --overwrite only replaces a previous export; choose an empty or new folder"
+            "and only a previous export is ever replaced",
+            remedy="export_target",
         )
     foreign = sorted(p.name for p in target.iterdir() if p.name not in entries | {MARKER_NAME})
     if foreign:
@@ -279,8 +280,8 @@ def _nothing_selected(
     if tags and not any(tag in counts for tag in tags):
         return f"no sample has any of the tags {', '.join(tags)}; the dataset's tags: {existing}"
     return (
-        f"the tag filters select no sample (--tags {', '.join(tags or []) or '-'}, "
-        f"--exclude-tags {', '.join(exclude_tags or []) or '-'}); the dataset's tags: {existing}"
+        f"the tag filters select no sample (tags {', '.join(tags or []) or '-'}, "
+        f"excluded tags {', '.join(exclude_tags or []) or '-'}); the dataset's tags: {existing}"
     )
 
 
