@@ -26,7 +26,7 @@ from .device import resolve_device, resolve_precision, small_kernel_threads
 from .features.backbone import Backbone, build_backbone
 from .masks import annotation_record, full_size_masks
 from .refine import guide_side
-from .segment.base import PatchMask, Segmenter, segmenter_tokens
+from .segment.base import BatchTokens, PatchMask, Segmenter, segment_batch, segmenter_tokens
 from .timing import StageTimer
 
 
@@ -95,28 +95,28 @@ class Labeller:
         self.device = backbone.device
         self.choice = resolve_precision(precision, self.device)
 
-    def tokens(self, batch: list[DecodedImage], timer: StageTimer) -> torch.Tensor:
-        """``[B, rows, cols, D]`` patch tokens of a batch of images that share one grid."""
+    def tokens(self, batch: list[DecodedImage], timer: StageTimer) -> BatchTokens:
+        """``[B, rows, cols, D]`` patch tokens of a batch of images that share one grid, and
+        their ``[B, D]`` class tokens where the segmenter takes them (else ``None``)."""
         with timer.stage("backbone"):
             pixels = stack_pixels(batch, self.device)
             return segmenter_tokens(self.segmenter, self.backbone, pixels, self.choice.dtype)
 
     def patch_masks(
-        self, batch: list[DecodedImage], timer: StageTimer, tokens: torch.Tensor | None = None
+        self, batch: list[DecodedImage], timer: StageTimer, tokens: BatchTokens | None = None
     ) -> list[list[PatchMask]]:
         """Patch masks for a batch of images that share one grid (from ``tokens`` when the
         caller already has them)."""
-        if tokens is None:
-            tokens = self.tokens(batch, timer)
+        patches, class_tokens = self.tokens(batch, timer) if tokens is None else tokens
         with small_kernel_threads(self.device):
-            return self.segmenter(tokens, timer)
+            return segment_batch(self.segmenter, patches, timer, class_tokens)
 
     def label(
         self,
         batch: list[DecodedImage],
         timer: StageTimer,
         save_scores: bool = False,
-        tokens: torch.Tensor | None = None,
+        tokens: BatchTokens | None = None,
     ) -> list[FinishedImage]:
         """Full-size masks as annotation records (and score maps) for a batch of one grid
         (from ``tokens`` when the caller already has them)."""
@@ -224,7 +224,7 @@ class LocalExecutor:
                 guide_side(config.refine),
             )
 
-        def backbone(pair: tuple[list[DecodedImage], list]) -> torch.Tensor | None:
+        def backbone(pair: tuple[list[DecodedImage], list]) -> BatchTokens | None:
             return labeller.tokens(pair[0], timer) if pair[0] else None
 
         depth = lookahead(config.batch_size)

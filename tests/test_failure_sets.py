@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from benchmarks.failure_sets import band, closeup, squeezer
-from selfment_label.data.images import MIN_SHORT_PATCHES, decoded_image, grid_for
+from selfment_label.data.images import MAX_GRID_ASPECT, decoded_image, grid_for
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.masks import full_size_masks
-from selfment_label.segment.scores import frame_excess, uniformity_excess
+from selfment_label.segment.base import segment_batch
+from selfment_label.segment.scores import class_excess, frame_excess, uniformity_excess
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 
@@ -25,8 +26,8 @@ def label(backbone: Backbone, image: Image.Image, resolution: int = 448) -> np.n
     """The full-size single-mode mask of one image (all False when it gets none)."""
     mean, std = backbone.mean_std
     item = decoded_image(image, "x.png", image.size, resolution, backbone.patch_size, mean, std)
-    tokens = backbone.patch_tokens(torch.from_numpy(item.pixels)[None])
-    (masks,) = NcutIpo()(tokens, StageTimer())
+    tokens, class_tokens = backbone.patch_and_class_tokens(torch.from_numpy(item.pixels)[None])
+    (masks,) = segment_batch(NcutIpo(), tokens, StageTimer(), class_tokens)
     kept, _ = full_size_masks(masks, item.width, item.height)
     return kept[0].mask if kept else np.zeros((item.height, item.width), dtype=bool)
 
@@ -42,21 +43,27 @@ def source(ecssd_dir: Path, stem: str) -> tuple[Image.Image, np.ndarray]:
         return image.convert("RGB"), load_gt_mask(ecssd_dir / "masks" / f"{stem}.png")
 
 
-def test_thin_images_keep_a_short_side_that_can_hold_an_object():
-    assert grid_for(1600, 120, 448, 14) == (MIN_SHORT_PATCHES, 107)  # was (2, 32)
-    assert grid_for(120, 1600, 448, 14) == (107, MIN_SHORT_PATCHES)
-    assert grid_for(100_000, 100, 448, 14) == (MIN_SHORT_PATCHES, 4 * 32)  # long side capped
+def test_thin_images_get_a_grid_no_thinner_than_two_to_one():
+    # a thinner image is stretched across its short side: 16 x 32 patches at 448 px
+    assert MAX_GRID_ASPECT == 2
+    assert grid_for(1600, 120, 448, 14) == (16, 32)  # was (2, 32), then (8, 107)
+    assert grid_for(120, 1600, 448, 14) == (32, 16)
+    assert grid_for(100_000, 100, 448, 14) == (16, 32)
+    assert grid_for(1600, 120, 112, 14) == (4, 8)
     # ordinary images and anything up to 2:1 keep the grid they had, at any resolution
     for resolution in (112, 224, 448):
         side = resolution // 14
         assert grid_for(640, 480, resolution, 14) == (round(side * 0.75), side)
         assert grid_for(800, 400, resolution, 14) == (side // 2, side)
+        assert grid_for(1920, 1080, resolution, 14) == (round(side * 9 / 16), side)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem, index", [("0036", 0), ("0013", 0)])
+@pytest.mark.parametrize("stem, index", [("0013", 0), ("0003", 2), ("0059", 58)])
 def test_a_thin_real_image_is_labelled_like_the_whole_one(real_backbone, ecssd_dir, stem, index):
-    # squeezed to 13:1 these got a 2-patch short side and no mask ("every pair alike")
+    # squeezed to 13:1 0013 got a 2-patch short side and no mask ("every pair alike"); on
+    # an 8 x 103 grid 0003's cut still fell on the wrong side of its squashed object (IoU
+    # 0.32) and 0059 got no mask: the 16 x 32 grid labels all three
     image, truth = source(ecssd_dir, stem)
     thin, thin_truth = squeezer(13)(image, truth, index)
     whole = iou(label(real_backbone, image), truth)
@@ -64,11 +71,15 @@ def test_a_thin_real_image_is_labelled_like_the_whole_one(real_backbone, ecssd_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem, index", [("0002", 1), ("0041", 40), ("0003", 2)])
+@pytest.mark.parametrize(
+    "stem, index", [("0002", 1), ("0041", 40), ("0003", 2), ("0020", 19), ("0057", 56)]
+)
 def test_a_closeup_keeps_its_object(real_backbone, ecssd_dir, stem, index):
     # crops in which the object fills 60-90 % of the frame: 0002 and 0041's object holds more
     # than half of the border patches and was swapped for the strip beside it; 0003's cut
-    # fell on the background, holding 41 % of the border for 19 % of the frame, and was kept
+    # fell on the background, holding 41 % of the border for 19 % of the frame, and was kept;
+    # 0020's and 0057's sides hold the border in proportion to their size (or less for the
+    # background) and only the class token tells them apart
     image, truth = source(ecssd_dir, stem)
     crop, crop_truth = closeup(image, truth, index)
     mask = label(real_backbone, crop)
@@ -78,12 +89,14 @@ def test_a_closeup_keeps_its_object(real_backbone, ecssd_dir, stem, index):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "stem, index, height_factor", [("0001", 0, 1.8), ("0003", 2, 1.8), ("0002", 1, 2.8)]
+    "stem, index, height_factor",
+    [("0001", 0, 1.8), ("0003", 2, 1.8), ("0002", 1, 2.8), ("0021", 20, 1.8)],
 )
 def test_a_band_of_sky_is_not_the_object(real_backbone, ecssd_dir, stem, index, height_factor):
     # the photo under a 44 % band held more than half of the border patches and was swapped
     # for the band; under a 64 % band the border shares alone would take the band (it holds
-    # less of the border than of the frame): its patches being far more alike decides it
+    # less of the border than of the frame): its patches being far more alike decides it;
+    # 0021's photo holds more of the border than of the frame: the class token decides it
     image, truth = source(ecssd_dir, stem)
     composite, composite_truth = band(image, truth, index, height_factor)
     mask = label(real_backbone, composite)
@@ -110,3 +123,33 @@ def test_frame_excess_compares_border_and_grid_shares():
     inside = torch.zeros(1, 4, 4, dtype=torch.bool)
     inside[0, 1:3, 1:3] = True  # touches no border: far on the object side
     assert frame_excess(inside).item() < -5
+
+
+def test_class_excess_compares_each_sides_closeness_to_the_class_token():
+    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]])
+    labels = torch.tensor([[[True, True], [False, False]]])
+    class_tokens = torch.tensor([[2.0, 0.0]])  # its direction is what counts
+    # mask: cosines 1 and 1; complement: 0 and 0.6
+    assert class_excess(tokens, labels, class_tokens).item() == pytest.approx(0.7)
+    assert class_excess(tokens, ~labels, class_tokens).item() == pytest.approx(-0.7)
+
+
+def test_segment_batch_gives_class_tokens_only_to_segmenters_that_take_them():
+    seen = []
+
+    class Plain:
+        def __call__(self, tokens, timer):
+            seen.append("plain")
+            return []
+
+    class Taker(Plain):
+        takes_class_tokens = True
+
+        def __call__(self, tokens, timer, class_tokens):
+            seen.append(class_tokens.shape)
+            return []
+
+    tokens, class_tokens = torch.zeros(2, 3, 3, 4), torch.zeros(2, 4)
+    segment_batch(Plain(), tokens, StageTimer(), class_tokens)
+    segment_batch(Taker(), tokens, StageTimer(), class_tokens)
+    assert seen == ["plain", (2, 4)]

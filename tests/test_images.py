@@ -143,8 +143,8 @@ def test_permission_denied_is_skipped(tmp_path: Path, monkeypatch):
 
 def test_tiny_images_get_a_usable_grid():
     assert grid_for(5, 5, 448, 14) == (32, 32)
-    # a thin image keeps a short side of 8 patches, its long side capped at 4 x resolution
-    assert grid_for(1000, 3, 448, 14) == (8, 128)
+    # a thin image gets a grid no thinner than 2:1, stretched across its short side
+    assert grid_for(1000, 3, 448, 14) == (16, 32)
 
 
 def test_prefetch_keeps_order_and_returns_errors():

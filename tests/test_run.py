@@ -348,8 +348,8 @@ def test_segmenter_notes_reach_the_journal_coco_and_run_json(tmp_path, tiny_back
         Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(folder / name)
 
     class Noting(NcutIpo):
-        def __call__(self, tokens, timer):
-            found = super().__call__(tokens, timer)
+        def __call__(self, tokens, timer, class_tokens=None):
+            found = super().__call__(tokens, timer, class_tokens)
             return [ImageMasks(masks, {"eigensolver": "capped"}) for masks in found]
 
     out = tmp_path / "run"

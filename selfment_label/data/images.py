@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MIN_SIDE = 2
-MIN_SHORT_PATCHES = 8
-MAX_LONG_FACTOR = 4
+MAX_GRID_ASPECT = 2
 ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 TOO_LARGE = "too large"
@@ -302,22 +301,18 @@ def grid_for(width: int, height: int, resolution: int, patch_size: int) -> tuple
     """Patch grid ``(rows, cols)`` for an image resized so its long side is ``resolution``.
 
     Each side is rounded to the nearest multiple of the patch size, with at least two patches
-    per side (tiny images are upsampled). A thin image keeps a short side of at least
-    ``MIN_SHORT_PATCHES`` patches (half the long side's count at a ``resolution`` too low for
-    that, so images up to 2:1 are never changed), its long side growing with it: a strip one
-    or two patches high cannot hold an object (a 1600 x 120 photo at 448 px was a 2 x 32
-    grid). The long side is capped at
-    ``MAX_LONG_FACTOR`` x ``resolution`` (at the default 448 px: never more patches than the
-    square grid; the aspect ratio gives way past 16:1).
+    per side (tiny images are upsampled). The grid is never thinner than
+    ``MAX_GRID_ASPECT``:1: a thinner image is stretched across its short side (images up to
+    2:1 keep their aspect ratio). A strip one or two patches high cannot hold an object (a
+    1600 x 120 photo at 448 px was a 2 x 32 grid), and a long grid of squashed content splits
+    poorly: on ecssd-dev images squeezed to 8:1 and 13:1 a 16 x 32 grid labels them better
+    than an 8 x 32 one, and both better than an 8-patch short side with the aspect ratio
+    kept (docs/quality-report.md).
     """
     side = resolution / patch_size
-    long_side = side
     short_side = min(width, height) / max(width, height) * side
-    least = min(MIN_SHORT_PATCHES, side / 2)
-    if short_side < least:
-        long_side = min(long_side * least / short_side, MAX_LONG_FACTOR * side)
-        short_side = least
-    long_count, short_count = max(2, round(long_side)), max(2, round(short_side))
+    long_count = max(2, round(side))
+    short_count = max(2, round(max(short_side, side / MAX_GRID_ASPECT)))
     return (short_count, long_count) if height <= width else (long_count, short_count)
 
 

@@ -264,26 +264,38 @@ class Backbone:
             )
 
     def _forward(
-        self, batch: torch.Tensor, dtype: torch.dtype | None, layers: tuple[int, ...] | None
+        self,
+        batch: torch.Tensor,
+        dtype: torch.dtype | None,
+        layers: tuple[int, ...] | None,
+        keep_prefix: bool = False,
     ) -> torch.Tensor:
         """``[B, N, D']`` patch tokens in ``dtype``: bf16 on a CPU runs the cast model
         (``bf16_cpu_model``), other reduced precisions autocast the float32 model."""
         if dtype == torch.bfloat16 and batch.device.type == "cpu":
             if self._bf16_cpu is None:
                 self._bf16_cpu = bf16_cpu_model(self.model)
-            return self._tokens_of(self._bf16_cpu, batch.to(torch.bfloat16), layers)
+            return self._tokens_of(self._bf16_cpu, batch.to(torch.bfloat16), layers, keep_prefix)
         with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
-            return self._tokens_of(self.model, batch, layers)
+            return self._tokens_of(self.model, batch, layers, keep_prefix)
 
     @staticmethod
     def _tokens_of(
-        model: torch.nn.Module, batch: torch.Tensor, layers: tuple[int, ...] | None
+        model: torch.nn.Module,
+        batch: torch.Tensor,
+        layers: tuple[int, ...] | None,
+        keep_prefix: bool = False,
     ) -> torch.Tensor:
-        """Last-layer patch tokens of ``model``, or those of ``layers`` (each after the final
-        norm) concatenated along the channels."""
+        """Last-layer patch tokens of ``model`` (after its prefix tokens when
+        ``keep_prefix``), or those of ``layers`` (each after the final norm) concatenated
+        along the channels."""
         if layers is None:
             tokens = model.forward_features(batch)
-            return tokens[:, int(getattr(model, "num_prefix_tokens", 1)) :, :]
+            return (
+                tokens
+                if keep_prefix
+                else tokens[:, int(getattr(model, "num_prefix_tokens", 1)) :, :]
+            )
         blocks = model.forward_intermediates(
             batch,
             indices=list(layers),
@@ -321,6 +333,27 @@ class Backbone:
         self.check_layers(layers)
         tokens = self._forward(batch, dtype, layers).float()
         return tokens.reshape(b, h // p, w // p, -1)
+
+    @torch.inference_mode()
+    def patch_and_class_tokens(
+        self, batch: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer ``patch_tokens`` and the class token of the same forward pass.
+
+        The class token (the first prefix token, after the final norm) is the image's
+        global embedding, which self-supervised ViTs align with the main object; the single
+        segmenter uses it to tell which side of a cut is the object.
+
+        Returns:
+          ``([B, H/p, W/p, D], [B, D])`` float32 tokens, whatever the precision.
+        """
+        b, _, h, w = batch.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
+        tokens = self._forward(batch, dtype, None, keep_prefix=True).float()
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        return tokens[:, prefix:, :].reshape(b, h // p, w // p, -1), tokens[:, 0, :]
 
 
 HUB_PROBE_SECONDS = 3.0

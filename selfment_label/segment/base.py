@@ -53,7 +53,11 @@ class ImageMasks(list):
 
 
 class Segmenter(Protocol):
-    """What the pipeline needs from a segmenter."""
+    """What the pipeline needs from a segmenter.
+
+    A segmenter that also uses the images' class tokens says so with a class attribute
+    ``takes_class_tokens = True`` and takes them as a third argument (``segment_batch``).
+    """
 
     def options(self) -> dict[str, Any]:
         """The options that decide its results (recorded and compared on resume)."""
@@ -65,11 +69,30 @@ class Segmenter(Protocol):
         ...
 
 
+BatchTokens = tuple[torch.Tensor, torch.Tensor | None]
+"""A batch's ``[B, rows, cols, D]`` patch tokens and ``[B, D]`` class tokens (or ``None``)."""
+
+
 def segmenter_tokens(
     segmenter: Segmenter, backbone: Backbone, pixels: torch.Tensor, dtype: torch.dtype | None
-) -> torch.Tensor:
-    """The tokens ``segmenter`` is called with: those its own ``tokens(backbone, pixels,
-    dtype)`` asks for when it has that method (the single head: several blocks, the mirrored
-    image too), else the backbone's last-layer patch tokens."""
+) -> BatchTokens:
+    """The tokens ``segmenter`` is called with, and the ``[B, D]`` class tokens (None when the
+    segmenter asks for its own): those its own ``tokens(backbone, pixels, dtype)`` asks for
+    when it has that method (the single head: several blocks, the mirrored image too), else
+    the backbone's last-layer patch tokens and class tokens of one pass."""
     own = getattr(segmenter, "tokens", None)
-    return own(backbone, pixels, dtype) if own else backbone.patch_tokens(pixels, dtype)
+    if own:
+        return own(backbone, pixels, dtype), None
+    return backbone.patch_and_class_tokens(pixels, dtype)
+
+
+def segment_batch(
+    segmenter: Segmenter,
+    tokens: torch.Tensor,
+    timer: StageTimer,
+    class_tokens: torch.Tensor | None,
+) -> list[list[PatchMask]]:
+    """Run ``segmenter`` on a batch, with the ``[B, D]`` class tokens when it takes them."""
+    if class_tokens is not None and getattr(segmenter, "takes_class_tokens", False):
+        return segmenter(tokens, timer, class_tokens)
+    return segmenter(tokens, timer)

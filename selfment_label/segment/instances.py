@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -117,9 +118,19 @@ def split_free_patches(
 class MaskCut(InstancesConfig):
     """Label-free multi-instance segmenter: MaskCut + IPO (options: ``InstancesConfig``)."""
 
-    def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
-        """Up to ``max_instances`` disjoint ``PatchMask`` per image."""
-        return [self.image_instances(image, timer) for image in tokens]
+    takes_class_tokens: ClassVar[bool] = True
+
+    def __call__(
+        self, tokens: torch.Tensor, timer: StageTimer, class_tokens: torch.Tensor | None = None
+    ) -> list[list[PatchMask]]:
+        """Up to ``max_instances`` disjoint ``PatchMask`` per image (``class_tokens``:
+        ``[B, D]``, used for the first cut's side when given)."""
+        if class_tokens is None:
+            return [self.image_instances(image, timer) for image in tokens]
+        return [
+            self.image_instances(image, timer, token)
+            for image, token in zip(tokens, class_tokens, strict=True)
+        ]
 
     @staticmethod
     def _seed_side(
@@ -133,12 +144,15 @@ class MaskCut(InstancesConfig):
         seed = torch.where(start, vector.abs(), torch.full_like(vector, -1.0)).argmax()
         return seed_component(labels.view(1, *grid), seed[None])[0].reshape(-1)
 
-    def image_instances(self, tokens: torch.Tensor, timer: StageTimer) -> ImageMasks:
+    def image_instances(
+        self, tokens: torch.Tensor, timer: StageTimer, class_token: torch.Tensor | None = None
+    ) -> ImageMasks:
         """Instances of one image.
 
         Arguments:
           tokens: ``[rows, cols, D]`` patch tokens of one image.
           timer: stage timer (``ncut`` and ``ipo`` stages).
+          class_token: ``[D]`` its class token, or None (``single.border_swap``).
 
         Returns:
           The instances, largest-eigenvector-first, each with its own confidence; none,
@@ -170,7 +184,14 @@ class MaskCut(InstancesConfig):
                 kept = refined.labels[0]
                 scores = refined.scores[0]
                 if index == 0:
-                    if bool(border_swap(kept.view(1, *grid), flat[None], self.border_prior)):
+                    if bool(
+                        border_swap(
+                            kept.view(1, *grid),
+                            flat[None],
+                            self.border_prior,
+                            None if class_token is None else class_token[None],
+                        )
+                    ):
                         kept, cut, scores = ~kept, ~cut, 1.0 - scores
                     reason = no_object_reasons(cosine, kept.view(1, *grid))[0]
                     if reason:

@@ -134,3 +134,30 @@ def uniformity_excess(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     means = (sides @ unit) / sides.sum(-1, keepdim=True).clamp_min(1.0)
     length = means.norm(dim=-1)
     return length[:, 0] - length[:, 1]
+
+
+def class_excess(
+    tokens: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor
+) -> torch.Tensor:
+    """How much closer a mask's patches are to the image's class token than its complement's.
+
+    A side's closeness is the mean cosine of its patch tokens to the class token (the
+    backbone's global embedding of the image, which self-supervised ViTs align with the main
+    object, whatever its size or place in the frame). A mask and its complement have
+    opposite excesses.
+
+    Arguments:
+      tokens: ``[B, N, D]`` patch tokens.
+      labels: ``[B, rows, cols]`` boolean masks.
+      class_tokens: ``[B, D]`` class tokens.
+
+    Returns:
+      ``[B]`` the mask's mean cosine minus its complement's, in [-2, 2].
+    """
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
+    target = torch.nn.functional.normalize(class_tokens.float(), dim=-1)
+    cosine = (unit @ target[:, :, None])[..., 0]
+    inside = labels.flatten(1).to(cosine.dtype)
+    mean_in = (cosine * inside).sum(-1) / inside.sum(-1).clamp_min(1.0)
+    mean_out = (cosine * (1.0 - inside)).sum(-1) / (1.0 - inside).sum(-1).clamp_min(1.0)
+    return mean_in - mean_out

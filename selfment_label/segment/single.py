@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -12,42 +13,69 @@ from .base import ImageMasks, PatchMask
 from .ipo import iterative_patch_optimization
 from .ncut import normalized_cut, pair_cosine
 from .objectness import no_object_reasons
-from .scores import agreement_score, centre_start, frame_excess, uniformity_excess
+from .scores import (
+    agreement_score,
+    centre_start,
+    class_excess,
+    frame_excess,
+    uniformity_excess,
+)
 
 SCORE_ROUNDS = 20
-UNIFORMITY_WEIGHT = 2.5
+UNIFORMITY_WEIGHT = 1.0
+UNIFORMITY_WEIGHT_ALONE = 2.5
+CLASS_WEIGHT = 3.0
 EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
 
 
-def border_swap(labels: torch.Tensor, tokens: torch.Tensor, enabled: bool) -> torch.Tensor:
+def border_swap(
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    enabled: bool,
+    class_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[B]`` whether each mask is the background side of its cut; all False when the prior
     is off.
 
     Both sides are compared, each relative to its size: a mask is the background when
     ``frame_excess`` (the log-odds of its share of the grid's border patches minus those of
     its share of the grid) plus ``UNIFORMITY_WEIGHT`` x ``uniformity_excess`` (how much more
-    alike its patches are than its complement's) is above 0; its complement then scores the
-    opposite. The rule it replaces swapped any mask holding more than half of the border
-    patches: it took close-ups (the subject touching most of the frame) and a photo under a
-    band of sky for the background. The weight is the middle of the range (2-3) that does
-    best on the failure sets and ecssd-dev (``benchmarks/failure_sets.py``;
-    docs/quality-report.md).
+    alike its patches are than its complement's) minus ``CLASS_WEIGHT`` x ``class_excess``
+    (how much closer its patches are to the image's class token than its complement's) is
+    above 0; its complement then scores the opposite. Border contact fixes close-ups (the
+    subject touching most of the frame) and a photo under a band of sky, which a rule on
+    the border fraction alone took for the background; the class token settles the
+    close-ups whose two sides hold the border in proportion to their size, and a sky that
+    fills most of the frame. Without class tokens (a caller with patch tokens only) the
+    class term is left out and uniformity weighs ``UNIFORMITY_WEIGHT_ALONE``: it then has to
+    tell a large sky from the photo under it alone. The weights are chosen on the failure
+    sets and ecssd-dev (``benchmarks/failure_sets.py``; docs/quality-report.md).
 
     Arguments:
       labels: ``[B, rows, cols]`` boolean masks.
       tokens: ``[B, rows * cols, D]`` their patch tokens.
       enabled: the border prior is on.
+      class_tokens: ``[B, D]`` the images' class tokens, or None.
     """
-    excess = frame_excess(labels) + UNIFORMITY_WEIGHT * uniformity_excess(tokens, labels)
-    return (excess > 0) & enabled
+    if class_tokens is None:
+        excess = UNIFORMITY_WEIGHT_ALONE * uniformity_excess(tokens, labels)
+    else:
+        excess = UNIFORMITY_WEIGHT * uniformity_excess(tokens, labels)
+        excess = excess - CLASS_WEIGHT * class_excess(tokens, labels, class_tokens)
+    return (frame_excess(labels) + excess > 0) & enabled
 
 
 @dataclass
 class NcutIpo(SingleConfig):
     """Label-free single-object segmenter: Normalized Cut, then IPO (options: ``SingleConfig``)."""
 
-    def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
-        """One ``PatchMask`` per image, or none with a ``no_object`` note."""
+    takes_class_tokens: ClassVar[bool] = True
+
+    def __call__(
+        self, tokens: torch.Tensor, timer: StageTimer, class_tokens: torch.Tensor | None = None
+    ) -> list[list[PatchMask]]:
+        """One ``PatchMask`` per image, or none with a ``no_object`` note (``class_tokens``:
+        ``[B, D]``, used by ``border_swap`` when given)."""
         b, rows, cols, dim = tokens.shape
         flat = tokens.reshape(b, rows * cols, dim)
         with timer.stage("ncut"):
@@ -59,13 +87,13 @@ class NcutIpo(SingleConfig):
             )
             labels = refined.labels.reshape(b, rows, cols)
             scores = refined.scores.reshape(b, rows, cols)
-            swapped = border_swap(labels, flat, self.border_prior)[:, None, None]
+            swapped = border_swap(labels, flat, self.border_prior, class_tokens)[:, None, None]
             labels = torch.where(swapped, ~labels, labels)
             scores = torch.where(swapped, 1.0 - scores, scores)
             blind = iterative_patch_optimization(
                 flat, centre_start(b, (rows, cols), flat.device), SCORE_ROUNDS
             ).labels.reshape(b, rows, cols)
-            swap_blind = border_swap(blind, flat, self.border_prior)[:, None, None]
+            swap_blind = border_swap(blind, flat, self.border_prior, class_tokens)[:, None, None]
             blind = torch.where(swap_blind, ~blind, blind)
             confidence = agreement_score(labels, torch.where(swapped, ~cut, cut), blind).tolist()
         capped = (~eigen.converged).tolist()
