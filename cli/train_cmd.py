@@ -24,7 +24,6 @@ from .console import (
     console,
     fail,
     invalid_options,
-    make_progress,
     require_choice,
     setup_logging,
     user_errors,
@@ -40,12 +39,9 @@ from .run_cmd import (
     ray_executor,
     refine_option,
 )
+from .train_progress import training_bars
 
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
-
-
-def _loss_text(losses: dict[str, float]) -> str:
-    return "  ".join(f"{k} {losses[k]:.4f}" for k in LOSS_TERMS if k in losses)
 
 
 def _run_task(run_dir: Path) -> str:
@@ -175,19 +171,7 @@ def train(
         console.print(
             f"dataset [bold]{source.dataset}[/]: {len(source.targets)} samples to learn from"
         )
-    with user_errors(FileNotFoundError), make_progress() as progress:
-        features = progress.add_task("features", total=None)
-        steps = progress.add_task("training", total=None, start=False)
-
-        def on_feature(done: int, total: int) -> None:
-            progress.update(features, completed=done, total=total)
-
-        def on_step(step: int, total: int, losses: dict[str, float]) -> None:
-            progress.start_task(steps)
-            progress.update(
-                steps, completed=step, total=total, description=f"training {_loss_text(losses)}"
-            )
-
+    with user_errors(FileNotFoundError), training_bars(["training"]) as bars:
         result = distil(
             run_dir,
             out,
@@ -197,8 +181,8 @@ def train(
             device=str(resolve_device(device)),
             precision=precision,
             allow_download=not offline,
-            feature_progress=on_feature,
-            train_progress=on_step,
+            feature_progress=bars.features,
+            train_progress=lambda step, total, losses: bars.step(0, step, total, losses),
             targets=source.targets if source else None,
             data={"review": source.provenance()} if source else None,
         )

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
 from ..config import DEFAULT_PRECISION, InstanceTrainConfig
 from ..data.images import grid_for
 from ..device import small_kernel_threads
@@ -28,17 +27,16 @@ from ..features.backbone import Backbone
 from ..features.cache import FeatureProgress
 from ..runfolder.coco import RleError, decode_rle
 from ..runfolder.layout import RunFolder, RunFolderError, read_run
-from .checkpoint import CHECKPOINT_FORMAT, HeadError, save_checkpoint
+from .checkpoint import HeadError, save_checkpoint
 from .features import run_features
 from .instance_model import THREADS, InstanceHead, image_losses
 from .model import patch_targets
 from .rounds import RoundChange, correct_targets
-from .train import _check_finite, check_train_outputs
+from .train import _check_finite, check_train_outputs, feature_meta, with_features
 
 logger = logging.getLogger(__name__)
 
 INSTANCE_TASK = "instances"
-LOSS_TERMS = ("bce", "dice", "objectness", "total")
 RoundProgress = Callable[[int, int, int, dict[str, float]], None]
 """Called after every step with ``(round, step, steps of the round, loss terms)``."""
 RoundDone = Callable[[int, InstanceHead], None]
@@ -281,13 +279,12 @@ def distil_instances(
         progress=feature_progress,
     )
     settings = cache.settings
-    images, left_out = [], {}
-    for name, width, height, image_masks in masks:
-        cached = cache.load(entries[name], name) if name in entries else None
+    usable, left_out = with_features(masks, entries)
+    images = []
+    for name, width, height, image_masks in usable:
+        cached = cache.load(entries[name], name)
         if cached is None:
-            left_out[name] = "no features (the image could not be decoded)"
-            logger.warning("left out %s: %s", name, left_out[name])
-            continue
+            raise HeadError(f"the cached features of {name} cannot be read")
         grid = grid_for(width, height, settings.resolution, settings.patch_size)
         targets = [patch_targets(mask, grid) for mask in image_masks]
         stacked = torch.stack(targets) if targets else torch.zeros(0, *grid)
@@ -297,16 +294,8 @@ def distil_instances(
         raise _no_mask_error(len(images))
     head, rounds = train_rounds(images, config, device, train_progress, round_done)
     meta = {
-        "format": CHECKPOINT_FORMAT,
+        **feature_meta(settings),
         "task": INSTANCE_TASK,
-        "tool_version": __version__,
-        "backbone": {
-            "backbone": settings.backbone,
-            "timm_id": settings.timm_id,
-            "patch_size": settings.patch_size,
-            "weights_sha256": settings.weights_sha256,
-        },
-        "resolution": settings.resolution,
         "feature_dim": head.dim,
         "hidden": config.hidden,
         "model": head.config(),
