@@ -51,33 +51,38 @@ class InstanceImage:
       file_name: image path relative to the run's input folder.
       tokens: ``[rows, cols, D]`` tokens (float16, as cached).
       targets: ``[K, rows, cols]`` pseudo-masks (patch area fractions; K may be 0).
+      parts: ``[P, rows, cols]`` pseudo-masks of parts (an ``entities`` run's; none: no
+        part is learnt from this image).
     """
 
     file_name: str
     tokens: torch.Tensor
     targets: torch.Tensor
+    parts: torch.Tensor | None = None
 
 
-def top_level_masks(run: RunFolder) -> Iterator[tuple[str, int, int, list[np.ndarray]]]:
-    """``(file name, width, height, masks)`` of every labelled image: its annotations without
-    a ``parent_id`` (an entities run's parts are left out).
+def level_masks(
+    run: RunFolder,
+) -> Iterator[tuple[str, int, int, list[np.ndarray], list[np.ndarray]]]:
+    """``(file name, width, height, objects, parts)`` of every labelled image: its
+    annotations without a ``parent_id`` (an ``instances`` run's instances, an ``entities``
+    run's entities) and those with one (an ``entities`` run's parts).
 
     Raises:
       RunFolderError: an annotation's RLE is corrupt or not the image's size.
     """
     for image, anns in run.images():
         width, height = int(image["width"]), int(image["height"])
-        masks = []
+        objects, parts = [], []
         for ann in anns:
-            if ann.get("parent_id") is not None:
-                continue
             try:
-                masks.append(decode_rle(ann["segmentation"], (height, width)))
+                mask = decode_rle(ann["segmentation"], (height, width))
             except RleError as error:
                 raise RunFolderError(
                     f"annotation {ann.get('id')} of {image['file_name']}: {error}"
                 ) from None
-        yield image["file_name"], width, height, masks
+            (objects if ann.get("parent_id") is None else parts).append(mask)
+        yield image["file_name"], width, height, objects, parts
 
 
 def train_rounds(
@@ -104,8 +109,14 @@ def train_rounds(
         raise HeadError("no training images")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        has_parts = any(image.parts is not None and len(image.parts) for image in images)
         head = InstanceHead(
-            images[0].tokens.shape[-1], config.hidden, config.queries, config.layers, config.heads
+            images[0].tokens.shape[-1],
+            config.hidden,
+            config.queries,
+            config.layers,
+            config.heads,
+            config.part_queries if has_parts else 0,
         )
     head.to(device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -178,13 +189,23 @@ def _batch_losses(
     config: InstanceTrainConfig,
     device: torch.device | str,
 ) -> dict[str, torch.Tensor]:
-    """Mean loss terms over a batch (one forward per image: images differ in grid)."""
+    """Mean loss terms over a batch (one forward per image: images differ in grid); a head
+    with part queries adds the part set's terms (matched to the image's parts) to each."""
     sums: dict[str, torch.Tensor] = {}
+    split = head.object_queries
     for image in batch:
         objectness, logits = head(image.tokens.to(device).float()[None])
-        terms = image_losses(objectness[0], logits[0], image.targets.to(device), config)
-        for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + value / len(batch)
+        terms = [
+            image_losses(objectness[0, :split], logits[0, :split], image.targets.to(device), config)
+        ]
+        if head.part_queries is not None:
+            parts = image.parts if image.parts is not None else image.targets[:0]
+            terms.append(
+                image_losses(objectness[0, split:], logits[0, split:], parts.to(device), config)
+            )
+        for term in terms:
+            for key, value in term.items():
+                sums[key] = sums.get(key, 0.0) + value / len(batch)
     sums["total"] = sum(sums.values())
     return sums
 
@@ -213,6 +234,12 @@ class InstanceDistilResult:
     def losses(self) -> dict[str, float]:
         """Mean loss terms of the last epoch of the last round."""
         return self.rounds[-1]["losses"]
+
+
+def grid_targets(masks: list[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
+    """``[K, rows, cols]`` patch targets of full-size masks (K may be 0)."""
+    targets = [patch_targets(mask, grid) for mask in masks]
+    return torch.stack(targets) if targets else torch.zeros(0, *grid)
 
 
 def _no_mask_error(images: int) -> HeadError:
@@ -264,8 +291,8 @@ def distil_instances(
     config = config or InstanceTrainConfig()
     check_train_outputs(run_dir, out, cache_dir)
     source = read_run(run_dir)
-    masks = list(top_level_masks(source))
-    if masks and not any(image_masks for *_, image_masks in masks):
+    masks = list(level_masks(source))
+    if masks and not any(objects for *_, objects, _ in masks):
         raise _no_mask_error(len(masks))  # before any feature is computed
     cache, entries = run_features(
         source,
@@ -281,14 +308,16 @@ def distil_instances(
     settings = cache.settings
     usable, left_out = with_features(masks, entries)
     images = []
-    for name, width, height, image_masks in usable:
+    for name, width, height, objects, parts in usable:
         cached = cache.load(entries[name], name)
         if cached is None:
             raise HeadError(f"the cached features of {name} cannot be read")
         grid = grid_for(width, height, settings.resolution, settings.patch_size)
-        targets = [patch_targets(mask, grid) for mask in image_masks]
-        stacked = torch.stack(targets) if targets else torch.zeros(0, *grid)
-        images.append(InstanceImage(name, cached.tokens.half(), stacked))
+        images.append(
+            InstanceImage(
+                name, cached.tokens.half(), grid_targets(objects, grid), grid_targets(parts, grid)
+            )
+        )
     pseudo_masks = sum(len(image.targets) for image in images)
     if images and not pseudo_masks:
         raise _no_mask_error(len(images))
@@ -307,6 +336,7 @@ def distil_instances(
             "run_mode": source.mode,
             "images": len(images),
             "pseudo_masks": pseudo_masks,
+            "parts": sum(len(image.parts) for image in images),
         },
         "final_losses": rounds[-1]["losses"],
     }
