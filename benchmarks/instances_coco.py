@@ -39,6 +39,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from selfment_label.config import (
+    DEFAULT_PRECISION,
+    PRECISION_NAMES,
     EntitiesConfig,
     InstancesConfig,
     InstanceTrainConfig,
@@ -133,7 +135,7 @@ def backbone_seconds(backbone: Backbone, images: Path, resolution: int) -> float
 
 
 def train_per_round(
-    run_dir: Path, work: Path, config: InstanceTrainConfig, weights: Path
+    run_dir: Path, work: Path, config: InstanceTrainConfig, weights: Path, precision: str
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Train with ``config.rounds`` rounds; a checkpoint per round (the model as that round
     left it) with its round record. Checkpoints already in ``work`` (a rerun) are reused."""
@@ -147,6 +149,7 @@ def train_per_round(
         final,
         config,
         weights=weights,
+        precision=precision,
         round_done=lambda index, head: snapshots.append(copy.deepcopy(head.state_dict())),
     )
     loaded = load_checkpoint(final)
@@ -177,9 +180,15 @@ def main() -> None:
         help="the run mode the head learns from (entities: its entities; the run's own row "
         "counts entities and parts as detections)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_NAMES,
+        default=DEFAULT_PRECISION,
+        help="backbone precision of the runs and of the head's features",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    config = RunConfig(weights=str(args.weights), device="cpu")
+    config = RunConfig(weights=str(args.weights), device="cpu", precision=args.precision)
     backbone = build_backbone(config.backbone, args.weights, "cpu")
     rows: list[tuple[str, dict[str, float]]] = []
 
@@ -198,7 +207,7 @@ def main() -> None:
 
     train = InstanceTrainConfig(epochs=args.epochs, rounds=args.rounds)
     timings = []
-    for path, record in train_per_round(run_dir, args.work, train, args.weights):
+    for path, record in train_per_round(run_dir, args.work, train, args.weights, args.precision):
         out = args.work / f"apply-r{record['round']}"
         bare = backbone_seconds(backbone, args.images, config.resolution)
         start = time.perf_counter()

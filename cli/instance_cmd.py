@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
@@ -10,6 +11,9 @@ from selfment_label.config import InstanceTrainConfig
 
 from .console import console, user_errors
 from .train_progress import training_bars
+
+if TYPE_CHECKING:
+    from selfment_label.review.targets import ReviewedTargets
 
 
 def train_instances(
@@ -22,9 +26,10 @@ def train_instances(
     device: str,
     precision: str,
     offline: bool,
+    reviewed: ReviewedTargets | None = None,
 ) -> None:
     """Train an instance head (with its self-correction rounds) under progress bars and print
-    what every round did."""
+    what every round did; on a reviewed dataset's masks when ``reviewed`` is given."""
     from selfment_label.device import resolve_device
     from selfment_label.head.instance_train import distil_instances
 
@@ -41,6 +46,8 @@ def train_instances(
             allow_download=not offline,
             feature_progress=bars.features,
             train_progress=bars.step,
+            targets=reviewed.instances if reviewed else None,
+            data={"review": reviewed.provenance()} if reviewed else None,
         )
     table = Table(
         title=f"instance head -> {result.checkpoint} ({result.images} images, "

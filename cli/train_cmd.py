@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -41,7 +42,24 @@ from .run_cmd import (
 )
 from .train_progress import training_bars
 
+if TYPE_CHECKING:
+    from selfment_label.review.targets import ReviewedTargets
+
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
+
+
+def _reviewed(
+    run_dir: Path, name: str | None, tags: list[str] | None, exclude_tags: list[str]
+) -> ReviewedTargets:
+    """The reviewed dataset's masks to learn from, announced."""
+    from selfment_label.review.targets import reviewed_targets
+
+    with user_errors(), console.status("reading the review"):
+        source = reviewed_targets(run_dir, name, tags, exclude_tags)
+    console.print(
+        f"dataset [bold]{source.dataset}[/]: {len(source.instances)} samples to learn from"
+    )
+    return source
 
 
 def _run_task(run_dir: Path) -> str:
@@ -137,40 +155,25 @@ def train(
     chosen = {k: v for k, v in chosen.items() if v is not None}
     task = task or _run_task(run_dir)
     require_choice(task, HEAD_TASKS, "--task")
-    if task == "instances":
-        if reviewed:
-            raise fail("--reviewed trains the single-object head only: pass --task single")
-        with invalid_options():
-            instance_config = InstanceTrainConfig(
-                **chosen,
-                weight_decay=weight_decay,
-                batch_size=batch_size,
-                seed=seed,
-            )
+    if task != "instances" and chosen.pop("rounds", None) is not None:
+        raise fail("--rounds is an option of the instance head (--task instances)")
+    kind = InstanceTrainConfig if task == "instances" else TrainConfig
+    with invalid_options():
+        config = kind(**chosen, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+    source = _reviewed(run_dir, name, tags, exclude_tags) if reviewed else None
+    if isinstance(config, InstanceTrainConfig):
         train_instances(
             run_dir,
             out,
-            instance_config,
+            config,
             cache=cache,
             weights=weights,
             device=device,
             precision=precision,
             offline=offline,
+            reviewed=source,
         )
         return
-    if chosen.pop("rounds", None) is not None:
-        raise fail("--rounds is an option of the instance head (--task instances)")
-    with invalid_options():
-        config = TrainConfig(**chosen, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
-    source = None
-    if reviewed:
-        from selfment_label.review.targets import reviewed_targets
-
-        with user_errors(), console.status("reading the review"):
-            source = reviewed_targets(run_dir, name, tags, exclude_tags)
-        console.print(
-            f"dataset [bold]{source.dataset}[/]: {len(source.targets)} samples to learn from"
-        )
     with user_errors(FileNotFoundError), training_bars(["training"]) as bars:
         result = distil(
             run_dir,

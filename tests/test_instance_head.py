@@ -318,3 +318,39 @@ def test_real_head_on_an_entities_run_writes_parts_inside_their_entity(
             assert not (inside & ~decode_rle(parent["segmentation"], size)).any()
             parts += 1
     assert parts > 0
+
+
+def test_train_reviewed_learns_the_reviewed_instances(
+    instances_run: Path, real_backbone: Backbone, tmp_path: Path
+) -> None:
+    # touches FiftyOne: run under flock /work/wt/fiftyone.lock
+    from selfment_label.review.dataset import build_dataset
+    from selfment_label.review.targets import reviewed_targets
+
+    dataset = build_dataset(instances_run, f"reviewed-instances-{tmp_path.name}")
+    try:
+        rejected, *others = dataset.sort_by("file_name")
+        rejected.tags.append("rejected")
+        rejected.save()
+        trimmed = max(others, key=lambda sample: len(sample.pseudo.detections))
+        kept = trimmed.pseudo.detections[:-1]  # one instance deleted in review
+        trimmed.pseudo.detections = kept
+        trimmed.save()
+        source = reviewed_targets(instances_run, dataset.name)
+        objects = {name: masks for name, _, _, masks, _ in source.instances}
+        assert rejected.file_name not in objects
+        assert len(objects[trimmed.file_name]) == len(kept)
+        out = tmp_path / "head.pt"
+        result = CliRunner().invoke(
+            app,
+            ["train", str(instances_run), "--out", str(out), "--reviewed"]
+            + ["--name", dataset.name, "--epochs", "2", "--rounds", "0"],
+        )
+        assert result.exit_code == 0, result.output
+        meta = load_checkpoint(out).meta
+        assert meta["task"] == "instances"
+        assert meta["data"]["review"]["dataset"] == dataset.name
+        assert meta["data"]["pseudo_masks"] == sum(len(masks) for masks in objects.values())
+        assert meta["data"]["images"] == len(MULTI_OBJECT) - 1
+    finally:
+        dataset.delete()

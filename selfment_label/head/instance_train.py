@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from .train import _check_finite, check_train_outputs, feature_meta, with_featur
 logger = logging.getLogger(__name__)
 
 INSTANCE_TASK = "instances"
+LevelMasks = tuple[str, int, int, list[np.ndarray], list[np.ndarray]]
+"""``(file name, width, height, [height, width] object masks, part masks)`` of one image."""
 RoundProgress = Callable[[int, int, int, dict[str, float]], None]
 """Called after every step with ``(round, step, steps of the round, loss terms)``."""
 RoundDone = Callable[[int, InstanceHead], None]
@@ -61,9 +63,7 @@ class InstanceImage:
     parts: torch.Tensor | None = None
 
 
-def level_masks(
-    run: RunFolder,
-) -> Iterator[tuple[str, int, int, list[np.ndarray], list[np.ndarray]]]:
+def level_masks(run: RunFolder) -> Iterator[LevelMasks]:
     """``(file name, width, height, objects, parts)`` of every labelled image: its
     annotations without a ``parent_id`` (an ``instances`` run's instances, an ``entities``
     run's entities) and those with one (an ``entities`` run's parts).
@@ -263,6 +263,8 @@ def distil_instances(
     feature_progress: FeatureProgress | None = None,
     train_progress: RoundProgress | None = None,
     round_done: RoundDone | None = None,
+    targets: Iterable[LevelMasks] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> InstanceDistilResult:
     """Train an instance head on a run folder's top-level masks and save its checkpoint.
 
@@ -280,6 +282,9 @@ def distil_instances(
       feature_progress: called with ``(done, total)`` while features are gathered.
       train_progress: called with ``(round, step, total, losses)`` while training.
       round_done: called with ``(round, head)`` after every round.
+      targets: the pseudo-masks instead of the run's (``train --reviewed``: those of a
+        reviewed dataset, ``ReviewedTargets.instances``); images of the run's input folder.
+      data: more keys for the checkpoint's ``data`` record (where the targets came from).
 
     Raises:
       RunFolderError: the run folder cannot be read.
@@ -291,7 +296,7 @@ def distil_instances(
     config = config or InstanceTrainConfig()
     check_train_outputs(run_dir, out, cache_dir)
     source = read_run(run_dir)
-    masks = list(level_masks(source))
+    masks = list(level_masks(source) if targets is None else targets)
     if masks and not any(objects for *_, objects, _ in masks):
         raise _no_mask_error(len(masks))  # before any feature is computed
     cache, entries = run_features(
@@ -337,6 +342,7 @@ def distil_instances(
             "images": len(images),
             "pseudo_masks": pseudo_masks,
             "parts": sum(len(image.parts) for image in images),
+            **(data or {}),
         },
         "final_losses": rounds[-1]["losses"],
     }
