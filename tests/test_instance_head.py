@@ -304,6 +304,7 @@ def test_real_head_on_an_entities_run_writes_parts_inside_their_entity(
     assert loaded.meta["data"]["parts"] > 0
     out = tmp_path / "applied"
     apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
+    assert read_run(out).options["parts"] is True  # review shows it like an entities run
     parts = 0
     for image, anns in read_run(out).images():
         size = (image["height"], image["width"])

@@ -41,12 +41,13 @@ class InstanceHeadSegmenter:
     select: InstanceApplyConfig
 
     def options(self) -> dict[str, Any]:
-        """Options that decide the masks."""
+        """Options that decide the masks (``parts`` when the head writes parts)."""
         return {
             "mode": "head",
             "task": "instances",
             "head_sha256": self.head_sha256,
             **asdict(self.select),
+            **({"parts": True} if self.head.part_queries is not None else {}),
         }
 
     def to(self, device: torch.device | str) -> InstanceHeadSegmenter:
