@@ -34,8 +34,8 @@ from selfment_label.features.cache import CacheSettings, FeatureCache, ensure_fe
 from selfment_label.head.apply import apply_head
 from selfment_label.head.train import distil
 from selfment_label.runfolder.coco import decode_rle
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import ANNOTATIONS_NAME
-from selfment_label.runfolder.pipeline import label_folder
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 STARTUP_IMAGES = 10

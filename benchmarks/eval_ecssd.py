@@ -29,8 +29,8 @@ from scipy.stats import mannwhitneyu, spearmanr
 from selfment_label.config import PRECISION_NAMES, REFINE_METHODS, RunConfig, SingleConfig
 from selfment_label.evaluate import METRIC_NAMES, EvalReport, evaluate_run
 from selfment_label.features.backbone import build_backbone
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import ANNOTATIONS_NAME, RUN_NAME
-from selfment_label.runfolder.pipeline import label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

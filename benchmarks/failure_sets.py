@@ -41,7 +41,7 @@ from rich.table import Table
 from selfment_label.config import REFINE_METHODS, RunConfig
 from selfment_label.evaluate import evaluate_run, load_gt_mask
 from selfment_label.features.backbone import build_backbone
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -25,7 +25,7 @@ from selfment_label.config import PRECISION_NAMES, RunConfig
 from selfment_label.data.images import find_images
 from selfment_label.device import resolve_device
 from selfment_label.features.backbone import build_backbone
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 FULL = {"resolutions": (448, 896), "batch_sizes": (1, 8, 32), "limit": 64, "masks": 50}

@@ -27,7 +27,7 @@ from selfment_label.evaluate import evaluate_run
 from selfment_label.features.backbone import Backbone, build_backbone
 from selfment_label.head.apply import apply_head
 from selfment_label.head.train import distil
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 SHOWN = ("max_f", "iou", "accuracy", "mae", "s_measure", "max_e")

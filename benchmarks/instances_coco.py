@@ -65,8 +65,8 @@ from selfment_label.features.backbone import Backbone, build_backbone
 from selfment_label.head.apply import apply_head
 from selfment_label.head.checkpoint import load_checkpoint, save_checkpoint
 from selfment_label.head.instance_train import distil_instances
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import read_run
-from selfment_label.runfolder.pipeline import label_folder
 
 MAX_DETS = [1, 10, 100, 1000]
 

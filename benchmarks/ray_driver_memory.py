@@ -40,7 +40,7 @@ def measure(count: int, cpus: int, work: Path) -> dict[str, float]:
     from selfment_label.config import RayConfig, RunConfig
     from selfment_label.distributed.ray_run import RayExecutor
     from selfment_label.features.backbone import build_backbone
-    from selfment_label.runfolder.pipeline import label_folder
+    from selfment_label.runfolder.label import label_folder
 
     images = work / "images"
     _images(images, count)

@@ -35,8 +35,9 @@ from benchmarks.speed import link_images
 from selfment_label.config import DEFAULT_RESOLUTION, RayConfig, RunConfig
 from selfment_label.data.images import find_images, grid_for
 from selfment_label.distributed.ray_run import RayExecutor
+from selfment_label.engine import Executor
 from selfment_label.features.backbone import build_backbone
-from selfment_label.runfolder.pipeline import Executor, label_folder
+from selfment_label.runfolder.label import label_folder
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 

@@ -50,7 +50,7 @@ from selfment_label.head.apply import HeadSegmenter
 from selfment_label.head.checkpoint import load_checkpoint
 from selfment_label.head.train import distil
 from selfment_label.masks import full_size_masks
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 from selfment_label.segment.base import PatchMask
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer

@@ -28,7 +28,7 @@ from selfment_label.evaluate import evaluate_run
 from selfment_label.features.backbone import build_backbone
 from selfment_label.head.apply import apply_head
 from selfment_label.head.train import distil
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 
 def main() -> None:

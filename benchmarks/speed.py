@@ -36,7 +36,7 @@ from selfment_label.data.batching import batches_by_grid, stack_pixels
 from selfment_label.data.images import DecodedImage, find_images, prepare_image
 from selfment_label.device import resolve_precision
 from selfment_label.features.backbone import Backbone, build_backbone
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 from selfment_label.segment.ncut import affinity, second_eigenvector
 
 logger = logging.getLogger(__name__)

@@ -1,11 +1,13 @@
-"""Shared rich helpers of the CLI: console, logging, progress bars, errors."""
+"""Shared rich helpers of the CLI: console, logging, progress bars, errors (and the advice
+the CLI adds to them), a run's summary, a review dataset."""
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -22,7 +24,11 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from selfment_label.runfolder.record import ProgressCallback, RunSummary
 
 console = Console(stderr=True)
 
@@ -38,12 +44,12 @@ class _State:
 def setup_logging(verbose: bool) -> None:
     """Route the library's logging through rich (warnings only unless ``verbose``)."""
     _State.verbose = verbose
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
-        force=True,
-    )
+    level = logging.DEBUG if verbose else logging.WARNING
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    # The handler's own level filters what other packages' loggers pass up to the root
+    # (FiftyOne logs its App banner at INFO with a handler of its own: shown once, by it).
+    handler.setLevel(level)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
 
 
 class RateColumn(ProgressColumn):
@@ -153,6 +159,31 @@ def invalid_options() -> Iterator[None]:
         raise fail(f"invalid option: {error}", EXIT_USAGE) from None
 
 
+ADVICE = {
+    "overwrite": "use --overwrite to replace it, or choose another --out",
+    "out_dir": "choose another --out",
+    "run_dir": "make one with `selfment-label run IMAGES --out RUN_DIR`",
+    "input_dir": "copy the images down (for example `aws s3 sync URI ./images`) and run "
+    "`selfment-label run ./images --out RUN_DIR` with the run's options (images whose size "
+    "and modification time match the journal are not labelled again)",
+    "weights": "pass a local weights file with --weights FILE (or set $SELFMENT_WEIGHTS)",
+    "backbone": "choose that --backbone, or pass the weights of yours with --weights",
+    "device": "choose another --device (auto, cpu, cuda or cuda:N)",
+    "refine": "or choose another --refine (guided needs no extra)",
+    "ray_address": "`ray start --head` prints a cluster's address; leave out --ray-address "
+    "for a local instance",
+}
+"""What to do at the command line, for each ``SelfmentError.remedy``: the library states the
+fact, the CLI names its flags."""
+
+
+def describe_error(error: BaseException) -> str:
+    """The sentence the CLI prints for a user's error: the library's fact, then the advice of
+    its remedy in command-line terms (``ADVICE``)."""
+    advice = ADVICE.get(getattr(error, "remedy", None) or "")
+    return f"{error}; {advice}" if advice else str(error)
+
+
 @contextmanager
 def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     """Turn a library error (``SelfmentError``) or one of the listed exceptions into a clean
@@ -166,7 +197,7 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
     try:
         yield
     except (SelfmentError, *kinds) as error:
-        raise fail(str(error)) from None
+        raise fail(describe_error(error)) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except Exception as error:
@@ -178,3 +209,69 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
         raise fail(
             f"unexpected {type(error).__name__}: {error} (run again with -v for the traceback)"
         ) from None
+
+
+def print_summary(summary: RunSummary) -> None:
+    """The final table: counts, seconds per stage, throughput."""
+    title = f"selfment-label -> {summary.out_dir}"
+    table = Table(title=title, show_header=False, min_width=len(title))  # the title on one line
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("images found", str(summary.total))
+    table.add_row("labelled now", str(summary.labelled))
+    if summary.resumed:
+        table.add_row("already done (resumed)", str(summary.resumed))
+    table.add_row("skipped", str(len(summary.skipped)))
+    table.add_row("annotations", str(summary.annotations))
+    for note in sorted({key for notes in summary.notes.values() for key in notes}):
+        count = sum(note in notes for notes in summary.notes.values())
+        table.add_row(f"{note} noted (run.json)", str(count))
+    for stage, seconds in summary.stages.items():
+        table.add_row(f"{stage} s", f"{seconds:.2f}")
+    table.add_row("wall s (all)", f"{summary.wall_seconds:.2f}")
+    table.add_row("images/s", f"{summary.images_per_second:.2f}")
+    console.print(table)
+    if summary.skipped:
+        skipped = Table(title="skipped images")
+        skipped.add_column("file")
+        skipped.add_column("reason")
+        for name, reason in summary.skipped.items():
+            skipped.add_row(name, reason)
+        console.print(skipped)
+        from selfment_label.data.images import TOO_LARGE
+
+        if any(reason.startswith(TOO_LARGE) for reason in summary.skipped.values()):
+            console.print(f"images {TOO_LARGE}: raise the limit with --max-pixels to label them")
+
+
+LABEL_ERRORS = (FileNotFoundError, NotADirectoryError)
+"""Besides every ``SelfmentError``: a missing input folder is a sentence too."""
+
+
+def label_with_progress(label: Callable[[ProgressCallback], RunSummary]) -> RunSummary:
+    """Run a labelling call under a progress bar, print its summary and return it.
+
+    Arguments:
+      label: called with the progress callback; returns the run's summary. Its library
+        errors (``SelfmentError``) and a missing input folder are reported as a sentence.
+    """
+    with user_errors(*LABEL_ERRORS), make_progress() as progress:
+        summary = label(LabelProgress(progress))
+    print_summary(summary)
+    if summary.total and len(summary.skipped) == summary.total:
+        raise fail(
+            f"nothing was labelled: all {summary.total} images were skipped "
+            "(reasons in the table above)",
+            EXIT_NOTHING_LABELLED,
+        )
+    return summary
+
+
+def print_dataset(dataset: Any) -> None:
+    """Print a review dataset's name, size, label fields and saved views."""
+    fields = ", ".join(dataset.info["selfment"]["label_fields"])
+    console.print(
+        f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
+    )
+    views = ", ".join(f"'{view}'" for view in dataset.list_saved_views())
+    console.print(f"saved views: {views}")

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .console import console, fail, make_progress, setup_logging, user_errors
+from .options import verbose_option
 
 if TYPE_CHECKING:
     from selfment_label.evaluate import EvalReport, ImageResult
@@ -79,7 +80,7 @@ def evaluate(
     score_maps: bool = typer.Option(
         True, help="Use the soft score maps the run saved (--no-score-maps: binary masks)."
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Score a run's masks against ground truth (maxF, IoU, S-measure, E-measure, MAE...)."""
     setup_logging(verbose)

@@ -30,20 +30,12 @@ from .console import (
     console,
     fail,
     make_progress,
+    print_dataset,
     require_choice,
     setup_logging,
     user_errors,
 )
-
-
-def print_dataset(dataset: Any) -> None:
-    """Print a review dataset's name, size, label fields and saved views."""
-    fields = ", ".join(dataset.info["selfment"]["label_fields"])
-    console.print(
-        f"dataset [bold]{dataset.name}[/]: {len(dataset)} samples, labels in [bold]{fields}[/]"
-    )
-    views = ", ".join(f"'{view}'" for view in dataset.list_saved_views())
-    console.print(f"saved views: {views}")
+from .options import offline_option, verbose_option
 
 
 def add_embeddings(
@@ -132,14 +124,14 @@ def review(
     precision: str = typer.Option(
         RunConfig.precision, help=f"With --embeddings: {PRECISION_HELP.lower()}."
     ),
-    offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    offline: bool = offline_option(),
     status: bool = typer.Option(
         False,
         "--status",
         help="Only print how the review stands (tags, masks deleted or edited, saved views); "
         "the App is not opened.",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Build (or update) the run's FiftyOne dataset and open it in the FiftyOne App."""
     setup_logging(verbose)
@@ -234,7 +226,7 @@ def export(
         help="When no dataset reviews the run, build one from the run and export its labels "
         "as they are.",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Export the reviewed labels (tags, deletions and edits honoured) as a training set."""
     setup_logging(verbose)

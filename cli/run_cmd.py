@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from selfment_label.config import (
-    DEVICE_HELP,
     MODE_OPTIONS,
     MODES,
-    PRECISION_HELP,
-    PRECISION_NAMES,
-    RAY_CPU_THREADS_PER_ACTOR,
-    REFINE_METHODS,
     EntitiesConfig,
     InstancesConfig,
-    RayConfig,
     RunConfig,
     SingleConfig,
     mode_config,
@@ -29,58 +19,31 @@ from selfment_label.config import (
 from selfment_label.features.presets import PRESETS
 
 from .console import (
-    EXIT_NOTHING_LABELLED,
     EXIT_USAGE,
-    LabelProgress,
-    console,
     fail,
     invalid_options,
-    make_progress,
+    label_with_progress,
     require_choice,
     setup_logging,
-    user_errors,
 )
-
-if TYPE_CHECKING:
-    from selfment_label.runfolder.pipeline import Executor, ProgressCallback, RunSummary
-
-IMAGES_HELP = (
-    "Folder of images (searched recursively), or an object storage prefix "
-    "(s3://bucket/prefix; needs the ray extra)."
+from .options import (
+    batch_size_option,
+    device_option,
+    images_argument,
+    labelling_config,
+    offline_option,
+    overwrite_run_option,
+    precision_option,
+    ray_actors_option,
+    ray_address_option,
+    ray_executor,
+    ray_option,
+    refine_option,
+    run_folder_option,
+    save_scores_option,
+    verbose_option,
+    workers_option,
 )
-RAY_HELP = "Run on a Ray cluster with Ray Data (needs the ray extra)."
-RAY_ADDRESS_HELP = (
-    "With --ray: the cluster (auto, ray://host:port, host:port) \\[default: $RAY_ADDRESS, "
-    "else a local Ray instance for this run]."
-)
-RAY_ACTORS_HELP = (
-    "With --ray: model replicas \\[default: one per GPU; CPU-only: one per "
-    f"{RAY_CPU_THREADS_PER_ACTOR} CPUs]."
-)
-
-
-def ray_executor(
-    ray: bool, address: str | None, actors: int | None, verbose: bool = False
-) -> Executor | None:
-    """The executor ``--ray``/``--ray-address``/``--ray-actors`` ask for (None: this process).
-
-    Ray's own log lines (start-up notices, Ray Data's execution reports) show only with
-    ``verbose``. Exits with one sentence when Ray is not installed or the options do not go
-    together.
-    """
-    if not ray:
-        if address or actors:
-            raise fail("--ray-address and --ray-actors apply to a Ray run: pass --ray too")
-        return None
-    with invalid_options():
-        options = RayConfig(address=address, actors=actors)
-    from selfment_label.distributed.ray_run import RayExecutor
-
-    with user_errors():
-        executor = RayExecutor(options)
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
-    return executor
 
 
 def refuse_options_of_other_modes(context: typer.Context, mode: str) -> None:
@@ -100,78 +63,10 @@ def refuse_options_of_other_modes(context: typer.Context, mode: str) -> None:
             )
 
 
-def print_summary(summary: RunSummary) -> None:
-    """The final table: counts, seconds per stage, throughput."""
-    title = f"selfment-label -> {summary.out_dir}"
-    table = Table(title=title, show_header=False, min_width=len(title))  # the title on one line
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right")
-    table.add_row("images found", str(summary.total))
-    table.add_row("labelled now", str(summary.labelled))
-    if summary.resumed:
-        table.add_row("already done (resumed)", str(summary.resumed))
-    table.add_row("skipped", str(len(summary.skipped)))
-    table.add_row("annotations", str(summary.annotations))
-    for note in sorted({key for notes in summary.notes.values() for key in notes}):
-        count = sum(note in notes for notes in summary.notes.values())
-        table.add_row(f"{note} noted (run.json)", str(count))
-    for stage, seconds in summary.stages.items():
-        table.add_row(f"{stage} s", f"{seconds:.2f}")
-    table.add_row("wall s (all)", f"{summary.wall_seconds:.2f}")
-    table.add_row("images/s", f"{summary.images_per_second:.2f}")
-    console.print(table)
-    if summary.skipped:
-        skipped = Table(title="skipped images")
-        skipped.add_column("file")
-        skipped.add_column("reason")
-        for name, reason in summary.skipped.items():
-            skipped.add_row(name, reason)
-        console.print(skipped)
-
-
-LABEL_ERRORS = (FileNotFoundError, NotADirectoryError)
-"""Besides every ``SelfmentError``: a missing input folder is a sentence too."""
-
-
-def refine_option() -> Any:
-    """The ``--refine`` option, shared by ``run`` and ``apply``."""
-    return typer.Option(
-        RunConfig.refine,
-        help=f"Edge refinement of the masks, guided by the image: {', '.join(REFINE_METHODS)} "
-        "(guided filter; dense CRF, needs the crf extra).",
-    )
-
-
-def precision_option() -> Any:
-    """The ``--precision`` option, shared by ``run``, ``apply``, ``train`` and ``review``."""
-    return typer.Option(RunConfig.precision, help=f"{PRECISION_HELP}.")
-
-
-def label_with_progress(label: Callable[[ProgressCallback], RunSummary]) -> RunSummary:
-    """Run a labelling call under a progress bar, print its summary and return it.
-
-    Arguments:
-      label: called with the progress callback; returns the run's summary. Its library
-        errors (``SelfmentError``) and a missing input folder are reported as a sentence.
-    """
-    with user_errors(*LABEL_ERRORS), make_progress() as progress:
-        summary = label(LabelProgress(progress))
-    print_summary(summary)
-    if summary.total and len(summary.skipped) == summary.total:
-        raise fail(
-            f"nothing was labelled: all {summary.total} images were skipped "
-            "(reasons in the table above)",
-            EXIT_NOTHING_LABELLED,
-        )
-    return summary
-
-
 def run(
     context: typer.Context,
-    images: str = typer.Argument(..., help=IMAGES_HELP),
-    out: Path = typer.Option(
-        None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
-    ),
+    images: str = images_argument(),
+    out: Path = run_folder_option(),
     backbone: str = typer.Option(
         RunConfig.backbone, help=f"Backbone preset: {', '.join(PRESETS)}."
     ),
@@ -194,18 +89,16 @@ def run(
         help="Swap a mask for its complement when it holds a larger share of the frame's "
         "border than of the image (single; the first instance of instances).",
     ),
-    device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
+    device: str = device_option(),
     precision: str = precision_option(),
-    batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),
-    workers: int = typer.Option(RunConfig.workers, min=1, help="Decoding threads."),
-    save_scores: bool = typer.Option(
-        RunConfig.save_scores, help="Also save soft score maps (for threshold-sweep eval)."
-    ),
+    batch_size: int = batch_size_option(),
+    workers: int = workers_option(),
+    save_scores: bool = save_scores_option(),
     max_pixels: int = typer.Option(
         RunConfig.max_pixels, help="Skip larger images (decompression bombs)."
     ),
     refine: str = refine_option(),
-    offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    offline: bool = offline_option(),
     mode: str = typer.Option(
         SingleConfig.mode,
         help=f"{', '.join(MODES)}: one object, several objects, or entities + parts.",
@@ -224,18 +117,16 @@ def run(
         EntitiesConfig.persistence,
         help="Similarity range an entity or part must survive (entities).",
     ),
-    overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
-    ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
-    ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
-    ray_actors: int = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+    overwrite: bool = overwrite_run_option(),
+    ray: bool = ray_option(),
+    ray_address: str = ray_address_option(),
+    ray_actors: int = ray_actors_option(),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Find the main object in every image and write annotations.json (COCO) + run.json."""
     setup_logging(verbose)
     require_choice(mode, MODES, "--mode")
     refuse_options_of_other_modes(context, mode)
-    require_choice(precision, PRECISION_NAMES, "--precision")
-    require_choice(refine, REFINE_METHODS, "--refine")
     with invalid_options():
         segment = mode_config(
             mode,
@@ -247,22 +138,22 @@ def run(
             merge_floor=merge_floor,
             persistence=persistence,
         )
-        config = RunConfig(
-            backbone=backbone,
-            weights=str(weights) if weights else None,
-            resolution=resolution,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            workers=workers,
-            save_scores=save_scores,
-            max_pixels=max_pixels,
-            allow_download=not offline,
-            refine=refine,
-            segment=segment,
-        )
+    config = labelling_config(
+        weights=weights,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        save_scores=save_scores,
+        offline=offline,
+        refine=refine,
+        backbone=backbone,
+        resolution=resolution,
+        max_pixels=max_pixels,
+        segment=segment,
+    )
     executor = ray_executor(ray, ray_address, ray_actors, verbose)
-    from selfment_label.runfolder.pipeline import label_folder
+    from selfment_label.runfolder.label import label_folder
 
     label_with_progress(
         lambda progress: label_folder(

@@ -12,11 +12,9 @@ from selfment_label.config import (
     DEVICE_HELP,
     HEAD_TASKS,
     PRECISION_NAMES,
-    REFINE_METHODS,
     REVIEW_EXCLUDE_TAGS,
     InstanceApplyConfig,
     InstanceTrainConfig,
-    RunConfig,
     TrainConfig,
     default_task,
 )
@@ -25,20 +23,30 @@ from .console import (
     console,
     fail,
     invalid_options,
+    label_with_progress,
+    print_dataset,
     require_choice,
     setup_logging,
     user_errors,
 )
 from .instance_cmd import train_instances
-from .run_cmd import (
-    IMAGES_HELP,
-    RAY_ACTORS_HELP,
-    RAY_ADDRESS_HELP,
-    RAY_HELP,
-    label_with_progress,
+from .options import (
+    batch_size_option,
+    device_option,
+    images_argument,
+    labelling_config,
+    offline_option,
+    overwrite_run_option,
     precision_option,
+    ray_actors_option,
+    ray_address_option,
     ray_executor,
+    ray_option,
     refine_option,
+    run_folder_option,
+    save_scores_option,
+    verbose_option,
+    workers_option,
 )
 from .train_progress import training_bars
 
@@ -97,11 +105,9 @@ def train(
         help="Backbone weights, if features must be computed \\[default: the run's file, "
         "then SELFMENT_WEIGHTS].",
     ),
-    device: str = typer.Option(
-        RunConfig.device, help=f"Backbone device for feature extraction: {DEVICE_HELP}."
-    ),
+    device: str = device_option(f"Backbone device for feature extraction: {DEVICE_HELP}."),
     precision: str = precision_option(),
-    offline: bool = typer.Option(False, help="Never download weights from the hub."),
+    offline: bool = offline_option(),
     overwrite: bool = typer.Option(False, help="Replace an existing checkpoint file."),
     reviewed: bool = typer.Option(
         False,
@@ -136,7 +142,7 @@ def train(
         f"replace, add to and drop pseudo-masks, then training goes on) \\[default: "
         f"{InstanceTrainConfig.rounds}].",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Train a head on a run's masks (features are cached, training is on the CPU): the
     single-object patch head, or the instance head on instances and entities runs."""
@@ -203,25 +209,21 @@ def train(
 
 def apply(
     head: Path = typer.Argument(..., help="A head checkpoint made by `selfment-label train`."),
-    images: str = typer.Argument(..., help=IMAGES_HELP),
-    out: Path = typer.Option(
-        None, "--out", "-o", help="Run folder \\[default: ./<folder>-selfment]."
-    ),
+    images: str = images_argument(),
+    out: Path = run_folder_option(),
     weights: Path = typer.Option(
         None,
         help="Backbone weights (must be the head's) \\[default: the file the head was "
         "trained with, if unchanged; then SELFMENT_WEIGHTS].",
     ),
-    device: str = typer.Option(RunConfig.device, help=f"{DEVICE_HELP}."),
+    device: str = device_option(),
     precision: str = precision_option(),
-    batch_size: int = typer.Option(RunConfig.batch_size, min=1, help="Images per backbone batch."),
-    workers: int = typer.Option(RunConfig.workers, min=1, help="Decoding threads."),
-    save_scores: bool = typer.Option(
-        RunConfig.save_scores, help="Also save soft probability maps (for threshold-sweep eval)."
-    ),
+    batch_size: int = batch_size_option(),
+    workers: int = workers_option(),
+    save_scores: bool = save_scores_option(),
     refine: str = refine_option(),
-    offline: bool = typer.Option(False, help="Never download weights from the hub."),
-    overwrite: bool = typer.Option(False, help="Replace a run folder made with other options."),
+    offline: bool = offline_option(),
+    overwrite: bool = overwrite_run_option(),
     review: bool = typer.Option(
         False,
         "--review",
@@ -233,9 +235,9 @@ def apply(
         help="With --review: an existing dataset to add to (e.g. the one the head learnt "
         "from) \\[default: the run folder's own dataset].",
     ),
-    ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
-    ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
-    ray_actors: int = typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP),
+    ray: bool = ray_option(),
+    ray_address: str = ray_address_option(),
+    ray_actors: int = ray_actors_option(),
     max_instances: int = typer.Option(
         InstanceApplyConfig.max_instances, min=1, help="Instance head: most masks per image."
     ),
@@ -246,25 +248,23 @@ def apply(
         InstanceApplyConfig.nms_iou,
         help="Instance head: a mask overlapping a better one by more than this IoU is dropped.",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
     setup_logging(verbose)
     from selfment_label.head.apply import apply_head
 
-    require_choice(refine, REFINE_METHODS, "--refine")
-    require_choice(precision, PRECISION_NAMES, "--precision")
+    config = labelling_config(
+        weights=weights,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        save_scores=save_scores,
+        offline=offline,
+        refine=refine,
+    )
     with invalid_options():
-        config = RunConfig(
-            weights=str(weights) if weights else None,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            workers=workers,
-            save_scores=save_scores,
-            allow_download=not offline,
-            refine=refine,
-        )
         instances = InstanceApplyConfig(
             max_instances=max_instances, min_score=min_score, nms_iou=nms_iou
         )
@@ -285,8 +285,6 @@ def apply(
     )
     if review:
         from selfment_label.review.dataset import build_dataset
-
-        from .review_cmd import print_dataset
 
         with user_errors(), console.status("adding to FiftyOne"):
             dataset = build_dataset(summary.out_dir, name, add=name is not None)

@@ -28,8 +28,8 @@ _PUBLIC = {
     "TrainConfig": "config",
     "InstanceTrainConfig": "config",
     "InstanceApplyConfig": "config",
-    "label_folder": "runfolder.pipeline",
-    "RunSummary": "runfolder.pipeline",
+    "label_folder": "runfolder.label",
+    "RunSummary": "runfolder.record",
     "read_run": "runfolder.layout",
     "build_backbone": "features.backbone",
     "distil": "head.train",
@@ -84,8 +84,9 @@ if TYPE_CHECKING:
     from .review.dataset import build_dataset
     from .review.export import export_dataset
     from .review.model import selfment_model
+    from .runfolder.label import label_folder
     from .runfolder.layout import read_run
-    from .runfolder.pipeline import RunSummary, label_folder
+    from .runfolder.record import RunSummary
 
 
 def __getattr__(name: str) -> Any:

@@ -59,9 +59,13 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+        raise DeviceError(
+            f"unknown device {device!r}: the devices are auto, cpu, cuda or cuda:N", remedy="device"
+        ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for but torch sees no CUDA device")
+        raise DeviceError(
+            f"device {device} was asked for but torch sees no CUDA device", remedy="device"
+        )
     return resolved
 
 

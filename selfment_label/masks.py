@@ -1,4 +1,5 @@
-"""Patch scores -> full-size masks: logit-space bilinear upsampling, edge refinement, tree layout.
+"""Patch scores -> full-size masks: logit-space bilinear upsampling, edge refinement, tree layout,
+and each mask's COCO annotation record (compressed RLE, area, bbox, score).
 
 Segmenters return soft patch masks with an optional ``parent`` (index of the enclosing mask
 among the same image's masks). Siblings (masks with the same parent, top-level masks
@@ -19,9 +20,11 @@ are:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
 from .refine import guide_tensor, refine_layers
 from .segment.base import THRESHOLD as THRESHOLD  # a full-size mask is scores > THRESHOLD
@@ -148,3 +151,30 @@ def _sibling_layers(
     if size != (height, width):
         layers = upsample_scores(layers, (height, width))
     return layers
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Compressed COCO RLE of a boolean ``[H, W]`` mask, with ``counts`` as str."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
+
+
+def annotation_record(
+    mask: np.ndarray, score: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The per-image annotation record (before ids) for one boolean mask.
+
+    ``area`` and ``bbox`` come from pycocotools on the encoded RLE, as COCO tools compute them.
+    """
+    rle = encode_rle(mask)
+    binary = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    record = {
+        "segmentation": rle,
+        "area": int(mask_utils.area(binary)),
+        "bbox": [float(v) for v in mask_utils.toBbox(binary)],
+        "score": round(float(score), 6),
+    }
+    if extra:
+        record.update(extra)
+    return record

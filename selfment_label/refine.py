@@ -70,8 +70,9 @@ def check_available(method: str) -> None:
         raise ValueError(f"refine must be one of {', '.join(REFINE_METHODS)}, not {method!r}")
     if method == "crf" and importlib.util.find_spec("pydensecrf") is None:
         raise RefineUnavailable(
-            "--refine crf needs pydensecrf2: pip install 'selfment-label[crf]' "
-            "(or choose --refine guided)"
+            "refine crf needs pydensecrf2, which is not installed: "
+            "pip install 'selfment-label[crf]'",
+            remedy="refine",
         )
 
 

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from selfment_label_cli.console import describe_error
 
 from selfment_label.features.backbone import build_backbone, resolve_weights_path
 from selfment_label.features.presets import PRESETS, WEIGHTS_ENV, BackboneError, get_preset
@@ -40,8 +41,10 @@ def test_unknown_preset_lists_the_valid_ones():
 
 def test_offline_without_weights_names_the_fix(monkeypatch):
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    with pytest.raises(BackboneError, match="--weights"):
+    with pytest.raises(BackboneError, match="hub downloads are not allowed") as raised:
         build_backbone("dinov2-vits14", allow_download=False)
+    assert raised.value.remedy == "weights"
+    assert "pass a local weights file with --weights FILE" in describe_error(raised.value)
 
 
 def test_failed_hub_download_names_the_fix(monkeypatch, tmp_path):
@@ -50,8 +53,10 @@ def test_failed_hub_download_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(BackboneError, match="--weights"):
+    with pytest.raises(BackboneError, match=r"vit_small_patch16_224\.dino") as raised:
         build_backbone("dino-vits16")
+    assert raised.value.remedy == "weights"
+    assert "--weights FILE" in describe_error(raised.value)
 
 
 def test_weights_come_from_the_argument_then_the_environment(monkeypatch, tmp_path):
@@ -90,8 +95,10 @@ def test_official_dinov2_layout_and_pth_container_load(real_backbone, weights_pa
 
 
 def test_mismatched_weights_are_a_clear_error(weights_path):
-    with pytest.raises(BackboneError, match="look like --backbone dinov2-vits14$"):
+    with pytest.raises(BackboneError, match="look like dinov2-vits14$") as raised:
         build_backbone("dino-vitb16", weights=weights_path)
+    assert raised.value.remedy == "backbone"
+    assert "choose that --backbone" in describe_error(raised.value)
 
 
 def test_wrong_input_size_is_refused(tiny_backbone):
@@ -107,14 +114,14 @@ def test_offline_hub_fails_fast_with_one_sentence(tmp_path):
         "try:\n"
         "    b.build_backbone('dino-vits8')\n"
         "except b.BackboneError as error:\n"
-        "    print(f'{time.perf_counter() - start:.1f}', error)\n"
+        "    print(f'{time.perf_counter() - start:.1f}', error.remedy, error)\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
     env.pop("SELFMENT_WEIGHTS", None)
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
-    seconds, message = result.stdout.split(" ", 1)
+    seconds, remedy, message = result.stdout.split(" ", 2)
     assert float(seconds) < 15, result.stdout
-    assert "unreachable" in message and "--weights FILE" in message
+    assert "unreachable" in message and remedy == "weights"
     assert "Retrying" not in result.stderr

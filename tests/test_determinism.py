@@ -12,7 +12,7 @@ import torch
 
 from selfment_label.config import RunConfig, mode_config
 from selfment_label.features.backbone import Backbone
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 pytestmark = pytest.mark.slow
 

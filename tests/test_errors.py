@@ -23,10 +23,10 @@ from selfment_label.head import features as head_features
 from selfment_label.head.train import distil
 from selfment_label.review.export import ExportError, check_target
 from selfment_label.runfolder import journal as journal_module
-from selfment_label.runfolder import pipeline
+from selfment_label.runfolder import label as labelling
 from selfment_label.runfolder.coco import RleError, decode_rle
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import RunFolderError, union_mask
-from selfment_label.runfolder.pipeline import label_folder
 
 
 def _rle(height: int = 10, width: int = 12) -> dict:
@@ -125,7 +125,9 @@ def test_commands_without_backbone_option_ask_for_the_right_weights(
         assert result.exit_code == 1, result.output
         text = _text(result)
         assert "holds weights of another model (patch 16, dim 384, 12 blocks)" in text
-        assert "needs the weights of dinov2-vits14: pass its weights file with --weights" in text
+        assert (
+            "needs the weights of dinov2-vits14; pass a local weights file with --weights" in text
+        )
         assert "--backbone" not in text
 
 
@@ -151,7 +153,7 @@ def images(tmp_path: Path) -> Path:
 def test_full_or_read_only_disk_is_a_sentence_and_nothing_is_lost(
     images, tmp_path, tiny_backbone, monkeypatch, code, sentence
 ):
-    monkeypatch.setattr(pipeline, "backbone_for", lambda config: tiny_backbone)
+    monkeypatch.setattr(labelling, "backbone_for", lambda config: tiny_backbone)
     real_append = journal_module.Journal._append
     calls = []
 
@@ -206,7 +208,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr(pipeline, "backbone_for", refuse)
+    monkeypatch.setattr(labelling, "backbone_for", refuse)
     monkeypatch.setattr(head_features, "build_backbone", refuse)
 
 

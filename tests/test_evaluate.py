@@ -20,7 +20,8 @@ from selfment_label.evaluate import (
     match,
     per_image_csv,
 )
-from selfment_label.runfolder.coco import annotation_record, write_coco_stream
+from selfment_label.masks import annotation_record
+from selfment_label.runfolder.coco import write_coco_stream
 from selfment_label.runfolder.layout import RunFolderError
 
 TOP_LEFT = np.zeros((4, 4), dtype=bool)

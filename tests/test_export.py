@@ -39,7 +39,7 @@ from selfment_label.review.export import (
 from selfment_label.review.split import hash_splits, tag_splits
 from selfment_label.review.yolo import dataset_yaml, label_rows, mask_polygon, yolo_image_name
 from selfment_label.runfolder.coco import load_coco
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 fo = pytest.importorskip("fiftyone")
 # Ultralytics must never reach the network nor write to the user's settings.

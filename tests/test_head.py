@@ -29,8 +29,8 @@ from selfment_label.head.model import patch_targets, supervised_contrastive_loss
 from selfment_label.head.train import distil
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import RunFolderError
-from selfment_label.runfolder.pipeline import label_folder
 
 FAST = TrainConfig(epochs=2, batch_size=2, seed=3)
 

@@ -38,9 +38,10 @@ from selfment_label.head.instance_train import (
     train_rounds,
 )
 from selfment_label.head.rounds import correct_image
-from selfment_label.runfolder.coco import annotation_record, decode_rle, write_coco_stream
+from selfment_label.masks import annotation_record
+from selfment_label.runfolder.coco import decode_rle, write_coco_stream
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import read_run
-from selfment_label.runfolder.pipeline import label_folder
 
 COCO_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-dev"
 MULTI_OBJECT = ("000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg")

@@ -17,6 +17,7 @@ from selfment_label_cli.console import LabelProgress, RateColumn
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
+from selfment_label import engine
 from selfment_label.config import (
     EntitiesConfig,
     InstanceApplyConfig,
@@ -27,8 +28,8 @@ from selfment_label.config import (
     TrainConfig,
 )
 from selfment_label.device import DeviceError, resolve_device
-from selfment_label.runfolder import pipeline
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder import label as labelling
+from selfment_label.runfolder.label import label_folder
 
 BAD_OPTIONS = [
     (RunConfig, {"resolution": 0}),
@@ -82,7 +83,7 @@ def test_defaults_are_valid():
 @pytest.fixture
 def tiny_cli(monkeypatch, tiny_backbone):
     """The CLI in-process, building the tiny backbone instead of downloading one."""
-    monkeypatch.setattr(pipeline, "backbone_for", lambda config: tiny_backbone)
+    monkeypatch.setattr(labelling, "backbone_for", lambda config: tiny_backbone)
     return CliRunner()
 
 
@@ -160,6 +161,17 @@ def test_options_of_the_chosen_mode_are_taken(tiny_cli, tmp_path):
     assert (options["max_instances"], options["min_area"], options["tau"]) == (2, 0.05, 0.3)
 
 
+def test_images_over_the_pixel_limit_are_skipped_with_the_flag_to_raise_it(tiny_cli, tmp_path):
+    """The skip reason (run.json) states the limit; the CLI's summary names --max-pixels."""
+    images = _images(tmp_path / "img")
+    out = tmp_path / "o"
+    result = tiny_cli.invoke(app, ["run", str(images), "--out", str(out), "--max-pixels", "100"])
+    assert result.exit_code == 3, result.output
+    reasons = json.loads((out / "run.json").read_text())["images_skipped"].values()
+    assert all(r.endswith("(max_pixels)") and "--" not in r for r in reasons)
+    assert "raise the limit with --max-pixels" in " ".join(result.output.split())
+
+
 def test_run_that_labels_nothing_exits_3(tiny_cli, tmp_path):
     images = tmp_path / "img"
     images.mkdir()
@@ -182,7 +194,7 @@ def test_programming_errors_in_decoding_propagate(monkeypatch, tmp_path, tiny_ba
     def broken(*args, **kwargs):
         raise TypeError("a bug, not a bad image")
 
-    monkeypatch.setattr(pipeline, "prepare_image", broken)
+    monkeypatch.setattr(engine, "prepare_image", broken)
     images = _images(tmp_path / "img")
     with pytest.raises(TypeError, match="a bug"):
         label_folder(images, tmp_path / "o", RunConfig(resolution=112), backbone=tiny_backbone)
@@ -192,7 +204,7 @@ def test_cli_shows_traceback_of_a_bug_only_with_verbose(monkeypatch, tiny_cli, t
     def broken(*args, **kwargs):
         raise TypeError("a bug, not a bad image")
 
-    monkeypatch.setattr(pipeline, "prepare_image", broken)
+    monkeypatch.setattr(engine, "prepare_image", broken)
     images = _images(tmp_path / "img")
     quiet = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o")])
     assert quiet.exit_code == 1
@@ -224,7 +236,7 @@ def test_wall_seconds_include_model_loading(monkeypatch, tmp_path, tiny_backbone
         time.sleep(0.3)
         return tiny_backbone
 
-    monkeypatch.setattr(pipeline, "backbone_for", slow_backbone)
+    monkeypatch.setattr(labelling, "backbone_for", slow_backbone)
     images = _images(tmp_path / "img")
     summary = label_folder(images, tmp_path / "o", RunConfig(resolution=112))
     assert summary.stages["load model"] >= 0.3

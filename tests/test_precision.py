@@ -14,8 +14,8 @@ from selfment_label.config import RunConfig
 from selfment_label.device import CPU_BF16_FLAGS, cpu_bf16_support, resolve_precision
 from selfment_label.features.backbone import Backbone
 from selfment_label.features.bf16_cpu import FusedLinear, bf16_cpu_model, fused_linear_available
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import RUN_NAME
-from selfment_label.runfolder.pipeline import label_folder
 
 CPU = torch.device("cpu")
 

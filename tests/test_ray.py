@@ -33,8 +33,8 @@ from selfment_label.distributed.ray_run import (
     check_reachable,
     plan_actors,
 )
+from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import RunFolderError, read_run
-from selfment_label.runfolder.pipeline import label_folder
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 moto_server = pytest.importorskip("moto.server", reason="the test-s3 extra is not installed")
@@ -231,7 +231,7 @@ def test_s3_input_on_ray_and_locally(local_ray, small_folder, tmp_path, tiny_bac
 
 def test_missing_bucket_and_empty_prefix_are_clear_errors(local_ray, tmp_path, tiny_backbone):
     from selfment_label.data.storage import StorageError
-    from selfment_label.runfolder.pipeline import NoImages
+    from selfment_label.runfolder.label import NoImages
 
     _bucket()
     with pytest.raises(NoImages, match="no images found under s3://"):
@@ -307,6 +307,7 @@ def test_an_address_that_is_not_ray_fails_in_one_sentence_before_the_model_loads
         assert result.returncode == 1, result.stderr
         text = " ".join(result.stderr.split())
         assert f"{silent} accepts connections but did not answer as a Ray cluster" in text
+        assert "leave out --ray-address for a local instance" in text  # the CLI's advice
         assert "Traceback" not in text
     with tcp_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as web:
         with pytest.raises(RayUnavailable, match=r"is not a Ray cluster: it answered b'HTTP/1.1"):

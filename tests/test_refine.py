@@ -24,6 +24,7 @@ from selfment_label.config import (
     SingleConfig,
 )
 from selfment_label.data.images import prepare_image
+from selfment_label.engine import Labeller
 from selfment_label.evaluate import boundary_f_measure, load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.head.apply import apply_head
@@ -32,7 +33,7 @@ from selfment_label.masks import full_size_masks
 from selfment_label.refine import RefineUnavailable, check_available
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict
-from selfment_label.runfolder.pipeline import Labeller, label_folder
+from selfment_label.runfolder.label import label_folder
 from selfment_label.segment.registry import make_segmenter
 from selfment_label.timing import StageTimer
 

@@ -41,7 +41,7 @@ from selfment_label.review.export import export_dataset
 from selfment_label.review.model import selfment_model
 from selfment_label.review.targets import reviewed_targets
 from selfment_label.runfolder.coco import decode_rle, load_coco
-from selfment_label.runfolder.pipeline import label_folder
+from selfment_label.runfolder.label import label_folder
 
 fo = pytest.importorskip("fiftyone")
 F = fo.ViewField
@@ -745,3 +745,34 @@ def test_app_draws_pseudo_and_gt_in_other_colours_and_shows_embeddings(
     if docs:
         for key in ("both", "embeddings"):
             shutil.copy(shots[key], Path(docs) / shots[key].name)
+
+
+def test_review_cli_starts_the_app_once_and_stops_it(run_dir: Path) -> None:
+    """`review` without --no-launch: the App's server is up before the session connects (no
+    "Could not connect session" and its 10 s wait), FiftyOne's banner is printed once (not
+    again through our log handler), the URL is given, and Ctrl-C stops the server."""
+    port = _free_port()
+    command = [sys.executable, "-m", "selfment_label_cli", "review", str(run_dir)]
+    process = subprocess.Popen(
+        [*command, "--name", f"t-cli-app-{SUFFIX}", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith(f"http://127.0.0.1:{port}/datasets/"):
+                break
+        time.sleep(2)  # a failed first ping would be printed by now
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output
+    assert f"http://127.0.0.1:{port}/datasets/" in output
+    assert "Could not connect session" not in output
+    assert output.count("App launched") == 1, output
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass

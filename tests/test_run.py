@@ -20,12 +20,13 @@ from pycocotools.coco import COCO
 from selfment_label.config import RunConfig, SingleConfig, mode_config
 from selfment_label.data.images import prepare_image
 from selfment_label.device import DeviceError
+from selfment_label.engine import Labeller
 from selfment_label.masks import full_size_masks
 from selfment_label.refine import guide_side
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict, RunLock
+from selfment_label.runfolder.label import NoImages, label_folder
 from selfment_label.runfolder.layout import score_map_path
-from selfment_label.runfolder.pipeline import Labeller, NoImages, label_folder
 from selfment_label.segment.base import ImageMasks
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
@@ -144,13 +145,14 @@ def test_second_run_is_idempotent_and_picks_up_new_images(mixed_folder, tmp_path
 def test_other_options_refuse_without_overwrite(mixed_folder, tmp_path, tiny_backbone):
     out = tmp_path / "run"
     label_folder(mixed_folder, out, RunConfig(resolution=112), backbone=tiny_backbone)
-    with pytest.raises(RunConflict, match="tau"):
+    with pytest.raises(RunConflict, match="tau") as refused:
         label_folder(
             mixed_folder,
             out,
             RunConfig(resolution=112, segment=SingleConfig(tau=0.3)),
             backbone=tiny_backbone,
         )
+    assert refused.value.remedy == "overwrite"
     summary = label_folder(
         mixed_folder,
         out,
@@ -164,8 +166,9 @@ def test_other_options_refuse_without_overwrite(mixed_folder, tmp_path, tiny_bac
 
 def test_busy_run_folder_refuses(mixed_folder, tmp_path, tiny_backbone):
     out = tmp_path / "run"
-    with RunLock(out), pytest.raises(RunConflict, match="another selfment-label process"):
+    with RunLock(out), pytest.raises(RunConflict, match="another selfment-label process") as busy:
         label_folder(mixed_folder, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    assert busy.value.remedy == "out_dir"
 
 
 def test_empty_and_missing_folders_are_errors(tmp_path, tiny_backbone):
@@ -434,8 +437,9 @@ def test_a_run_folder_belongs_to_one_input(tmp_path, tiny_backbone):
 
 def test_out_equal_to_input_is_refused(tmp_path, tiny_backbone):
     images = _two_images(tmp_path / "img")
-    with pytest.raises(RunConflict, match="input folder itself"):
+    with pytest.raises(RunConflict, match="input folder itself") as refused:
         label_folder(images, images, RunConfig(resolution=112), backbone=tiny_backbone)
+    assert refused.value.remedy == "out_dir"
 
 
 def test_changed_image_is_labelled_again_and_replaces_its_record(tmp_path, tiny_backbone):

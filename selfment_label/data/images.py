@@ -32,6 +32,8 @@ MIN_SHORT_PATCHES = 8
 MAX_LONG_FACTOR = 4
 ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+TOO_LARGE = "too large"
+"""How the skip reason of an image above ``max_pixels`` begins."""
 
 
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -270,8 +272,8 @@ def _decode(
             width, height = opened.size
             if width * height > max_pixels:
                 raise ImageSkip(
-                    f"too large: {width}x{height} = {width * height:,} pixels exceeds "
-                    f"the limit of {max_pixels:,} (raise it with --max-pixels)"
+                    f"{TOO_LARGE}: {width}x{height} = {width * height:,} pixels exceeds "
+                    f"the limit of {max_pixels:,} (max_pixels)"
                 )
             if opened.getexif().get(ORIENTATION_TAG, 1) in ROTATED_ORIENTATIONS:
                 width, height = height, width

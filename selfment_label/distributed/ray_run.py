@@ -30,9 +30,9 @@ from typing import Any
 
 from ..config import RAY_ADDRESS_ENV, RAY_CPU_THREADS_PER_ACTOR, RayConfig, RunConfig
 from ..device import DeviceError, resolve_device
+from ..engine import LabelJob, Labeller
 from ..errors import SelfmentError
 from ..refine import guide_side
-from ..runfolder.pipeline import LabelJob, Labeller
 from .stages import (
     DecodeSettings,
     LabelActor,
@@ -62,7 +62,7 @@ def import_ray() -> Any:
         import ray.data  # noqa: F401  (Ray Data is the part a run needs)
     except ImportError:
         raise RayUnavailable(
-            '--ray needs Ray Data, which is not installed: pip install -e ".[ray]" '
+            'labelling on Ray needs Ray Data, which is not installed: pip install -e ".[ray]" '
             '(or pip install "ray[data]")'
         ) from None
     return ray
@@ -99,7 +99,9 @@ def plan_actors(resources: dict[str, float], actors: int | None, device: str) ->
     cpus = float(resources.get("CPU", 0.0))
     gpus = float(resources.get("GPU", 0.0)) if device != "cpu" else 0.0
     if device.startswith("cuda") and gpus < 1:
-        raise DeviceError(f"--device {device} was asked for but the Ray cluster has no GPU")
+        raise DeviceError(
+            f"device {device} was asked for but the Ray cluster has no GPU", remedy="device"
+        )
     if gpus >= 1:
         count = actors or int(gpus)
         spare = max(cpus - DECODE_CPUS, 0.0)
@@ -141,15 +143,12 @@ def check_reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
     if match is None:
         return
     host, port = match.group(1), int(match.group(2))
-    hint = (
-        "`ray start --head` prints the cluster's address; leave out --ray-address for a local "
-        "instance"
-    )
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as error:
         raise RayUnavailable(
-            f"cannot connect to the Ray cluster at {address}: {error} (is it started? {hint})"
+            f"cannot connect to the Ray cluster at {address}: {error} (is it started?)",
+            remedy="ray_address",
         ) from None
     with sock:
         if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
@@ -160,14 +159,15 @@ def check_reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
         except TimeoutError:
             raise RayUnavailable(
                 f"{address} accepts connections but did not answer as a Ray cluster within "
-                f"{timeout:g} s: something else listens there ({hint})"
+                f"{timeout:g} s: something else listens there",
+                remedy="ray_address",
             ) from None
         except OSError as error:
             answer = b""
             logger.debug("%s broke the connection: %s", address, error)
     if len(answer) < 9 or answer[3] != SETTINGS_FRAME:
         said = f"it answered {answer[:40]!r}" if answer else "it closed the connection"
-        raise RayUnavailable(f"{address} is not a Ray cluster: {said} ({hint})")
+        raise RayUnavailable(f"{address} is not a Ray cluster: {said}", remedy="ray_address")
 
 
 @contextmanager
@@ -194,8 +194,7 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
         ray.init(address=address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise RayUnavailable(
-            f"cannot connect to the Ray cluster at {target}: {error} (start one with "
-            "`ray start --head`, or leave out --ray-address for a local instance)"
+            f"cannot connect to the Ray cluster at {target}: {error}", remedy="ray_address"
         ) from None
     try:
         yield ray

@@ -22,8 +22,8 @@ import torch
 from ..data.batching import batches_by_grid
 from ..data.images import DecodedImage, ImageReader, ImageSkip, decode_image_bytes, decoded_image
 from ..device import resolve_device
+from ..engine import FinishedImage, Labeller
 from ..features.backbone import Backbone
-from ..runfolder.pipeline import FinishedImage, Labeller
 from ..timing import StageTimer
 
 Batch = dict[str, np.ndarray]

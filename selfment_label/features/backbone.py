@@ -42,14 +42,16 @@ def resolve_weights_path(weights: str | Path | None) -> Path | None:
     if candidate is None:
         return None
     path = Path(candidate).expanduser()
+    source = "weights" if weights else f"${WEIGHTS_ENV}"
     if path.is_dir():
-        source = "--weights" if weights else f"${WEIGHTS_ENV}"
         raise BackboneError(
-            f"{source} {path} is a folder; give the weights file itself (.safetensors or .pth)"
+            f"the {source} {path} is a folder, not the weights file itself (.safetensors or .pth)",
+            remedy="weights",
         )
     if not path.is_file():
-        source = "--weights" if weights else f"${WEIGHTS_ENV}"
-        raise BackboneError(f"weights file given by {source} does not exist: {path}")
+        raise BackboneError(
+            f"the weights file given by {source} does not exist: {path}", remedy="weights"
+        )
     return path
 
 
@@ -115,10 +117,8 @@ class WeightsMismatch(BackboneError):
 
     def __init__(self, path: Path, found: str, preset: BackbonePreset, like: list[str]):
         self.path, self.found, self.preset, self.like = path, found, preset, like
-        hint = (
-            f"they look like --backbone {' or '.join(like)}" if like else "no preset has that shape"
-        )
-        super().__init__(f"{self._what()}; {hint}")
+        hint = f"they look like {' or '.join(like)}" if like else "no preset has that shape"
+        super().__init__(f"{self._what()}; {hint}", remedy="backbone" if like else "weights")
 
     def _what(self) -> str:
         preset = self.preset
@@ -132,8 +132,7 @@ class WeightsMismatch(BackboneError):
         """The error for a command with no ``--backbone``: ``fixed_by`` (``the head``, ``the
         run``) decides the preset, so the fix is that preset's weights file."""
         return BackboneError(
-            f"{self._what()}; {fixed_by} needs the weights of {self.preset.name}: pass its "
-            "weights file with --weights (or set SELFMENT_WEIGHTS)"
+            f"{self._what()}; {fixed_by} needs the weights of {self.preset.name}", remedy="weights"
         )
 
 
@@ -326,12 +325,11 @@ def _from_hub(preset: BackbonePreset, kwargs: dict[str, object]) -> torch.nn.Mod
         if offline:
             raise BackboneError(
                 f"the model hub is unreachable (offline?) and {preset.timm_id} is not in the "
-                f"local hub cache: pass a local weights file with --weights FILE "
-                f"(or set ${WEIGHTS_ENV})"
+                "local hub cache",
+                remedy="weights",
             ) from None
         raise BackboneError(
-            f"could not download {preset.timm_id} from the model hub ({error}); "
-            f"pass a local weights file with --weights FILE (or set ${WEIGHTS_ENV})"
+            f"could not download {preset.timm_id} from the model hub ({error})", remedy="weights"
         ) from None
 
 
@@ -372,8 +370,8 @@ def build_backbone(
         logger.info("loaded %s weights from %s (sha256 %s)", preset.name, path, sha[:12])
     elif not allow_download:
         raise BackboneError(
-            f"no weights for {preset.name}: pass --weights FILE (or set ${WEIGHTS_ENV}), "
-            "or allow hub downloads"
+            f"no weights for {preset.name}: no weights file, and hub downloads are not allowed",
+            remedy="weights",
         )
     else:
         model = _from_hub(preset, kwargs)

@@ -11,19 +11,12 @@ from typing import Any
 import torch
 
 from ..config import InstanceApplyConfig, RunConfig
+from ..engine import Executor, LocalExecutor, backbone_for
 from ..features.backbone import Backbone, WeightsMismatch, file_sha256
 from ..masks import THRESHOLD
+from ..runfolder.label import check_run_target, default_out_dir, label_folder
 from ..runfolder.layout import RUN_NAME
-from ..runfolder.pipeline import (
-    Executor,
-    LocalExecutor,
-    ProgressCallback,
-    RunSummary,
-    backbone_for,
-    check_run_target,
-    default_out_dir,
-    label_folder,
-)
+from ..runfolder.record import ProgressCallback, RunSummary
 from ..segment.base import PatchMask
 from ..timing import StageTimer
 from .checkpoint import HeadCheckpoint, load_checkpoint

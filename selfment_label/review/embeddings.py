@@ -183,7 +183,7 @@ def compute_embeddings(
     )
     kept = [(sample_id, name) for sample_id, name in zip(ids, names, strict=True) if name in found]
     if len(kept) < 2:
-        raise ReviewError(f"--embeddings needs at least 2 samples with features, found {len(kept)}")
+        raise ReviewError(f"embeddings need at least 2 samples with features, found {len(kept)}")
     embedded = view.select([sample_id for sample_id, _ in kept], ordered=True)
     matrix = np.stack([found[name] for _, name in kept])
     for key in (VISUALIZATION_KEY, SIMILARITY_KEY):

@@ -69,8 +69,9 @@ from ..config import (
     YOLO_MIN_PIECE_AREA,
 )
 from ..data.storage import content_key
+from ..masks import annotation_record
 from ..outputs import OutputError, check_output
-from ..runfolder.coco import annotation_record, write_coco_stream
+from ..runfolder.coco import write_coco_stream
 from ..runfolder.journal import labelled_keys
 from ..runfolder.layout import RUN_NAME, is_relative_name
 from .convert import LABEL, detection_to_mask

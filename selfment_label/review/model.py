@@ -13,10 +13,10 @@ from PIL import Image
 from ..config import RunConfig
 from ..data.images import DecodedImage, decoded_image
 from ..device import small_kernel_threads
+from ..engine import Labeller, backbone_for
 from ..features.backbone import Backbone
 from ..masks import full_size_masks
 from ..refine import check_available, guide_side
-from ..runfolder.pipeline import Labeller, backbone_for
 from ..segment.registry import make_segmenter
 from ..timing import StageTimer
 from .convert import mask_to_detection

@@ -1,1 +1,2 @@
-"""The run folder: its layout and one reader, the journal, COCO writing, and the pipeline."""
+"""The run folder: its layout and one reader, the journal, COCO writing, what a run records
+(provenance), and ``label_folder``, which fills it with the engine's output."""

@@ -1,4 +1,5 @@
-"""COCO annotations: compressed RLE through pycocotools, atomic writes, reading runs back.
+"""COCO files: atomic streamed writes of the records ``masks.annotation_record`` makes, decoding
+compressed RLE through pycocotools, reading runs back.
 
 Conventions: dataset format (``images``/``annotations``/``categories``), ``segmentation`` is
 compressed RLE with ``counts`` as str and ``iscrowd: 0``, ``bbox`` is XYWH from the mask,
@@ -22,13 +23,6 @@ from ..atomic import atomic_path
 from ..errors import SelfmentError
 
 FOREGROUND_CATEGORY = {"id": 1, "name": "foreground", "supercategory": "object"}
-
-
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """Compressed COCO RLE of a boolean ``[H, W]`` mask, with ``counts`` as str."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
 
 
 class RleError(SelfmentError, ValueError):
@@ -147,26 +141,6 @@ def _annotation_entry(
     if ann.get("parent") is not None:
         entry["parent_id"] = first_id + int(ann["parent"])
     return entry
-
-
-def annotation_record(
-    mask: np.ndarray, score: float, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The per-image annotation record (before ids) for one boolean mask.
-
-    ``area`` and ``bbox`` come from pycocotools on the encoded RLE, as COCO tools compute them.
-    """
-    rle = encode_rle(mask)
-    binary = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    record = {
-        "segmentation": rle,
-        "area": int(mask_utils.area(binary)),
-        "bbox": [float(v) for v in mask_utils.toBbox(binary)],
-        "score": round(float(score), 6),
-    }
-    if extra:
-        record.update(extra)
-    return record
 
 
 def load_coco(path: str | Path) -> dict[str, Any]:

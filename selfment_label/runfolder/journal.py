@@ -48,8 +48,8 @@ class RunLock:
             os.close(fd)
             holder = self._holder()
             raise RunConflict(
-                f"another selfment-label process{holder} is writing to {self.path.parent}; "
-                "wait for it to finish or choose another --out"
+                f"another selfment-label process{holder} is writing to {self.path.parent}",
+                remedy="out_dir",
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -149,16 +149,18 @@ class Journal:
     def _reopen(self) -> None:
         entries, good_end, corrupt = _valid_lines(self.path)
         if not entries or entries[0][1].get("kind") != "header":
-            raise RunConflict(f"{self.path} is not a selfment-label journal; use --overwrite")
+            raise RunConflict(f"{self.path} is not a selfment-label journal", remedy="overwrite")
         self._check_source(entries[0][1])
         previous = entries[0][1].get("fingerprint")
         if not isinstance(previous, dict):
             raise RunConflict(
-                f"{self.path} is damaged: its first line does not record the run's options; "
-                "use --overwrite to label the folder again"
+                f"{self.path} is damaged: its first line does not record the run's options",
+                remedy="overwrite",
             )
         if previous != self.fingerprint:
-            raise RunConflict(describe_mismatch(previous, self.fingerprint, self.path.parent))
+            raise RunConflict(
+                describe_mismatch(previous, self.fingerprint, self.path.parent), remedy="overwrite"
+            )
         torn = good_end < self.path.stat().st_size
         if torn:
             logger.warning("cutting a torn last line off %s", self.path)
@@ -176,8 +178,8 @@ class Journal:
         if self.source and recorded and recorded != self.source:
             raise RunConflict(
                 f"{self.path.parent} holds the run of {recorded}, not of {self.source}: a run "
-                "folder belongs to one input; use --overwrite to replace it, or choose another "
-                "--out"
+                "folder belongs to one input",
+                remedy="overwrite",
             )
 
     def _drop_corrupt_lines(
@@ -314,7 +316,4 @@ def describe_mismatch(previous: dict[str, Any], current: dict[str, Any], folder:
         for k in keys
         if previous.get(k) != current.get(k)
     ]
-    return (
-        f"{folder} holds a run made with different options ({'; '.join(changed)}). "
-        "Use --overwrite to replace it, or choose another --out."
-    )
+    return f"{folder} holds a run made with different options ({'; '.join(changed)})"

@@ -118,10 +118,8 @@ class RunFolder:
         if is_uri(recorded):
             raise RunFolderError(
                 f"{self.path} was labelled from object storage ({recorded}), and review, train "
-                "and export read images from a local folder: copy them down (for example "
-                f"`aws s3 sync {recorded} ./images`) and run `selfment-label run ./images "
-                f"--out {self.path}` with the same options (images whose size and modification "
-                "time match the journal are not labelled again)"
+                "and export read images from a local folder",
+                remedy="input_dir",
             )
         return Path(recorded)
 
@@ -170,8 +168,7 @@ def read_run(run_dir: str | Path, require_provenance: bool = True) -> RunFolder:
     for name in names:
         if not (run_dir / name).is_file():
             raise RunFolderError(
-                f"{run_dir} is not a finished run folder: {name} not found "
-                "(make one with `selfment-label run IMAGES --out RUN_DIR`)"
+                f"{run_dir} is not a finished run folder: {name} not found", remedy="run_dir"
             )
     try:
         coco = load_coco(run_dir / ANNOTATIONS_NAME)

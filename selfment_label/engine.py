@@ -1,0 +1,226 @@
+"""The engine: a backbone, a segmenter and the full-size masks for batches of decoded images.
+
+``Labeller`` turns a batch of images that share a patch grid into ``FinishedImage``s (COCO
+annotation records and, when asked, a score map). An ``Executor`` runs a ``LabelJob``: the
+``LocalExecutor`` decodes in background threads and labels in this process; the Ray executor
+(``selfment_label.distributed``) ships the same ``Labeller`` to its workers. Every finished
+image and every skip goes to the job's ``Recorder`` (the run folder's, on the driver). The
+same engine labels ``run``, ``apply``, the FiftyOne model (``review.model``) and the head's
+training features.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from .config import DEFAULT_PRECISION, RunConfig
+from .data.batching import batches_by_grid, prefetch, stack_pixels
+from .data.images import DecodedImage, ImageSkip, prepare_image
+from .data.storage import ImageSource
+from .device import resolve_device, resolve_precision, small_kernel_threads
+from .features.backbone import Backbone, build_backbone
+from .masks import annotation_record, full_size_masks
+from .refine import guide_side
+from .segment.base import PatchMask, Segmenter
+from .timing import StageTimer
+
+
+def backbone_for(config: RunConfig) -> Backbone:
+    """Build the backbone (preset, weights, device, download policy) a run config asks for."""
+    return build_backbone(
+        config.backbone,
+        config.weights,
+        resolve_device(config.device),
+        allow_download=config.allow_download,
+    )
+
+
+@dataclass
+class FinishedImage:
+    """One labelled image, made where the model ran and journalled by the run's driver.
+
+    Arguments:
+      file_name: path relative to the input root.
+      width, height: the image's displayed size.
+      annotations: its annotation records (``masks.annotation_record``).
+      notes: what the segmenter noted about it (empty: nothing).
+      score_png: its soft score map as an 8-bit PNG, when score maps are saved.
+    """
+
+    file_name: str
+    width: int
+    height: int
+    annotations: list[dict[str, Any]]
+    notes: dict[str, Any]
+    score_png: bytes | None = None
+
+
+def _score_png(soft: torch.Tensor) -> bytes:
+    array = (soft.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Labeller:
+    """Runs a backbone and a segmenter over decoded images and makes full-size masks.
+
+    The same object labels a local run and, inside each Ray actor, a distributed one.
+
+    Arguments:
+      backbone: the frozen feature extractor.
+      segmenter: turns patch tokens into patch masks.
+      precision: precision of the backbone (``auto``, ``fp32``, ``fp16``, ``bf16``), resolved
+        on the backbone's device (``choice``).
+      refine: edge refinement of the full-size masks (``REFINE_METHODS``); the decoded
+        images must carry their guide (``guide_side(refine)``) unless it is ``none``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        segmenter: Segmenter,
+        precision: str = DEFAULT_PRECISION,
+        refine: str = "none",
+    ):
+        self.backbone = backbone
+        self.segmenter = segmenter
+        self.precision = precision
+        self.refine = refine
+        self.device = backbone.device
+        self.choice = resolve_precision(precision, self.device)
+
+    def patch_masks(self, batch: list[DecodedImage], timer: StageTimer) -> list[list[PatchMask]]:
+        """Patch masks for a batch of images that share one grid."""
+        with timer.stage("backbone"):
+            tokens = self.backbone.patch_tokens(stack_pixels(batch, self.device), self.choice.dtype)
+        with small_kernel_threads(self.device):
+            return self.segmenter(tokens, timer)
+
+    def label(
+        self, batch: list[DecodedImage], timer: StageTimer, save_scores: bool = False
+    ) -> list[FinishedImage]:
+        """Full-size masks as annotation records (and score maps) for a batch of one grid."""
+        patch_masks = self.patch_masks(batch, timer)
+        finished = []
+        with small_kernel_threads(self.device), timer.stage("masks"):
+            for item, masks in zip(batch, patch_masks, strict=True):
+                kept, union = full_size_masks(
+                    masks, item.width, item.height, self.refine, item.guide
+                )
+                finished.append(
+                    FinishedImage(
+                        file_name=item.file_name,
+                        width=item.width,
+                        height=item.height,
+                        annotations=[
+                            annotation_record(region.mask, region.score, region.extra)
+                            for region in kept
+                        ],
+                        notes=dict(getattr(masks, "notes", None) or {}),
+                        score_png=_score_png(union) if save_scores and union is not None else None,
+                    )
+                )
+        return finished
+
+
+class Recorder(Protocol):
+    """Where an executor sends its results (the run folder's ``RunRecorder`` on the driver)."""
+
+    timer: StageTimer
+    """The run's stage timer: executors charge their stages to it."""
+
+    def image(self, finished: FinishedImage) -> None:
+        """Take a labelled image."""
+        ...
+
+    def skip(self, file_name: str, reason: str) -> None:
+        """Take an image that could not be labelled, and why."""
+        ...
+
+
+@dataclass
+class LabelJob:
+    """What an executor labels, and where its results go.
+
+    Arguments:
+      source: where the images are.
+      todo: the images still to label, in order.
+      config: the run's options.
+      labeller: the engine (the local one; a distributed executor ships it to its workers).
+      recorder: takes every finished image and skip, on the driver.
+    """
+
+    source: ImageSource
+    todo: list[str]
+    config: RunConfig
+    labeller: Labeller
+    recorder: Recorder
+
+
+class Executor(Protocol):
+    """Runs a ``LabelJob``: every image of ``todo`` ends in ``recorder.image`` or
+    ``recorder.skip``. A bug (not a bad image) propagates."""
+
+    def __call__(self, job: LabelJob) -> None:
+        """Label the job's images."""
+        ...
+
+    def model_device(self, config: RunConfig) -> str:
+        """Where the driver builds the model (``config.device`` when it runs it)."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """Keys for run.json that say where the work ran (empty for a local run)."""
+        ...
+
+
+class LocalExecutor:
+    """Labels in this process: decoding in background threads, batches of one patch grid."""
+
+    def __call__(self, job: LabelJob) -> None:
+        """Label the job's images in this process."""
+        config, labeller, recorder = job.config, job.labeller, job.recorder
+        timer = recorder.timer
+        mean, std = labeller.backbone.mean_std
+        patch = labeller.backbone.patch_size
+        location = job.source.location
+
+        def decode(name: str) -> DecodedImage:
+            return prepare_image(
+                location,
+                name,
+                config.resolution,
+                patch,
+                mean,
+                std,
+                config.max_pixels,
+                guide_side(config.refine),
+            )
+
+        depth = max(4, 2 * config.batch_size)
+        stream = prefetch(job.todo, decode, workers=config.workers, depth=depth)
+        for batch, failures in batches_by_grid(stream, config.batch_size, window=depth):
+            for name, error in failures:
+                if not isinstance(error, ImageSkip):
+                    raise error
+                recorder.skip(name, str(error) or type(error).__name__)
+            if not batch:
+                continue
+            for item in batch:
+                timer.add("decode", item.decode_seconds)
+            for finished in labeller.label(batch, timer, config.save_scores):
+                recorder.image(finished)
+
+    def model_device(self, config: RunConfig) -> str:
+        """The run's device: the model runs here."""
+        return config.device
+
+    def provenance(self) -> dict[str, Any]:
+        """Nothing more than run.json's ``device``."""
+        return {}
