@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-threshold", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=TrainConfig.rounds)
+    parser.add_argument("--layers", default=None, help="Blocks the head reads, e.g. 8,11.")
+    parser.add_argument("--flip", action="store_true", help="Apply with test-time flip.")
     parser.add_argument("--out", type=Path, default=None, help="Also write the report here.")
     args = parser.parse_args()
     folders = split_halves(args.data, args.work)
@@ -102,18 +105,27 @@ def main() -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         target_threshold=args.target_threshold,
+        rounds=args.rounds,
+        layers=tuple(int(b) for b in args.layers.split(",")) if args.layers else None,
     )
     start = time.perf_counter()
     result = distil(runs["train"], args.work / "head.pt", train, backbone=backbone)
     train_seconds = time.perf_counter() - start
     applied = args.work / "apply-test"
     summary = apply_head(
-        result.checkpoint, folders["test"], applied, config, overwrite=True, backbone=backbone
+        result.checkpoint,
+        folders["test"],
+        applied,
+        config,
+        overwrite=True,
+        backbone=backbone,
+        flip=args.flip,
     )
     bare = bare_forward_seconds(folders["test"], backbone, args.resolution, config.batch_size)
     report = {
         "resolution": args.resolution,
         "training": {**vars(train), "seconds_incl_features": round(train_seconds, 2)},
+        "flip": args.flip,
         "final_losses": {k: round(v, 4) for k, v in result.losses.items()},
         "pseudo_labels_train_half": evaluate(runs["train"], folders["train-gt"]),
         "ncut_ipo_test_half": evaluate(runs["test"], folders["test-gt"]),

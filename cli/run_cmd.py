@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -20,6 +21,7 @@ from selfment_label.features.presets import PRESETS
 
 from .console import (
     EXIT_USAGE,
+    console,
     fail,
     invalid_options,
     label_with_progress,
@@ -44,6 +46,9 @@ from .options import (
     verbose_option,
     workers_option,
 )
+
+if TYPE_CHECKING:
+    from selfment_label.runfolder.record import ProgressCallback, RunSummary
 
 
 def refuse_options_of_other_modes(context: typer.Context, mode: str) -> None:
@@ -121,6 +126,12 @@ def run(
     ray: bool = ray_option(),
     ray_address: str = ray_address_option(),
     ray_actors: int = ray_actors_option(),
+    self_train: bool = typer.Option(
+        False,
+        "--self-train",
+        help="Single mode: label with NCut+IPO into OUT/stage1, train the head on those "
+        "masks (OUT/head.pt), relabel the folder with it into OUT (about 3x the time).",
+    ),
     verbose: bool = verbose_option(),
 ) -> None:
     """Find the main object in every image and write annotations.json (COCO) + run.json."""
@@ -152,6 +163,11 @@ def run(
         max_pixels=max_pixels,
         segment=segment,
     )
+    if self_train:
+        if ray:
+            raise fail("--self-train runs in this process: drop --ray")
+        _self_train(images, out, config, overwrite)
+        return
     executor = ray_executor(ray, ray_address, ray_actors, verbose)
     from selfment_label.runfolder.label import label_folder
 
@@ -159,6 +175,29 @@ def run(
         lambda progress: label_folder(
             images, out, config, overwrite=overwrite, progress=progress, executor=executor
         )
+    )
+
+
+def _self_train(images: str, out: Path | None, config: RunConfig, overwrite: bool) -> None:
+    """``run --self-train``: the three stages under one progress bar, then where each is."""
+    from selfment_label.runfolder.label import default_out_dir
+    from selfment_label.selftrain import self_train_folder
+
+    out = out or default_out_dir(images)
+    done = {}
+
+    def label(progress: ProgressCallback) -> RunSummary:
+        done["summary"] = self_train_folder(
+            images, out, config, overwrite=overwrite, progress=progress
+        )
+        return done["summary"].final
+
+    label_with_progress(label)
+    summary = done["summary"]
+    trained = "trained" if summary.head_trained else "kept from an earlier run"
+    console.print(
+        f"stage 1 (NCut+IPO): {summary.stage1.annotations} masks in {summary.stage1.out_dir}; "
+        f"head {trained}: {summary.head} ({summary.train_seconds:.1f} s)"
     )
 
 

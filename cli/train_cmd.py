@@ -10,6 +10,7 @@ from rich.table import Table
 
 from selfment_label.config import (
     DEVICE_HELP,
+    HEAD_FLIP,
     HEAD_TASKS,
     PRECISION_NAMES,
     REVIEW_EXCLUDE_TAGS,
@@ -68,6 +69,18 @@ def _reviewed(
         f"dataset [bold]{source.dataset}[/]: {len(source.instances)} samples to learn from"
     )
     return source
+
+
+def _layers(text: str | None) -> tuple[int, ...] | None:
+    """``--layers 8,11`` as block indices."""
+    if not text:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise fail(
+            f"--layers takes block numbers separated by commas (e.g. 8,11), not {text!r}"
+        ) from None
 
 
 def _run_task(run_dir: Path) -> str:
@@ -138,9 +151,15 @@ def train(
     rounds: int = typer.Option(
         None,
         min=0,
-        help="Instance head: self-correction rounds (the last model's confident masks "
-        f"replace, add to and drop pseudo-masks, then training goes on) \\[default: "
-        f"{InstanceTrainConfig.rounds}].",
+        help="Self-correction rounds (the last model's confident masks replace, add to and "
+        f"drop pseudo-masks, then training goes on) \\[default: {TrainConfig.rounds}, "
+        f"instance head {InstanceTrainConfig.rounds}].",
+    ),
+    layers: str = typer.Option(
+        None,
+        "--layers",
+        help="Single head: backbone blocks (from 0, comma-separated, e.g. 8,11) whose "
+        "tokens it reads side by side \\[default: the last block only].",
     ),
     verbose: bool = verbose_option(),
 ) -> None:
@@ -161,6 +180,7 @@ def train(
     chosen = {k: v for k, v in chosen.items() if v is not None}
     task = task or _run_task(run_dir)
     require_choice(task, HEAD_TASKS, "--task")
+<<<<<<< HEAD
     if task != "instances" and chosen.pop("rounds", None) is not None:
         raise fail("--rounds is an option of the instance head (--task instances)")
     kind = InstanceTrainConfig if task == "instances" else TrainConfig
@@ -168,6 +188,20 @@ def train(
         config = kind(**chosen, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
     source = _reviewed(run_dir, name, tags, exclude_tags) if reviewed else None
     if isinstance(config, InstanceTrainConfig):
+=======
+    if task == "instances":
+        if layers:
+            raise fail("--layers is an option of the single head (--task single)")
+        if reviewed:
+            raise fail("--reviewed trains the single-object head only: pass --task single")
+        with invalid_options():
+            instance_config = InstanceTrainConfig(
+                **chosen,
+                weight_decay=weight_decay,
+                batch_size=batch_size,
+                seed=seed,
+            )
+>>>>>>> main
         train_instances(
             run_dir,
             out,
@@ -180,7 +214,40 @@ def train(
             reviewed=source,
         )
         return
+<<<<<<< HEAD
     with user_errors(FileNotFoundError), training_bars(["training"]) as bars:
+=======
+    with invalid_options():
+        config = TrainConfig(
+            **chosen,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            seed=seed,
+            layers=_layers(layers),
+        )
+    source = None
+    if reviewed:
+        from selfment_label.review.targets import reviewed_targets
+
+        with user_errors(), console.status("reading the review"):
+            source = reviewed_targets(run_dir, name, tags, exclude_tags)
+        console.print(
+            f"dataset [bold]{source.dataset}[/]: {len(source.targets)} samples to learn from"
+        )
+    with user_errors(FileNotFoundError), make_progress() as progress:
+        features = progress.add_task("features", total=None)
+        steps = progress.add_task("training", total=None, start=False)
+
+        def on_feature(done: int, total: int) -> None:
+            progress.update(features, completed=done, total=total)
+
+        def on_step(step: int, total: int, losses: dict[str, float]) -> None:
+            progress.start_task(steps)
+            progress.update(
+                steps, completed=step, total=total, description=f"training {_loss_text(losses)}"
+            )
+
+>>>>>>> main
         result = distil(
             run_dir,
             out,
@@ -202,6 +269,11 @@ def train(
     table.add_row("training patches", str(result.patches))
     table.add_row("left out", str(len(result.left_out)))
     table.add_row("feature cache", str(result.cache_dir))
+    for record in result.rounds[1:]:
+        table.add_row(
+            f"round {record['round']}",
+            f"{record['replaced']} replaced, {record['dropped']} dropped, {record['added']} added",
+        )
     for term in LOSS_TERMS:
         table.add_row(f"final {term} loss", f"{result.losses[term]:.4f}")
     console.print(table)
@@ -248,6 +320,12 @@ def apply(
         InstanceApplyConfig.nms_iou,
         help="Instance head: a mask overlapping a better one by more than this IoU is dropped.",
     ),
+    flip: bool = typer.Option(
+        HEAD_FLIP,
+        "--flip/--no-flip",
+        help="Single head: test-time flip (the mirror image too, logits averaged; about "
+        "twice the backbone's time).",
+    ),
     verbose: bool = verbose_option(),
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
@@ -281,6 +359,7 @@ def apply(
             progress=progress,
             executor=executor,
             instances=instances,
+            flip=flip,
         ),
     )
     if review:

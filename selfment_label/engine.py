@@ -26,7 +26,7 @@ from .device import resolve_device, resolve_precision, small_kernel_threads
 from .features.backbone import Backbone, build_backbone
 from .masks import annotation_record, full_size_masks
 from .refine import guide_side
-from .segment.base import PatchMask, Segmenter
+from .segment.base import PatchMask, Segmenter, segmenter_tokens
 from .timing import StageTimer
 
 
@@ -98,7 +98,8 @@ class Labeller:
     def patch_masks(self, batch: list[DecodedImage], timer: StageTimer) -> list[list[PatchMask]]:
         """Patch masks for a batch of images that share one grid."""
         with timer.stage("backbone"):
-            tokens = self.backbone.patch_tokens(stack_pixels(batch, self.device), self.choice.dtype)
+            pixels = stack_pixels(batch, self.device)
+            tokens = segmenter_tokens(self.segmenter, self.backbone, pixels, self.choice.dtype)
         with small_kernel_threads(self.device):
             return self.segmenter(tokens, timer)
 

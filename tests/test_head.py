@@ -110,7 +110,7 @@ def test_train_is_deterministic_and_runs_from_the_cache(
         backbone=tiny_backbone,
         train_progress=lambda step, total, losses: steps.append(losses),
     )
-    assert first.images == 4 and len(steps) == 4  # 2 epochs of 2 steps
+    assert first.images == 4 and len(steps) == 8  # 2 rounds (the default 1 + 1) of 2 x 2 steps
     assert set(first.losses) == {"bce", "dice", "contrastive", "total"}
     assert all(np.isfinite(v) for v in first.losses.values())
     cached = sorted(first.cache_dir.glob("*/*.pt"))

@@ -200,13 +200,11 @@ def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
             str(instances_run),
             "--out",
             str(tmp_path / "x.pt"),
-            "--task",
-            "single",
-            "--rounds",
-            "1",
+            "--layers",
+            "8,11",
         ],
     )
-    assert refused.exit_code != 0 and "--rounds" in refused.output
+    assert refused.exit_code != 0 and "--layers" in refused.output
     applied = tmp_path / "applied"
     result = CliRunner().invoke(
         app,

@@ -62,8 +62,7 @@ def import_ray() -> Any:
         import ray.data  # noqa: F401  (Ray Data is the part a run needs)
     except ImportError:
         raise RayUnavailable(
-            'labelling on Ray needs Ray Data, which is not installed: pip install -e ".[ray]" '
-            '(or pip install "ray[data]")'
+            'Ray Data is not installed: pip install -e ".[ray]" (or pip install "ray[data]")'
         ) from None
     return ray
 

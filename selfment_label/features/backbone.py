@@ -246,18 +246,61 @@ class Backbone:
             "weights_sha256": self.weights_sha256,
         }
 
-    def _forward(self, batch: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        """``forward_features`` in ``dtype``: bf16 on a CPU runs the cast model
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks (``layers`` index them from 0)."""
+        return len(self.model.blocks)
+
+    def check_layers(self, layers: tuple[int, ...] | None) -> None:
+        """Raise ``ValueError`` unless ``layers`` are distinct block indices of this model."""
+        if layers is None:
+            return
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct block indices, not {list(layers)}")
+        outside = [layer for layer in layers if not 0 <= layer < self.depth]
+        if outside:
+            raise ValueError(
+                f"layers {outside} are not blocks of {self.preset.name} (0..{self.depth - 1})"
+            )
+
+    def _forward(
+        self, batch: torch.Tensor, dtype: torch.dtype | None, layers: tuple[int, ...] | None
+    ) -> torch.Tensor:
+        """``[B, N, D']`` patch tokens in ``dtype``: bf16 on a CPU runs the cast model
         (``bf16_cpu_model``), other reduced precisions autocast the float32 model."""
         if dtype == torch.bfloat16 and batch.device.type == "cpu":
             if self._bf16_cpu is None:
                 self._bf16_cpu = bf16_cpu_model(self.model)
-            return self._bf16_cpu.forward_features(batch.to(torch.bfloat16))
+            return self._tokens_of(self._bf16_cpu, batch.to(torch.bfloat16), layers)
         with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.model.forward_features(batch)
+            return self._tokens_of(self.model, batch, layers)
+
+    @staticmethod
+    def _tokens_of(
+        model: torch.nn.Module, batch: torch.Tensor, layers: tuple[int, ...] | None
+    ) -> torch.Tensor:
+        """Last-layer patch tokens of ``model``, or those of ``layers`` (each after the final
+        norm) concatenated along the channels."""
+        if layers is None:
+            tokens = model.forward_features(batch)
+            return tokens[:, int(getattr(model, "num_prefix_tokens", 1)) :, :]
+        blocks = model.forward_intermediates(
+            batch,
+            indices=list(layers),
+            norm=True,
+            stop_early=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+        return torch.cat(blocks, dim=-1)
 
     @torch.inference_mode()
-    def patch_tokens(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def patch_tokens(
+        self,
+        batch: torch.Tensor,
+        dtype: torch.dtype | None = None,
+        layers: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
         """Last-layer patch tokens (after the final norm, prefix tokens dropped).
 
         Arguments:
@@ -265,6 +308,8 @@ class Backbone:
             on the backbone's device.
           dtype: reduced precision of the backbone (``torch.float16``/``bfloat16``), or
             None for float32 (``selfment_label.device.Precision.dtype``).
+          layers: block indices (from 0) whose tokens, each after the final norm, are
+            concatenated instead (``D * len(layers)`` channels); None: the last layer's.
 
         Returns:
           ``[B, H/p, W/p, D]`` float32 tokens, whatever the precision.
@@ -273,9 +318,8 @@ class Backbone:
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
-        tokens = self._forward(batch, dtype)
-        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
-        tokens = tokens[:, prefix:, :].float()
+        self.check_layers(layers)
+        tokens = self._forward(batch, dtype, layers).float()
         return tokens.reshape(b, h // p, w // p, -1)
 
 

@@ -58,6 +58,8 @@ class CacheSettings:
       patch_size: side of a patch in pixels.
       precision: the backbone precision used (``fp32``, ``fp16``, ``bf16``; never ``auto``):
         features of another precision are other features.
+      layers: block indices whose tokens are concatenated (``Backbone.patch_tokens``); None
+        for the last layer's (the key of such a cache is the one it had before ``layers``).
     """
 
     backbone: str
@@ -66,6 +68,7 @@ class CacheSettings:
     resolution: int
     patch_size: int
     precision: str = "fp32"
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -75,9 +78,14 @@ class CacheSettings:
 
     @classmethod
     def for_backbone(
-        cls, backbone: Backbone, resolution: int, precision: str = "fp32"
+        cls,
+        backbone: Backbone,
+        resolution: int,
+        precision: str = "fp32",
+        layers: tuple[int, ...] | None = None,
     ) -> CacheSettings:
-        """The settings of ``backbone`` run at ``resolution`` in ``precision``."""
+        """The settings of ``backbone`` run at ``resolution`` in ``precision`` (``layers``:
+        the blocks read, None for the last)."""
         return cls(
             backbone=backbone.preset.name,
             timm_id=backbone.preset.timm_id,
@@ -85,11 +93,16 @@ class CacheSettings:
             resolution=int(resolution),
             patch_size=backbone.patch_size,
             precision=precision,
+            layers=layers,
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain dict with the cache format version (what is stored and compared)."""
-        return {"format": CACHE_FORMAT, **asdict(self)}
+        """Plain dict with the cache format version (what is stored and compared); ``layers``
+        only when chosen, so last-layer caches keep their key."""
+        values = asdict(self)
+        layers = values.pop("layers")
+        chosen = {"layers": list(layers)} if layers is not None else {}
+        return {"format": CACHE_FORMAT, **values, **chosen}
 
     @property
     def key(self) -> str:
@@ -267,7 +280,9 @@ def ensure_features(
         return entries
     backbone = backbone_factory()
     settings = cache.settings
-    actual = CacheSettings.for_backbone(backbone, settings.resolution, settings.precision)
+    actual = CacheSettings.for_backbone(
+        backbone, settings.resolution, settings.precision, settings.layers
+    )
     if actual != cache.settings:
         raise CacheError(
             f"the backbone built for feature extraction ({actual}) does not match the "
@@ -286,7 +301,7 @@ def ensure_features(
         if not batch:
             continue
         pixels = stack_pixels(batch, backbone.device)
-        tokens = backbone.patch_tokens(pixels, PRECISIONS[settings.precision])
+        tokens = backbone.patch_tokens(pixels, PRECISIONS[settings.precision], settings.layers)
         for item, item_tokens in zip(batch, tokens, strict=True):
             name = item.file_name
             entries[name] = cache.save(name, missing[name], item.width, item.height, item_tokens)

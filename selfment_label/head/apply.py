@@ -10,19 +10,18 @@ from typing import Any
 
 import torch
 
-from ..config import InstanceApplyConfig, RunConfig
+from ..config import HEAD_FLIP, InstanceApplyConfig, RunConfig
 from ..engine import Executor, LocalExecutor, backbone_for
 from ..features.backbone import Backbone, WeightsMismatch, file_sha256
-from ..masks import THRESHOLD
 from ..runfolder.label import check_run_target, default_out_dir, label_folder
 from ..runfolder.layout import RUN_NAME
 from ..runfolder.record import ProgressCallback, RunSummary
 from ..segment.base import PatchMask
 from ..timing import StageTimer
-from .checkpoint import HeadCheckpoint, load_checkpoint
+from .checkpoint import HeadCheckpoint, HeadError, load_checkpoint
 from .instance_apply import InstanceHeadSegmenter
 from .instance_model import InstanceHead
-from .model import PatchHead
+from .model import PatchHead, mask_score
 
 
 @dataclass
@@ -35,28 +34,43 @@ class HeadSegmenter:
     Arguments:
       head: the trained head, on the backbone's device.
       head_sha256: sha256 of its checkpoint (recorded, and compared when a run resumes).
+      layers: the backbone blocks whose tokens the head reads (None: the last layer's).
+      flip: test-time flip: the mirrored image goes through the backbone too (in the same
+        batch) and the head's foreground logits of both, mirrored back, are averaged.
     """
 
     head: PatchHead
     head_sha256: str
+    layers: tuple[int, ...] | None = None
+    flip: bool = False
 
     def options(self) -> dict[str, Any]:
-        """Options that decide the masks."""
-        return {"mode": "head", "head_sha256": self.head_sha256}
+        """Options that decide the masks (``flip`` only when on: runs made before it resume)."""
+        flip = {"flip": True} if self.flip else {}
+        return {"mode": "head", "head_sha256": self.head_sha256, **flip}
 
     def to(self, device: torch.device | str) -> HeadSegmenter:
         """This segmenter with its head on ``device`` (a Ray actor moves it to its GPU)."""
-        return HeadSegmenter(self.head.to(device), self.head_sha256)
+        return replace(self, head=self.head.to(device))
+
+    def tokens(
+        self, backbone: Backbone, pixels: torch.Tensor, dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """The tokens the head reads: its layers' for the batch, then for its mirror image."""
+        views = torch.cat([pixels, pixels.flip(-1)]) if self.flip else pixels
+        return backbone.patch_tokens(views, dtype, self.layers)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, timer: StageTimer) -> list[list[PatchMask]]:
-        """One ``PatchMask`` per image of a ``[B, rows, cols, D]`` batch."""
+        """One ``PatchMask`` per image of a ``[B, rows, cols, D]`` batch (``[2B, ...]``, the
+        mirror images last, with ``flip``)."""
         with timer.stage("head"):
-            probability = self.head.foreground(tokens.float())
-            inside = probability > THRESHOLD
-            count = inside.flatten(1).sum(1)
-            total = (probability * inside).flatten(1).sum(1)
-            score = torch.where(count > 0, total / count.clamp(min=1), 0.0).tolist()
+            logit = self.head.foreground_logit(tokens.float())
+            if self.flip:
+                images = len(logit) // 2
+                logit = (logit[:images] + logit[images:].flip(-1)) / 2
+            probability = torch.sigmoid(logit)
+            score = mask_score(probability).tolist()
         return [[PatchMask(scores=probability[i], score=score[i])] for i in range(len(score))]
 
 
@@ -78,13 +92,17 @@ def head_segmenter(
     loaded: HeadCheckpoint,
     device: torch.device | str,
     instances: InstanceApplyConfig | None = None,
+    flip: bool = False,
 ) -> HeadSegmenter | InstanceHeadSegmenter:
-    """The segmenter of a loaded head on ``device``: one mask per image for the single head,
-    the selected scored masks (``instances``, defaults when None) for an instance head."""
+    """The segmenter of a loaded head on ``device``: one mask per image for the single head
+    (on the layers it learnt on; ``flip``: with test-time flip), the selected scored masks
+    (``instances``, defaults when None) for an instance head."""
     head = loaded.head.to(device)
     if isinstance(head, InstanceHead):
+        if flip:
+            raise HeadError("test-time flip is an option of the single-object head only")
         return InstanceHeadSegmenter(head, loaded.sha256, instances or InstanceApplyConfig())
-    return HeadSegmenter(head, loaded.sha256)
+    return HeadSegmenter(head, loaded.sha256, loaded.layers, flip)
 
 
 def apply_head(
@@ -98,6 +116,8 @@ def apply_head(
     progress: ProgressCallback | None = None,
     executor: Executor | None = None,
     instances: InstanceApplyConfig | None = None,
+    flip: bool = HEAD_FLIP,
+    extra_provenance: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Label a folder with a trained head; writes the same run folder as ``run``.
 
@@ -118,6 +138,9 @@ def apply_head(
         cluster).
       instances: which masks an instance head writes (defaults when None; a single head
         ignores it).
+      flip: single head: test-time flip (the mirrored image too, the two foreground logits
+        averaged; about twice the backbone's time). Refused for an instance head.
+      extra_provenance: more keys for run.json (``self_train_folder`` records its stages).
 
     Raises:
       HeadError / HeadMismatch: unusable checkpoint, or a backbone other than the head's.
@@ -141,15 +164,17 @@ def apply_head(
         except WeightsMismatch as error:
             raise error.for_fixed_preset("the head") from None
     loaded.check_backbone(backbone)
-    segmenter = head_segmenter(loaded, backbone.device, instances)
+    segmenter = head_segmenter(loaded, backbone.device, instances, flip)
     provenance = {
         "head": {
             "checkpoint": str(Path(checkpoint).resolve()),
             "sha256": loaded.sha256,
             "training": meta["training"],
+            "layers": loaded.layers,
             "data": meta["data"],
             "tool_version": meta["tool_version"],
-        }
+        },
+        **(extra_provenance or {}),
     }
     return label_folder(
         input_dir,

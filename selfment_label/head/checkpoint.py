@@ -69,13 +69,25 @@ class HeadCheckpoint:
     meta: dict[str, Any]
     sha256: str
 
+    @property
+    def layers(self) -> tuple[int, ...] | None:
+        """The backbone blocks whose tokens the head reads (None: the last layer's; heads
+        saved before layers were recorded read the last layer's)."""
+        layers = self.meta.get("layers")
+        return tuple(int(layer) for layer in layers) if layers else None
+
     def check_backbone(self, backbone: Backbone) -> None:
         """Raise ``HeadMismatch`` unless ``backbone`` gives the features the head learnt on."""
         check_identity(self.meta["backbone"], backbone, "this head was trained on")
-        if backbone.embed_dim != self.meta["feature_dim"]:
+        try:
+            backbone.check_layers(self.layers)
+        except ValueError as error:
+            raise HeadMismatch(f"this head reads {error}") from None
+        given = backbone.embed_dim * len(self.layers or (None,))
+        if given != self.meta["feature_dim"]:
             raise HeadMismatch(
                 f"this head expects {self.meta['feature_dim']}-dimensional features but "
-                f"the backbone gives {backbone.embed_dim}"
+                f"the backbone gives {given}"
             )
 
 
@@ -98,6 +110,11 @@ def _check_meta(meta: dict[str, Any]) -> None:
     check_int("resolution", meta.get("resolution"), MIN_RESOLUTION, MAX_RESOLUTION)
     check_int("feature_dim", meta.get("feature_dim"), 1)
     check_int("hidden", meta.get("hidden"), 1)
+    layers = meta.get("layers")
+    if layers is not None and not (
+        isinstance(layers, list) and layers and all(type(v) is int and v >= 0 for v in layers)
+    ):
+        raise ValueError(f"its layers {layers!r} are not a list of block indices")
 
 
 def load_checkpoint(path: str | Path) -> HeadCheckpoint:

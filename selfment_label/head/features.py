@@ -17,7 +17,7 @@ from ..features.backbone import Backbone, WeightsMismatch, build_backbone
 from ..features.cache import CacheSettings, FeatureCache, FeatureProgress, ensure_features
 from ..features.presets import get_preset
 from ..runfolder.layout import FEATURES_DIR, RunFolder
-from .checkpoint import HeadMismatch, check_identity
+from .checkpoint import HeadError, HeadMismatch, check_identity
 
 
 def run_features(
@@ -31,6 +31,7 @@ def run_features(
     allow_download: bool = True,
     backbone: Backbone | None = None,
     progress: FeatureProgress | None = None,
+    layers: tuple[int, ...] | None = None,
 ) -> tuple[FeatureCache, dict[str, Path]]:
     """The feature cache of a run and the entries of ``file_names`` in it (missing ones made).
 
@@ -46,6 +47,8 @@ def run_features(
       allow_download: whether hub downloads are allowed.
       backbone: a ready backbone (tests); must match the run's.
       progress: called with ``(done, total)`` while features are gathered.
+      layers: the backbone blocks whose tokens are wanted, concatenated (None: the last
+        layer's).
 
     Returns:
       The cache and file name -> cache entry (images that cannot be decoded are left out).
@@ -74,6 +77,10 @@ def run_features(
         except WeightsMismatch as error:
             raise error.for_fixed_preset("the run") from None
         check_identity(identity, built, "the run's masks were made with")
+        try:
+            built.check_layers(layers)
+        except ValueError as error:
+            raise HeadError(f"the head cannot read {error}") from None
         return built
 
     settings = CacheSettings(
@@ -85,6 +92,7 @@ def run_features(
         precision=resolve_precision(
             precision, backbone.device if backbone else torch.device(device)
         ).name,
+        layers=layers,
     )
     cache = FeatureCache(Path(cache_dir) if cache_dir else source.path / FEATURES_DIR, settings)
     entries = ensure_features(cache, source.input_dir, file_names, make_backbone, progress=progress)

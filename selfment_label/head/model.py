@@ -38,10 +38,30 @@ class PatchHead(nn.Module):
         embeddings = self.embed(tokens)
         return self.classify(embeddings), embeddings
 
+    def foreground_logit(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Foreground logit ``l1 - l0`` of ``[..., D]`` tokens (its sigmoid is softmax[..., 1])."""
+        logits, _ = self(tokens)
+        return logits[..., 1] - logits[..., 0]
+
     def foreground(self, tokens: torch.Tensor) -> torch.Tensor:
         """Foreground probability softmax[..., 1] of ``[..., D]`` tokens."""
-        logits, _ = self(tokens)
-        return logits.softmax(-1)[..., 1]
+        return torch.sigmoid(self.foreground_logit(tokens))
+
+
+def mask_score(probability: torch.Tensor) -> torch.Tensor:
+    """Score of each image's mask: the mean foreground probability of its patches above 0.5
+    (0 when there are none).
+
+    Arguments:
+      probability: ``[B, rows, cols]`` foreground probabilities.
+
+    Returns:
+      ``[B]`` scores.
+    """
+    inside = probability > THRESHOLD
+    count = inside.flatten(1).sum(1)
+    total = (probability * inside).flatten(1).sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), 0.0)
 
 
 def patch_targets(mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ Each rule's count is recorded per round (``RoundChange``) in the checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -28,6 +28,15 @@ from .instance_model import InstanceHead, Prediction, raw_predictions, select_in
 
 if TYPE_CHECKING:
     from .instance_train import InstanceImage
+
+
+class CorrectionRules(Protocol):
+    """The thresholds of a round (``InstanceTrainConfig``, or ``TrainConfig`` for the
+    single-object head, which corrects its one target per image with the same rules)."""
+
+    keep_score: float
+    drop_score: float
+    match_iou: float
 
 
 @dataclass
@@ -46,7 +55,7 @@ class RoundChange:
 
 
 def correct_image(
-    targets: torch.Tensor, prediction: Prediction, config: InstanceTrainConfig
+    targets: torch.Tensor, prediction: Prediction, config: CorrectionRules
 ) -> tuple[torch.Tensor, RoundChange]:
     """One image's corrected pseudo-masks.
 

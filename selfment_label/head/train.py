@@ -7,6 +7,7 @@ caller's global RNG state is left as it was.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,9 @@ from ..outputs import check_output, run_input_protection
 from ..runfolder.layout import FEATURES_DIR, RunFolder, read_run, union_mask
 from .checkpoint import CHECKPOINT_FORMAT, HeadError, save_checkpoint
 from .features import run_features
-from .model import HIDDEN, PatchHead, head_losses, patch_targets
+from .instance_model import Prediction
+from .model import HIDDEN, PatchHead, head_losses, mask_score, patch_targets
+from .rounds import RoundChange, correct_image
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +81,10 @@ def train_head(
     if not images:
         raise HeadError("no training images")
     generator = torch.Generator().manual_seed(config.seed)
-    first = cache.load(images[0].entry, images[0].file_name)
-    if first is None:
-        raise HeadError(f"the cached features of {images[0].file_name} cannot be read")
+    first = _tokens(cache, images[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        head = PatchHead(first.tokens.shape[-1])
+        head = PatchHead(first.shape[-1])
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(images) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -121,15 +122,92 @@ def _check_finite(loss: torch.Tensor, step: int, total_steps: int, lr: float) ->
         )
 
 
+def train_rounds(
+    images: list[TrainingImage],
+    cache: FeatureCache,
+    config: TrainConfig,
+    progress: TrainProgress | None = None,
+) -> tuple[PatchHead, list[dict[str, Any]]]:
+    """Train a head, then ``config.rounds`` self-correction rounds, each training a new head
+    on the targets the last one corrected (``correct_single_targets``).
+
+    Arguments:
+      images: training images (their targets are replaced by each round's corrections).
+      cache: the feature cache the entries belong to.
+      config: training and round options.
+      progress: called after every step of every round's training.
+
+    Returns:
+      The last head and one record per round: images, foreground patches of the targets,
+      what the round changed, its thresholds, final losses and seconds.
+    """
+    history: list[dict[str, Any]] = []
+    head: PatchHead | None = None
+    for round_index in range(config.rounds + 1):
+        start = time.perf_counter()
+        change = RoundChange()
+        if head is not None:
+            change = correct_single_targets(head, images, cache, config)
+            logger.info("round %d: %s", round_index, change)
+        head, losses = train_head(images, cache, config, progress)
+        history.append(
+            {
+                "round": round_index,
+                "images": len(images),
+                "foreground_patches": round(sum(float(i.target.sum()) for i in images), 1),
+                **asdict(change),
+                "keep_score": config.keep_score,
+                "drop_score": config.drop_score,
+                "match_iou": config.match_iou,
+                "losses": losses,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+    return head, history
+
+
+@torch.inference_mode()
+def correct_single_targets(
+    head: PatchHead, images: list[TrainingImage], cache: FeatureCache, config: TrainConfig
+) -> RoundChange:
+    """Replace every image's target by the head's correction of it (in place).
+
+    The instance head's rules (``rounds.correct_image``) on the one mask per image: the
+    head's mask, scored as ``apply`` scores it, replaces the target when it scores at least
+    ``keep_score`` and matches it (patch IoU >= ``match_iou``); a target it does not match
+    with a score of at least ``drop_score`` is dropped (the image becomes a no-object
+    example); a confident mask that matches no target adds its patches.
+
+    Returns:
+      The summed changes over all images.
+    """
+    total = RoundChange()
+    for image in images:
+        probability = head.foreground(_tokens(cache, image))
+        prediction = Prediction(probability[None], mask_score(probability[None]))
+        corrected, change = correct_image(image.target[None], prediction, config)
+        image.target = corrected.amax(0) if len(corrected) else torch.zeros_like(image.target)
+        total.replaced += change.replaced
+        total.dropped += change.dropped
+        total.added += change.added
+    return total
+
+
+def _tokens(cache: FeatureCache, image: TrainingImage) -> torch.Tensor:
+    """``[rows, cols, D]`` cached tokens of a training image."""
+    cached = cache.load(image.entry, image.file_name)
+    if cached is None:
+        raise HeadError(f"the cached features of {image.file_name} cannot be read")
+    return cached.tokens
+
+
 def _batch_tensors(
     batch: list[TrainingImage], cache: FeatureCache, threshold: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens, targets, index = [], [], []
     for i, image in enumerate(batch):
-        cached = cache.load(image.entry, image.file_name)
-        if cached is None:
-            raise HeadError(f"the cached features of {image.file_name} cannot be read")
-        flat = cached.tokens.reshape(-1, cached.tokens.shape[-1])
+        tokens_of_image = _tokens(cache, image)
+        flat = tokens_of_image.reshape(-1, tokens_of_image.shape[-1])
         target = image.target.reshape(-1)
         if threshold is not None:
             target = (target > threshold).float()
@@ -222,6 +300,7 @@ class DistilResult:
       losses: mean loss terms of the last epoch.
       cache_dir: the feature cache used.
       left_out: file name -> reason for run images not used.
+      rounds: one record per training round (``train_rounds``).
     """
 
     checkpoint: Path
@@ -230,6 +309,7 @@ class DistilResult:
     losses: dict[str, float]
     cache_dir: Path
     left_out: dict[str, str] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
 def distil(
@@ -293,8 +373,10 @@ def distil(
         allow_download=allow_download,
         backbone=backbone,
         progress=feature_progress,
+        layers=config.layers,
     )
     settings = cache.settings
+<<<<<<< HEAD
     usable, left_out = with_features(masks, entries)
     images = [
         TrainingImage(
@@ -305,11 +387,25 @@ def distil(
         for name, width, height, mask in usable
     ]
     head, losses = train_head(images, cache, config, train_progress)
+=======
+    images, left_out = [], {}
+    for name, width, height, mask in masks:
+        if name not in entries:
+            left_out[name] = "no features (the image could not be decoded)"
+            continue
+        grid = grid_for(width, height, settings.resolution, settings.patch_size)
+        images.append(TrainingImage(name, entries[name], patch_targets(mask, grid)))
+    for name, reason in left_out.items():
+        logger.warning("left out %s: %s", name, reason)
+    head, rounds = train_rounds(images, cache, config, train_progress)
+    losses = rounds[-1]["losses"]
+>>>>>>> main
     feature_dim = head.embed[0].in_features
     patches = sum(image.target.numel() for image in images)
     meta = {
         **feature_meta(settings),
         "feature_dim": feature_dim,
+        "layers": list(config.layers) if config.layers else None,
         "hidden": HIDDEN,
         "training": asdict(config),
         "data": {
@@ -320,8 +416,9 @@ def distil(
             "patches": patches,
             **(data or {}),
         },
+        "rounds": rounds,
         "final_losses": losses,
     }
     out = Path(out)
     save_checkpoint(out, head, meta)
-    return DistilResult(out, len(images), patches, losses, cache.root, left_out)
+    return DistilResult(out, len(images), patches, losses, cache.root, left_out, rounds)

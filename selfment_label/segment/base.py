@@ -8,11 +8,14 @@ into full-size masks (``selfment_label.masks``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ..timing import StageTimer
+
+if TYPE_CHECKING:
+    from ..features.backbone import Backbone
 
 THRESHOLD = 0.5
 """A soft score above this is inside the mask: on the patch grid and at full size."""
@@ -60,3 +63,13 @@ class Segmenter(Protocol):
         """Patch masks for each image of a ``[B, rows, cols, D]`` batch (an ``ImageMasks``
         per image when the segmenter has notes about it)."""
         ...
+
+
+def segmenter_tokens(
+    segmenter: Segmenter, backbone: Backbone, pixels: torch.Tensor, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """The tokens ``segmenter`` is called with: those its own ``tokens(backbone, pixels,
+    dtype)`` asks for when it has that method (the single head: several blocks, the mirrored
+    image too), else the backbone's last-layer patch tokens."""
+    own = getattr(segmenter, "tokens", None)
+    return own(backbone, pixels, dtype) if own else backbone.patch_tokens(pixels, dtype)
