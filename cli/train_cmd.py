@@ -180,28 +180,17 @@ def train(
     chosen = {k: v for k, v in chosen.items() if v is not None}
     task = task or _run_task(run_dir)
     require_choice(task, HEAD_TASKS, "--task")
-<<<<<<< HEAD
-    if task != "instances" and chosen.pop("rounds", None) is not None:
-        raise fail("--rounds is an option of the instance head (--task instances)")
-    kind = InstanceTrainConfig if task == "instances" else TrainConfig
+    if task == "instances" and layers:
+        raise fail("--layers is an option of the single head (--task single)")
     with invalid_options():
-        config = kind(**chosen, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+        options = {**chosen, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed}
+        config = (
+            InstanceTrainConfig(**options)
+            if task == "instances"
+            else TrainConfig(**options, layers=_layers(layers))
+        )
     source = _reviewed(run_dir, name, tags, exclude_tags) if reviewed else None
     if isinstance(config, InstanceTrainConfig):
-=======
-    if task == "instances":
-        if layers:
-            raise fail("--layers is an option of the single head (--task single)")
-        if reviewed:
-            raise fail("--reviewed trains the single-object head only: pass --task single")
-        with invalid_options():
-            instance_config = InstanceTrainConfig(
-                **chosen,
-                weight_decay=weight_decay,
-                batch_size=batch_size,
-                seed=seed,
-            )
->>>>>>> main
         train_instances(
             run_dir,
             out,
@@ -214,40 +203,7 @@ def train(
             reviewed=source,
         )
         return
-<<<<<<< HEAD
     with user_errors(FileNotFoundError), training_bars(["training"]) as bars:
-=======
-    with invalid_options():
-        config = TrainConfig(
-            **chosen,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            seed=seed,
-            layers=_layers(layers),
-        )
-    source = None
-    if reviewed:
-        from selfment_label.review.targets import reviewed_targets
-
-        with user_errors(), console.status("reading the review"):
-            source = reviewed_targets(run_dir, name, tags, exclude_tags)
-        console.print(
-            f"dataset [bold]{source.dataset}[/]: {len(source.targets)} samples to learn from"
-        )
-    with user_errors(FileNotFoundError), make_progress() as progress:
-        features = progress.add_task("features", total=None)
-        steps = progress.add_task("training", total=None, start=False)
-
-        def on_feature(done: int, total: int) -> None:
-            progress.update(features, completed=done, total=total)
-
-        def on_step(step: int, total: int, losses: dict[str, float]) -> None:
-            progress.start_task(steps)
-            progress.update(
-                steps, completed=step, total=total, description=f"training {_loss_text(losses)}"
-            )
-
->>>>>>> main
         result = distil(
             run_dir,
             out,

@@ -376,7 +376,6 @@ def distil(
         layers=config.layers,
     )
     settings = cache.settings
-<<<<<<< HEAD
     usable, left_out = with_features(masks, entries)
     images = [
         TrainingImage(
@@ -386,20 +385,8 @@ def distil(
         )
         for name, width, height, mask in usable
     ]
-    head, losses = train_head(images, cache, config, train_progress)
-=======
-    images, left_out = [], {}
-    for name, width, height, mask in masks:
-        if name not in entries:
-            left_out[name] = "no features (the image could not be decoded)"
-            continue
-        grid = grid_for(width, height, settings.resolution, settings.patch_size)
-        images.append(TrainingImage(name, entries[name], patch_targets(mask, grid)))
-    for name, reason in left_out.items():
-        logger.warning("left out %s: %s", name, reason)
     head, rounds = train_rounds(images, cache, config, train_progress)
     losses = rounds[-1]["losses"]
->>>>>>> main
     feature_dim = head.embed[0].in_features
     patches = sum(image.target.numel() for image in images)
     meta = {
