@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -23,13 +24,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone
 from benchmarks.speed import decode_all, machine_facts
+from selfment_label.config import DEFAULT_RESOLUTION
 from selfment_label.data.batching import batches_by_grid, stack_pixels
 from selfment_label.data.images import find_images
-from selfment_label.features.backbone import Backbone, build_backbone
+from selfment_label.features.backbone import Backbone
 from selfment_label.features.bf16_cpu import bf16_cpu_model
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 Form = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -90,16 +95,13 @@ def measure(backbone: Backbone, batches: list[torch.Tensor], rounds: int) -> dic
 def main() -> None:
     """Parse options, measure, print one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=448)
+    parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
-    backbone = build_backbone("dinov2-vits14", args.weights, "cpu", allow_download=False)
+    backbone = load_backbone(args.weights)
     images = args.data / "images"
     decoded = decode_all(images, find_images(images)[: args.images], args.resolution, backbone)
     stream = ((d.file_name, d) for d in decoded)

@@ -17,28 +17,26 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfment_label_cli.console import (  # noqa: E402
+from selfment_label_cli.console import (
     console,
     require_choice,
     setup_logging,
     user_errors,
 )
 
-from benchmarks.speed import DEFAULT_RSS_RESOLUTION, BenchConfig, BenchReport, run_bench  # noqa: E402
-from selfment_label.config import (  # noqa: E402
+from benchmarks._common import ECSSD, WEIGHTS
+from benchmarks.speed import DEFAULT_RSS_RESOLUTION, BenchConfig, BenchReport, run_bench
+from selfment_label.config import (
     DEFAULT_BACKBONE,
     DEFAULT_RESOLUTION,
     DEVICE_HELP,
     PRECISION_NAMES,
     RunConfig,
 )
-from selfment_label.features.presets import WEIGHTS_ENV, BackboneError  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEFAULT_IMAGES = SHARED / "data" / "ecssd-dev" / "images"
-DEFAULT_WEIGHTS = SHARED / "weights" / "dinov2_vits14.safetensors"
+from selfment_label.features.presets import WEIGHTS_ENV, BackboneError
 
 
 def throughput_table(report: BenchReport) -> Table:
@@ -107,7 +105,7 @@ def print_report(report: BenchReport) -> None:
 
 def bench(
     images: Path = typer.Argument(
-        DEFAULT_IMAGES, help="Folder of real images (the first --limit are used)."
+        ECSSD / "images", help="Folder of real images (the first --limit are used)."
     ),
     weights: Path = typer.Option(
         None,
@@ -141,8 +139,8 @@ def bench(
     setup_logging(verbose)
     for name in precision:
         require_choice(name, PRECISION_NAMES, "--precision")
-    if weights is None and not os.environ.get(WEIGHTS_ENV) and DEFAULT_WEIGHTS.is_file():
-        weights = DEFAULT_WEIGHTS
+    if weights is None and not os.environ.get(WEIGHTS_ENV) and WEIGHTS.is_file():
+        weights = WEIGHTS
     config = BenchConfig(
         images=images,
         weights=str(weights) if weights else None,

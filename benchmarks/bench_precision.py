@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,12 +25,16 @@ from typing import Any
 
 import numpy as np
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone
 from benchmarks.speed import bare_backbone_seconds, decode_all, link_images, machine_facts
 from selfment_label.config import DEFAULT_RESOLUTION, RunConfig, TrainConfig
 from selfment_label.data.images import find_images
 from selfment_label.device import resolve_precision
 from selfment_label.evaluate import evaluate_run
-from selfment_label.features.backbone import Backbone, build_backbone
+from selfment_label.features.backbone import Backbone
 from selfment_label.features.cache import CacheSettings, FeatureCache, ensure_features
 from selfment_label.head.apply import apply_head
 from selfment_label.head.train import distil
@@ -37,7 +42,6 @@ from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import ANNOTATIONS_NAME
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 STARTUP_IMAGES = 10
 
 
@@ -95,7 +99,7 @@ def startup(subset: Path, out: Path, config: RunConfig) -> dict[str, float]:
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every figure of the module docstring, as one JSON-ready dict."""
-    backbone = build_backbone("dinov2-vits14", args.weights, "cpu", allow_download=False)
+    backbone = load_backbone(args.weights)
     images = args.data / "images"
     names = find_images(images)[: args.images]
     subset, small, gt = work / "images", work / "startup", work / "gt"
@@ -180,10 +184,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def main() -> None:
     """Parse options, measure, print one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"])

@@ -34,6 +34,7 @@ from pycocotools import mask as mask_utils
 from scipy.stats import mannwhitneyu
 
 from selfment_label.config import (
+    DEFAULT_BACKBONE,
     DEFAULT_RESOLUTION,
     MODES,
     EntitiesConfig,
@@ -274,7 +275,7 @@ def patch_tokens(
         stored = torch.load(cache)
         if stored["key"] == key:
             return stored["tokens"], stored["sizes"]
-    backbone = build_backbone("dinov2-vits14", weights=weights, device="cpu")
+    backbone = build_backbone(DEFAULT_BACKBONE, weights=weights, device="cpu")
     mean, std = backbone.mean_std
     tokens, sizes = [], []
     for composite in composites:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,24 +27,21 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import mannwhitneyu, spearmanr
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone, require_assets
 from selfment_label.config import PRECISION_NAMES, REFINE_METHODS, RunConfig, SingleConfig
 from selfment_label.evaluate import METRIC_NAMES, EvalReport, evaluate_run
-from selfment_label.features.backbone import build_backbone
 from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import ANNOTATIONS_NAME, RUN_NAME
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
     defaults = RunConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--tau", type=float, default=SingleConfig.tau)
     parser.add_argument("--ipo-iters", type=int, default=SingleConfig.ipo_iters)
@@ -79,11 +77,10 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.data / "images").is_dir() or not args.weights.is_file():
-        raise SystemExit(f"needs {args.data}/images and {args.weights} (see ../shared/README.md)")
+    require_assets(args.data, args.weights)
     work = args.work or Path(tempfile.mkdtemp(prefix="eval-ecssd-"))
     images, masks = subset(args.data, args.limit, work)
-    backbone = build_backbone("dinov2-vits14", weights=args.weights, device="cpu")
+    backbone = load_backbone(args.weights)
     variants = {"NCut only": 0, "NCut+IPO": args.ipo_iters}
     if args.ipo_only:
         del variants["NCut only"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -38,13 +39,14 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone, require_assets
 from selfment_label.config import REFINE_METHODS, RunConfig
 from selfment_label.evaluate import evaluate_run, load_gt_mask
-from selfment_label.features.backbone import build_backbone
 from selfment_label.runfolder.label import label_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 CLOSEUP_FILLS = (0.6, 0.75, 0.9)
 CLOSEUP_SCALES = np.linspace(1.2, 0.3, 37)
 BAND_HEIGHT = 1.8
@@ -177,10 +179,7 @@ def parse_args() -> argparse.Namespace:
     """Command-line options."""
     defaults = RunConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--refine", choices=REFINE_METHODS, default=defaults.refine)
     parser.add_argument("--limit", type=int, default=0, help="Use only the first N images.")
@@ -219,10 +218,9 @@ def _cell(value: float | int | None) -> str:
 def main() -> None:
     """Make the sets, label and evaluate each, print."""
     args = parse_args()
-    if not (args.data / "images").is_dir() or not args.weights.is_file():
-        raise SystemExit(f"needs {args.data}/images and {args.weights} (see ../shared/README.md)")
+    require_assets(args.data, args.weights)
     work = args.work or Path(tempfile.mkdtemp(prefix="failure-sets-"))
-    backbone = build_backbone("dinov2-vits14", weights=args.weights, device="cpu")
+    backbone = load_backbone(args.weights)
     config = RunConfig(resolution=args.resolution, refine=args.refine, save_scores=True)
     results = {}
     for name in args.sets:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,15 +20,17 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone
 from benchmarks.bench_precision import mask_ious
 from benchmarks.speed import BenchConfig, link_images, machine_facts, run_bench
 from selfment_label.config import PRECISION_NAMES, RunConfig
 from selfment_label.data.images import find_images
 from selfment_label.device import resolve_device
-from selfment_label.features.backbone import build_backbone
 from selfment_label.runfolder.label import label_folder
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 FULL = {"resolutions": (448, 896), "batch_sizes": (1, 8, 32), "limit": 64, "masks": 50}
 QUICK = {"resolutions": (112,), "batch_sizes": (2,), "limit": 4, "masks": 2}
 COLUMNS = ("resolution", "batch", "precision", "bare img/s", "run img/s", "run / bare fp32")
@@ -36,7 +39,7 @@ CONCRETE = tuple(name for name in PRECISION_NAMES if name != "auto")
 
 def speed_rows(args: argparse.Namespace, sizes: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per resolution, batch size and precision (``run_bench``, interleaved)."""
-    backbone = build_backbone("dinov2-vits14", args.weights, args.device, allow_download=False)
+    backbone = load_backbone(args.weights, args.device)
     rows = []
     for batch_size in sizes["batch_sizes"]:
         config = BenchConfig(
@@ -73,9 +76,9 @@ def mask_rows(args: argparse.Namespace, count: int, work: Path) -> list[dict[str
     images.mkdir()
     link_images(args.data / "images", find_images(args.data / "images")[:count], images)
     cpu = work / "cpu-fp32"
-    on_cpu = build_backbone("dinov2-vits14", args.weights, "cpu", allow_download=False)
+    on_cpu = load_backbone(args.weights)
     label_folder(images, cpu, RunConfig(device="cpu", precision="fp32"), backbone=on_cpu)
-    backbone = build_backbone("dinov2-vits14", args.weights, args.device, allow_download=False)
+    backbone = load_backbone(args.weights, args.device)
     rows = []
     for precision in (*CONCRETE, "auto"):
         out = work / f"{args.device}-{precision}"
@@ -138,10 +141,7 @@ def main() -> None:
     """Parse options, measure, print the table (and the JSON with ``--json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke run).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")

@@ -17,19 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone
 from selfment_label.config import DEFAULT_RESOLUTION, RunConfig, TrainConfig
-from selfment_label.data.batching import batches_by_grid, prefetch, stack_pixels
+from selfment_label.data.batching import batches_by_grid, lookahead, prefetch, stack_pixels
 from selfment_label.data.images import DecodedImage, find_images, prepare_image
 from selfment_label.evaluate import evaluate_run
-from selfment_label.features.backbone import Backbone, build_backbone
+from selfment_label.features.backbone import Backbone
 from selfment_label.head.apply import apply_head
 from selfment_label.head.train import distil
 from selfment_label.runfolder.label import label_folder
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 SHOWN = ("max_f", "iou", "accuracy", "mae", "s_measure", "max_e")
 
 
@@ -60,7 +64,7 @@ def bare_forward_seconds(
         return prepare_image(images, name, resolution, backbone.patch_size, mean, std)
 
     start = time.perf_counter()
-    depth = max(4, 2 * batch_size)
+    depth = lookahead(batch_size)
     for batch, _ in batches_by_grid(prefetch(names, decode, 2, depth), batch_size, depth):
         if batch:
             pixels = stack_pixels(batch)
@@ -78,16 +82,13 @@ def evaluate(run: Path, gt: Path) -> dict[str, float]:
 def main() -> None:
     """Run the benchmark and print a JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--work", type=Path, default=Path("/tmp/selfment-head-bench"))
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-threshold", type=float, default=None)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--target-threshold", type=float, default=TrainConfig.target_threshold)
     parser.add_argument("--rounds", type=int, default=TrainConfig.rounds)
     parser.add_argument("--layers", default=None, help="Blocks the head reads, e.g. 8,11.")
     parser.add_argument("--flip", action="store_true", help="Apply with test-time flip.")
@@ -95,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     folders = split_halves(args.data, args.work)
     config = RunConfig(weights=str(args.weights), resolution=args.resolution, save_scores=True)
-    backbone = build_backbone("dinov2-vits14", args.weights, "cpu")
+    backbone = load_backbone(args.weights)
     runs = {}
     for half in ("train", "test"):
         runs[half] = args.work / f"run-{half}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone
 from selfment_label.config import RunConfig, TrainConfig
 from selfment_label.data.images import prepare_image
 from selfment_label.evaluate import SodMetrics, load_gt_mask
-from selfment_label.features.backbone import build_backbone
 from selfment_label.head.instance_model import Prediction
 from selfment_label.head.model import PatchHead, head_losses, mask_score, patch_targets
 from selfment_label.head.rounds import correct_image
@@ -43,7 +47,6 @@ from selfment_label.segment.base import PatchMask
 from selfment_label.segment.registry import make_segmenter
 from selfment_label.timing import StageTimer
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 BLOCKS = (5, 8, 11)
 READS: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] = {
     "block 11 (default)": lambda t: t[2],
@@ -57,7 +60,7 @@ SHOWN = ("max_f", "iou", "accuracy", "mae")
 def dump_tokens(data: Path, weights: Path, folder: Path, resolution: int) -> None:
     """Blocks' tokens of every image and of its mirror image (mirrored back), once."""
     folder.mkdir(parents=True, exist_ok=True)
-    backbone = build_backbone("dinov2-vits14", weights, "cpu")
+    backbone = load_backbone(weights)
     for path in sorted((data / "images").glob("*.jpg")):
         out = folder / f"{path.stem}.pt"
         if out.exists():
@@ -169,10 +172,7 @@ def corrected(study: Study, head: PatchHead, stems, read, targets, config: Train
 def main() -> None:
     """Run the studies asked for and print a JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--work", type=Path, default=Path("/tmp/selfment-head-options"))
     parser.add_argument("--resolution", type=int, default=448)
     parser.add_argument("--only", default="features,rounds,sizes,selftrain")

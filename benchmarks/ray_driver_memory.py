@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 def _images(folder: Path, count: int) -> None:
     rng = np.random.default_rng(0)
@@ -35,20 +38,16 @@ def _images(folder: Path, count: int) -> None:
 def measure(count: int, cpus: int, work: Path) -> dict[str, float]:
     """One size, in this process: Ray run (peak RSS after it), then a local run."""
     import ray
-    import torch
 
+    from benchmarks._common import TINY_RESOLUTION, tiny_backbone
     from selfment_label.config import RayConfig, RunConfig
     from selfment_label.distributed.ray_run import RayExecutor
-    from selfment_label.features.backbone import build_backbone
     from selfment_label.runfolder.label import label_folder
 
     images = work / "images"
     _images(images, count)
-    torch.manual_seed(0)
-    backbone = build_backbone(
-        "dinov2-vits14", random_init=True, depth=2, embed_dim=64, num_heads=2, img_size=112
-    )
-    config = RunConfig(resolution=112, batch_size=8)
+    backbone = tiny_backbone()
+    config = RunConfig(resolution=TINY_RESOLUTION, batch_size=8)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         start = time.perf_counter()
@@ -85,7 +84,7 @@ def main() -> None:
         return
     results = []
     for size in args.sizes:
-        command = [sys.executable, "-m", "benchmarks.ray_driver_memory", "--one", str(size)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--one", str(size)]
         output = subprocess.run(
             [*command, "--cpus", str(args.cpus)], capture_output=True, text=True, check=True
         ).stdout

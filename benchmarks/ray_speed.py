@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -31,15 +32,16 @@ from typing import Any
 import psutil
 from PIL import Image
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone
 from benchmarks.speed import link_images
 from selfment_label.config import DEFAULT_RESOLUTION, RayConfig, RunConfig
 from selfment_label.data.images import find_images, grid_for
 from selfment_label.distributed.ray_run import RayExecutor
 from selfment_label.engine import Executor
-from selfment_label.features.backbone import build_backbone
 from selfment_label.runfolder.label import label_folder
-
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
 # Dense bf16/fp16 tensor throughput (TFLOP/s, vendor peak, no sparsity) of common GPUs.
 GPU_PEAK_TFLOPS = {"T4": 65.0, "A10G": 125.0, "L4": 121.0, "A100": 312.0, "H100 SXM": 989.0}
@@ -172,8 +174,7 @@ def gpu_model(timings: list[Timing], count: int, gflops: float) -> list[dict[str
 def main() -> None:
     """Parse options, measure, print the table (and a JSON file with ``--json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument("--weights", default=str(SHARED / "weights" / "dinov2_vits14.safetensors"))
+    add_asset_arguments(parser)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -184,7 +185,7 @@ def main() -> None:
 
     import ray
 
-    backbone = build_backbone("dinov2-vits14", args.weights, "cpu", allow_download=False)
+    backbone = load_backbone(args.weights)
     source = args.data / "images"
     names = find_images(source)[: args.images]
     config = RunConfig(resolution=args.resolution, batch_size=args.batch_size)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,11 +42,15 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import add_asset_arguments, load_backbone
 from benchmarks.head_ecssd import split_halves
 from selfment_label.config import REFINE_MAX_SIDE, REFINE_METHODS, RunConfig
 from selfment_label.data.images import DecodedImage, prepare_image
 from selfment_label.evaluate import SodMetrics, boundary_f_measure, load_gt_mask
-from selfment_label.features.backbone import Backbone, build_backbone
+from selfment_label.features.backbone import Backbone
 from selfment_label.head.apply import HeadSegmenter
 from selfment_label.head.checkpoint import load_checkpoint
 from selfment_label.head.train import distil
@@ -55,7 +60,6 @@ from selfment_label.segment.base import PatchMask
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 FIGURE_STEMS = ("0025", "0075", "0125", "0175")
 FIGURE_HEIGHT = 180
 
@@ -222,10 +226,7 @@ def print_table(name: str, rows: dict[str, dict]) -> None:
 def main() -> None:
     """Run the benchmark, print the tables and a JSON report, draw the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--work", type=Path, default=Path("/tmp/selfment-refine-bench"))
     parser.add_argument("--resolution", type=int, default=RunConfig.resolution)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default).")
@@ -236,7 +237,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    backbone = build_backbone("dinov2-vits14", args.weights, "cpu")
+    backbone = load_backbone(args.weights)
     stems = [f"{i:04d}" for i in range(1, 201)][:: args.every]
     figure: dict[str, dict[str, np.ndarray]] = {}
     run_scores, run_seconds = evaluate_source(

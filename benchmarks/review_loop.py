@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
-from head_ecssd import SHARED, evaluate, split_halves
+if not __package__:  # run as `python benchmarks/X.py`: import the checkout's benchmarks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import add_asset_arguments, load_backbone
+from benchmarks.head_ecssd import evaluate, split_halves
 from selfment_label.config import DEFAULT_RESOLUTION, RunConfig, TrainConfig
 from selfment_label.evaluate import evaluate_run
-from selfment_label.features.backbone import build_backbone
 from selfment_label.head.apply import apply_head
 from selfment_label.head.train import distil
 from selfment_label.runfolder.label import label_folder
@@ -34,10 +37,7 @@ from selfment_label.runfolder.label import label_folder
 def main() -> None:
     """Run the loop and print a JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "ecssd-dev")
-    parser.add_argument(
-        "--weights", type=Path, default=SHARED / "weights" / "dinov2_vits14.safetensors"
-    )
+    add_asset_arguments(parser)
     parser.add_argument("--work", type=Path, default=Path("/tmp/selfment-review-bench"))
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION)
     parser.add_argument("--reject-iou", type=float, default=0.5)
@@ -52,7 +52,7 @@ def main() -> None:
 
     folders = split_halves(args.data, args.work)
     config = RunConfig(weights=str(args.weights), resolution=args.resolution, save_scores=True)
-    backbone = build_backbone("dinov2-vits14", args.weights, "cpu")
+    backbone = load_backbone(args.weights)
     run = args.work / "run-train"
     label_folder(folders["train"], run, config, backbone=backbone)
 

@@ -162,6 +162,12 @@ def invalid_options() -> Iterator[None]:
 ADVICE = {
     "overwrite": "use --overwrite to replace it, or choose another --out",
     "out_dir": "choose another --out",
+    "name": "choose another --name",
+    "review": "review the run first with `selfment-label review RUN_DIR` (with --name NAME "
+    "for a named dataset)",
+    "export_overwrite": "use --overwrite to replace its contents (a previous export only), or "
+    "choose another folder",
+    "export_target": "choose an empty or new folder",
     "run_dir": "make one with `selfment-label run IMAGES --out RUN_DIR`",
     "input_dir": "copy the images down (for example `aws s3 sync URI ./images`) and run "
     "`selfment-label run ./images --out RUN_DIR` with the run's options (images whose size "

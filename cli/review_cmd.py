@@ -28,6 +28,7 @@ from selfment_label.config import (
 from .console import (
     EXIT_USAGE,
     console,
+    describe_error,
     fail,
     make_progress,
     print_dataset,
@@ -249,7 +250,7 @@ def export(
             dataset = load_run_dataset(run_dir, name, unreviewed=unreviewed)
         except NotReviewed as error:
             hint = "or pass --unreviewed to export the run's labels as they are"
-            raise fail(f"{error}, {hint}") from None
+            raise fail(f"{describe_error(error)}, {hint}") from None
         summary = export_dataset(
             dataset,
             target,

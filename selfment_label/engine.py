@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .config import DEFAULT_PRECISION, RunConfig
-from .data.batching import batches_by_grid, prefetch, stack_pixels
+from .data.batching import batches_by_grid, lookahead, prefetch, stack_pixels
 from .data.images import DecodedImage, ImageSkip, prepare_image
 from .data.storage import ImageSource
 from .device import resolve_device, resolve_precision, small_kernel_threads
@@ -95,19 +95,32 @@ class Labeller:
         self.device = backbone.device
         self.choice = resolve_precision(precision, self.device)
 
-    def patch_masks(self, batch: list[DecodedImage], timer: StageTimer) -> list[list[PatchMask]]:
-        """Patch masks for a batch of images that share one grid."""
+    def tokens(self, batch: list[DecodedImage], timer: StageTimer) -> torch.Tensor:
+        """``[B, rows, cols, D]`` patch tokens of a batch of images that share one grid."""
         with timer.stage("backbone"):
             pixels = stack_pixels(batch, self.device)
-            tokens = segmenter_tokens(self.segmenter, self.backbone, pixels, self.choice.dtype)
+            return segmenter_tokens(self.segmenter, self.backbone, pixels, self.choice.dtype)
+
+    def patch_masks(
+        self, batch: list[DecodedImage], timer: StageTimer, tokens: torch.Tensor | None = None
+    ) -> list[list[PatchMask]]:
+        """Patch masks for a batch of images that share one grid (from ``tokens`` when the
+        caller already has them)."""
+        if tokens is None:
+            tokens = self.tokens(batch, timer)
         with small_kernel_threads(self.device):
             return self.segmenter(tokens, timer)
 
     def label(
-        self, batch: list[DecodedImage], timer: StageTimer, save_scores: bool = False
+        self,
+        batch: list[DecodedImage],
+        timer: StageTimer,
+        save_scores: bool = False,
+        tokens: torch.Tensor | None = None,
     ) -> list[FinishedImage]:
-        """Full-size masks as annotation records (and score maps) for a batch of one grid."""
-        patch_masks = self.patch_masks(batch, timer)
+        """Full-size masks as annotation records (and score maps) for a batch of one grid
+        (from ``tokens`` when the caller already has them)."""
+        patch_masks = self.patch_masks(batch, timer, tokens)
         finished = []
         with small_kernel_threads(self.device), timer.stage("masks"):
             for item, masks in zip(batch, patch_masks, strict=True):
@@ -182,7 +195,14 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Labels in this process: decoding in background threads, batches of one patch grid."""
+    """Labels in this process: decoding in background threads, batches of one patch grid.
+
+    The backbone runs one batch ahead in a background thread: while it computes batch k + 1,
+    this thread cuts, refines and writes batch k, so the stages after the backbone mostly
+    hide behind it (docs/speed-report.md). The masks are the same as without the overlap
+    (the small stages keep their fixed thread count), and the ``backbone`` stage seconds
+    overlap the others': stage seconds add up to more than the wall time.
+    """
 
     def __call__(self, job: LabelJob) -> None:
         """Label the job's images in this process."""
@@ -204,18 +224,24 @@ class LocalExecutor:
                 guide_side(config.refine),
             )
 
-        depth = max(4, 2 * config.batch_size)
+        def backbone(pair: tuple[list[DecodedImage], list]) -> torch.Tensor | None:
+            return labeller.tokens(pair[0], timer) if pair[0] else None
+
+        depth = lookahead(config.batch_size)
         stream = prefetch(job.todo, decode, workers=config.workers, depth=depth)
-        for batch, failures in batches_by_grid(stream, config.batch_size, window=depth):
+        batches = batches_by_grid(stream, config.batch_size, window=depth)
+        for (batch, failures), tokens in prefetch(batches, backbone, workers=1, depth=2):
             for name, error in failures:
                 if not isinstance(error, ImageSkip):
                     raise error
                 recorder.skip(name, str(error) or type(error).__name__)
+            if isinstance(tokens, BaseException):
+                raise tokens
             if not batch:
                 continue
             for item in batch:
                 timer.add("decode", item.decode_seconds)
-            for finished in labeller.label(batch, timer, config.save_scores):
+            for finished in labeller.label(batch, timer, config.save_scores, tokens):
                 recorder.image(finished)
 
     def model_device(self, config: RunConfig) -> str:

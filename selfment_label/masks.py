@@ -39,7 +39,8 @@ def upsample_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     The scores are probabilities (a sigmoid or softmax of a margin), so their logits are
     interpolated and mapped back through the sigmoid: the 0.5 boundary then falls where the
     interpolated margin crosses zero, between patch centres, instead of being snapped to the
-    patch grid by a saturated sigmoid (+0.019 IoU, +0.019 maxF on ecssd-dev; README, Quality).
+    patch grid by a saturated sigmoid (+0.019 IoU, +0.019 maxF on ecssd-dev; see "What was
+    tried" in docs/quality-report.md).
     Hard 0/1 scores come out as a sharp step half way between patch centres.
 
     Arguments:
@@ -70,6 +71,28 @@ class FullSizeMask:
     mask: np.ndarray
     score: float
     extra: dict
+
+
+def highest_layer(layers: torch.Tensor) -> torch.Tensor:
+    """Index of each pixel's highest layer, the first one on ties: ``layers.argmax(0)``.
+
+    One elementwise pass per layer: torch's ``argmax`` over the leading dimension of
+    ``[L, H, W]`` full-size maps reduces across strided memory and cost about 10 ms per
+    ecssd-dev image on the development CPU, most of the masks stage (benchmarks/NOTES.md).
+
+    Arguments:
+      layers: ``[L, H, W]`` scores.
+
+    Returns:
+      ``[H, W]`` int32 indices in ``[0, L)``.
+    """
+    owner = torch.zeros(layers.shape[1:], dtype=torch.int32, device=layers.device)
+    best = layers[0]
+    for index in range(1, layers.shape[0]):
+        higher = layers[index] > best
+        owner.masked_fill_(higher, index)
+        best = torch.maximum(best, layers[index])
+    return owner
 
 
 def _parent(patch_mask: PatchMask) -> int | None:
@@ -113,7 +136,7 @@ def full_size_masks(
         )
         top = layers[1:].max(0).values
         union = top if union is None else torch.maximum(union, top)
-        owner = layers.argmax(0)
+        owner = highest_layer(layers)
         for slot, index in enumerate(members):
             mask = (owner == slot + 1).cpu().numpy()
             if parent is not None:

@@ -14,7 +14,8 @@ Both refine the maps of one group of disjoint siblings at once, as label layers:
 background, then one layer per sibling (``masks.full_size_masks`` gives each pixel to the
 highest layer, so refined siblings stay disjoint). Spatial parameters are in patches of the
 guide image, so they mean the same at any image size and resolution; they were chosen on
-ecssd-dev (``benchmarks/refine_ecssd.py``, README "Edges"), where a patch is about 12.5 px.
+ecssd-dev (``benchmarks/refine_ecssd.py``, "Edges" in docs/quality-report.md), where a patch
+is about 12.5 px.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import _common
+from benchmarks._common import COCO, ECSSD, WEIGHTS
 from selfment_label.features.backbone import Backbone, build_backbone
 
 # FiftyOne: a private database folder per test session and no usage tracking, set before any
@@ -61,14 +63,6 @@ def _process_settings_unchanged():
     assert not changed, f"the test left process-wide settings changed (before, after): {changed}"
 
 
-SHARED = Path(
-    os.environ.get("SELFMENT_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")
-)
-WEIGHTS = SHARED / "weights" / "dinov2_vits14.safetensors"
-ECSSD = SHARED / "data" / "ecssd-dev"
-COCO = SHARED / "data" / "coco-dev"
-
-
 @pytest.fixture(scope="session")
 def weights_path() -> Path:
     """The shared DINOv2 ViT-S/14 weights."""
@@ -102,7 +96,4 @@ def real_backbone(weights_path: Path) -> Backbone:
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
     """A randomly initialised two-block ViT with patch 14 (plumbing tests only)."""
-    torch.manual_seed(0)
-    return build_backbone(
-        "dinov2-vits14", random_init=True, depth=2, embed_dim=64, num_heads=2, img_size=112
-    )
+    return _common.tiny_backbone()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import write_scenes
 
 from benchmarks.speed import (
     BenchConfig,
@@ -21,18 +21,14 @@ from benchmarks.speed import (
 from selfment_label.config import RunConfig
 from selfment_label.device import small_kernel_threads
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text())
+
 
 @pytest.fixture()
 def scenes(tmp_path: Path) -> Path:
     """Five small images with a bright block on a dark background."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        array = rng.integers(0, 60, (70, 90, 3), dtype=np.uint8)
-        array[10:50, 20:70] = rng.integers(150, 255, 3, dtype=np.uint8)
-        Image.fromarray(array).save(folder / f"{i}.png")
-    return folder
+    return write_scenes(tmp_path / "images", 5, size=(90, 70), name="{}.png")
 
 
 def test_target_direction():
@@ -110,3 +106,29 @@ def test_bench_script_help():
     )
     assert done.returncode == 0, done.stderr
     assert "--resolution" in done.stdout and "--rss-counts" in done.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_every_benchmark_imports_alike_as_a_file_and_as_a_module(script: Path):
+    """No script imports a sibling by its bare name (only a file run finds it), and one that
+    imports the benchmarks package first puts the checkout on the path when run as a file."""
+    source = script.read_text()
+    siblings = {path.stem for path in BENCHMARKS.glob("*.py")}
+    bare = set(re.findall(r"^\s*from (\w+) import", source, re.M)) & siblings
+    assert not bare, f"{script.name} imports {bare} by a bare name: use benchmarks.{min(bare)}"
+    if "from benchmarks." in source:
+        assert "if not __package__:" in source, f"{script.name} cannot run as a file"
+        assert source.index("if not __package__:") < source.index("from benchmarks.")
+
+
+def test_a_benchmark_that_imports_another_runs_both_ways(tmp_path: Path):
+    """review_loop imports head_ecssd: its help shows as a file (from any folder) and as a
+    module (from the checkout)."""
+    forms = {
+        tmp_path: [sys.executable, str(BENCHMARKS / "review_loop.py"), "--help"],
+        BENCHMARKS.parent: [sys.executable, "-m", "benchmarks.review_loop", "--help"],
+    }
+    for cwd, command in forms.items():
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        assert "--reject-iou" in result.stdout

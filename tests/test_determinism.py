@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import copy_ecssd
 
 from selfment_label.config import RunConfig, mode_config
 from selfment_label.features.backbone import Backbone
@@ -25,8 +26,7 @@ COCO_NAMES = ("000000000009.jpg", "000000000025.jpg")  # several objects each
 def mixed_folder(ecssd_dir: Path, coco_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two single-object ECSSD images and two many-object COCO images."""
     folder = tmp_path_factory.mktemp("mixed")
-    for stem in ECSSD_STEMS:
-        shutil.copy(ecssd_dir / "images" / f"{stem}.jpg", folder)
+    copy_ecssd(ecssd_dir, folder, ECSSD_STEMS)
     for name in COCO_NAMES:
         shutil.copy(coco_dir / "images" / name, folder)
     return folder

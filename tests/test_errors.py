@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import tiny_config, write_noise
 from pycocotools import mask as mask_utils
 from safetensors.torch import save_file
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
-from selfment_label.config import RunConfig, TrainConfig
+from selfment_label.config import TrainConfig
 from selfment_label.features.backbone import build_backbone
 from selfment_label.features.presets import BackboneError
 from selfment_label.head import features as head_features
@@ -138,12 +138,7 @@ def _text(result) -> str:
 
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
-    folder = tmp_path / "img"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_noise(tmp_path / "img", 3)
 
 
 @pytest.mark.parametrize(
@@ -197,7 +192,7 @@ def test_train_and_eval_check_their_output_before_working(tmp_path: Path):
 def tiny_run(images: Path, tmp_path: Path, tiny_backbone) -> Path:
     """A run folder of the three images, labelled by the tiny backbone."""
     run_dir = tmp_path / "run"
-    label_folder(images, run_dir, RunConfig(resolution=112), backbone=tiny_backbone)
+    label_folder(images, run_dir, tiny_config(), backbone=tiny_backbone)
     return run_dir
 
 

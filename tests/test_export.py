@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import copy_ecssd, datasets_deleted_after_module, ecssd_stems, label_tiny
 from PIL import Image
 from pycocotools.coco import COCO
 
-from selfment_label.config import RunConfig, mode_config
 from selfment_label.evaluate import evaluate_run
 from selfment_label.features.backbone import Backbone
 from selfment_label.review.convert import detection_to_mask
@@ -39,7 +39,6 @@ from selfment_label.review.export import (
 from selfment_label.review.split import hash_splits, tag_splits
 from selfment_label.review.yolo import dataset_yaml, label_rows, mask_polygon, yolo_image_name
 from selfment_label.runfolder.coco import load_coco
-from selfment_label.runfolder.label import label_folder
 
 fo = pytest.importorskip("fiftyone")
 # Ultralytics must never reach the network nor write to the user's settings.
@@ -74,27 +73,7 @@ def _restore_what_ultralytics_changes():
     torch.use_deterministic_algorithms(deterministic)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _delete_datasets():
-    """Delete the datasets this module made."""
-    yield
-    for name in fo.list_datasets():
-        if SUFFIX in name:
-            fo.delete_dataset(name)
-
-
-def _copy_images(ecssd_dir: Path, folder: Path, count: int) -> None:
-    folder.mkdir(parents=True)
-    for i, path in enumerate(sorted((ecssd_dir / "images").glob("*.jpg"))[:count]):
-        sub = folder / ("sub" if i % 2 else "")
-        sub.mkdir(exist_ok=True)
-        shutil.copy(path, sub / path.name)
-
-
-def _label(images: Path, out: Path, backbone: Backbone, mode: str) -> None:
-    label_folder(
-        images, out, RunConfig(resolution=112, segment=mode_config(mode)), backbone=backbone
-    )
+_delete_datasets = datasets_deleted_after_module(SUFFIX)
 
 
 def _dataset(run: Path, tag: str) -> fo.Dataset:
@@ -105,8 +84,8 @@ def _dataset(run: Path, tag: str) -> fo.Dataset:
 def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Backbone, ecssd_dir: Path):
     """An instances-mode run over 8 ECSSD images (half in a subfolder)."""
     root = tmp_path_factory.mktemp("export")
-    _copy_images(ecssd_dir, root / "images", N_IMAGES)
-    _label(root / "images", root / "run", tiny_backbone, "instances")
+    copy_ecssd(ecssd_dir, root / "images", ecssd_stems(N_IMAGES), subfolders=True)
+    label_tiny(root / "images", root / "run", tiny_backbone, "instances")
     return root / "run"
 
 
@@ -114,8 +93,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Backbone, e
 def entities_run(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Backbone, ecssd_dir):
     """An entities-mode run (entities and parts) over 4 ECSSD images."""
     root = tmp_path_factory.mktemp("entities")
-    _copy_images(ecssd_dir, root / "images", 4)
-    _label(root / "images", root / "run", tiny_backbone, "entities")
+    copy_ecssd(ecssd_dir, root / "images", ecssd_stems(4), subfolders=True)
+    label_tiny(root / "images", root / "run", tiny_backbone, "entities")
     return root / "run"
 
 
@@ -375,11 +354,11 @@ def test_yolo_leaves_out_what_ultralytics_rejects(
     from ultralytics.data.utils import verify_image_label
 
     images = tmp_path / "images"
-    _copy_images(ecssd_dir, images, 2)
+    copy_ecssd(ecssd_dir, images, ecssd_stems(2), subfolders=True)
     Image.new("RGB", (2, 2), "red").save(images / "tiny.png")
     pixels = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(images / "anim.png", format="GIF")
-    _label(images, tmp_path / "run", tiny_backbone, "single")
+    label_tiny(images, tmp_path / "run", tiny_backbone, "single")
     dataset = _dataset(tmp_path / "run", "yolo-corrupt")
     assert len(dataset) == 4
     target = tmp_path / "yolo"
@@ -440,7 +419,7 @@ def test_masks_names_do_not_collide_and_count_matches(tmp_path: Path, tiny_backb
         pixels = rng.integers(0, 60, (100, 120, 3), dtype=np.uint8)
         pixels[30:70, 40:80] = [220, 40, 40]
         Image.fromarray(pixels).save(images / name)
-    _label(images, tmp_path / "run", tiny_backbone, "single")
+    label_tiny(images, tmp_path / "run", tiny_backbone, "single")
     dataset = _dataset(tmp_path / "run", "names")
     summary = export_dataset(dataset, tmp_path / "out", "masks", val_fraction=0)
     pngs = _files(tmp_path / "out" / "masks")
@@ -582,11 +561,11 @@ def test_a_folder_of_links_exports_what_the_run_labelled(
     """Issue 22, item 23: links the user placed in the input are followed as ``run`` followed
     them; a changed image is left out; an export that would write nothing is refused."""
     originals, linked = tmp_path / "data", tmp_path / "subset"
-    _copy_images(ecssd_dir, originals, 3)
+    copy_ecssd(ecssd_dir, originals, ecssd_stems(3), subfolders=True)
     linked.mkdir()
     for path in sorted(originals.rglob("*.jpg")):
         (linked / path.name).symlink_to(path)
-    _label(linked, tmp_path / "run", tiny_backbone, "single")
+    label_tiny(linked, tmp_path / "run", tiny_backbone, "single")
     dataset = _dataset(tmp_path / "run", "links")
     summary = export_dataset(dataset, tmp_path / "out", "coco", val_fraction=0)
     assert summary.images == 3 and not summary.skipped

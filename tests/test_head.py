@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config, write_scenes
 from PIL import Image
 from pycocotools.coco import COCO
 from selfment_label_cli.main import app
@@ -35,24 +36,13 @@ from selfment_label.runfolder.layout import RunFolderError
 FAST = TrainConfig(epochs=2, batch_size=2, seed=3)
 
 
-def _write_images(folder: Path, count: int) -> None:
-    """Synthetic photos: a bright square on a dark noisy background, at varied places."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        pixels = rng.integers(0, 60, size=(84, 112, 3), dtype=np.uint8)
-        x, y = 10 + 8 * i, 12 + 4 * i
-        pixels[y : y + 40, x : x + 40] = (230, 200, 40)
-        Image.fromarray(pixels).save(folder / f"img{i}.png")
-
-
 @pytest.fixture()
 def tiny_run(tmp_path: Path, tiny_backbone: Backbone) -> Path:
     """A run folder made by the NCut+IPO pipeline with the tiny backbone."""
     images = tmp_path / "images"
-    _write_images(images, 4)
+    write_scenes(images, 4, size=(112, 84))
     out = tmp_path / "run"
-    label_folder(images, out, RunConfig(resolution=112, workers=1), backbone=tiny_backbone)
+    label_folder(images, out, tiny_config(workers=1), backbone=tiny_backbone)
     return out
 
 
@@ -138,7 +128,7 @@ def test_apply_writes_a_valid_run_folder(
 ) -> None:
     trained = distil(tiny_run, tmp_path / "head.pt", FAST, backbone=tiny_backbone)
     images = tmp_path / "new"
-    _write_images(images, 3)
+    write_scenes(images, 3, size=(112, 84))
     (images / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "applied"
     config = RunConfig(save_scores=True, workers=1)
@@ -178,7 +168,7 @@ def test_apply_refuses_a_head_of_another_backbone(
     foreign = tmp_path / "foreign.pt"
     torch.save(payload, foreign)
     images = tmp_path / "new"
-    _write_images(images, 1)
+    write_scenes(images, 1, size=(112, 84))
     with pytest.raises(HeadMismatch, match="weights_sha256 '0123abcd"):
         apply_head(foreign, images, tmp_path / "out", backbone=tiny_backbone)
     assert not (tmp_path / "out" / "annotations.json").exists()
@@ -205,7 +195,7 @@ def test_a_damaged_head_checkpoint_is_one_sentence(
     damage(payload)
     torch.save(payload, trained.checkpoint)
     images = tmp_path / "new"
-    _write_images(images, 1)
+    write_scenes(images, 1, size=(112, 84))
     result = CliRunner().invoke(
         app, ["apply", str(trained.checkpoint), str(images), "--out", str(tmp_path / "o")]
     )
@@ -264,7 +254,7 @@ def test_cli_train_from_cache_and_apply_refusal(
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "--overwrite" in again.output
     images = tmp_path / "new"
-    _write_images(images, 1)
+    write_scenes(images, 1, size=(112, 84))
     # The head learnt on the random tiny ViT; the real DINOv2 weights are another backbone.
     refused = CliRunner().invoke(
         app,
@@ -337,7 +327,7 @@ def test_corrupt_cache_entry_is_computed_again(
     tmp_path: Path, tiny_backbone: Backbone, caplog: pytest.LogCaptureFixture
 ) -> None:
     images = tmp_path / "images"
-    _write_images(images, 2)
+    write_scenes(images, 2, size=(112, 84))
     settings = CacheSettings.for_backbone(tiny_backbone, 112)
     cache = FeatureCache(tmp_path / "cache", settings)
     names = ["img0.png", "img1.png"]
@@ -361,8 +351,8 @@ def test_apply_uses_the_weights_file_the_head_was_trained_with(
 ) -> None:
     monkeypatch.delenv("SELFMENT_WEIGHTS", raising=False)
     images = tmp_path / "images"
-    _write_images(images, 2)
-    label_folder(images, tmp_path / "run", RunConfig(resolution=112), backbone=real_backbone)
+    write_scenes(images, 2, size=(112, 84))
+    label_folder(images, tmp_path / "run", tiny_config(), backbone=real_backbone)
     distil(tmp_path / "run", tmp_path / "head.pt", FAST, backbone=real_backbone)
     summary = apply_head(
         tmp_path / "head.pt",

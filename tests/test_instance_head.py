@@ -43,7 +43,6 @@ from selfment_label.runfolder.coco import decode_rle, write_coco_stream
 from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import read_run
 
-COCO_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco-dev"
 MULTI_OBJECT = ("000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg")
 SMALL = InstanceTrainConfig(epochs=25, batch_size=2, seed=1)
 
@@ -120,14 +119,12 @@ def test_train_rounds_is_deterministic_and_records_every_round() -> None:
 
 
 @pytest.fixture(scope="module")
-def coco_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def coco_images(tmp_path_factory: pytest.TempPathFactory, coco_dir: Path) -> Path:
     """Four real multi-object COCO images from coco-dev."""
-    if not (COCO_DEV / "images").is_dir():
-        pytest.skip(f"coco-dev images not found at {COCO_DEV}")
     folder = tmp_path_factory.mktemp("coco") / "images"
     folder.mkdir()
     for name in MULTI_OBJECT:
-        shutil.copy(COCO_DEV / "images" / name, folder / name)
+        shutil.copy(coco_dir / "images" / name, folder / name)
     return folder
 
 

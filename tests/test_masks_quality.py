@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from selfment_label.masks import THRESHOLD, upsample_scores
+from selfment_label.masks import THRESHOLD, highest_layer, upsample_scores
 from selfment_label.segment import single
 from selfment_label.segment.scores import agreement_score, border_fraction, centre_start
 from selfment_label.segment.single import NcutIpo
@@ -87,3 +87,12 @@ def test_ncut_ipo_swaps_a_mask_that_holds_the_frame(monkeypatch: pytest.MonkeyPa
     ((kept,),) = NcutIpo(border_prior=False)(tokens, StageTimer())
     assert torch.equal(kept.scores > THRESHOLD, ~inside)
     assert kept.score == 0.0  # the whole border is in the mask
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 5])
+def test_highest_layer_is_argmax_with_the_first_layer_on_ties(layers: int) -> None:
+    generator = torch.Generator().manual_seed(layers)
+    scores = torch.rand(layers, 37, 53, generator=generator)
+    scores[:, :6, :6] = 0.5  # every layer tied: the first wins
+    scores[-1, 10:12, :] = scores[0, 10:12, :]  # the last tied with the first: the first wins
+    assert torch.equal(highest_layer(scores).long(), scores.argmax(0))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import copy_ecssd, ecssd_stems
 from PIL import Image
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
@@ -116,10 +116,7 @@ def test_make_segmenter_by_mode():
 def test_cli_run_on_real_images(mode, tmp_path: Path, weights_path: Path, ecssd_dir: Path):
     from selfment_label_cli.main import app
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for stem in ("0001", "0002", "0003"):
-        shutil.copy(ecssd_dir / "images" / f"{stem}.jpg", images)
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", ecssd_stems(3))
     out = tmp_path / "out"
     result = CliRunner().invoke(
         app,

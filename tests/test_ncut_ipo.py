@@ -148,3 +148,35 @@ def test_eigensolver_result_does_not_depend_on_the_batch():
         assert alone.iterations[0] == batch.iterations[i]
         sign = torch.sign((alone.vectors[0] * batch.vectors[i]).sum())
         assert torch.allclose(alone.vectors[0], sign * batch.vectors[i], atol=1e-6)
+
+
+def _ipo_all_rounds(unit: torch.Tensor, labels: torch.Tensor, rounds: int = 20) -> torch.Tensor:
+    """The published IPO rule for one image, every round run (no fixed-point stop)."""
+    reference = unit[labels].mean(0) - unit[~labels].mean(0)
+    for _ in range(rounds):
+        fg = torch.nn.functional.normalize(unit[labels].mean(0), dim=0)
+        bg = torch.nn.functional.normalize(unit[~labels].mean(0), dim=0)
+        new = unit @ fg > unit @ bg
+        if min(int(new.sum()), int((~new).sum())) < 10:
+            break
+        if float((unit[new].mean(0) - unit[~new].mean(0)) @ reference) < 0:
+            new = ~new
+        labels = new
+    return labels
+
+
+@pytest.mark.parametrize("stem", ["0003", "0042", "0120"])
+def test_ipo_stops_at_a_fixed_point_with_the_masks_of_all_rounds(real_backbone, ecssd_dir, stem):
+    mean, std = real_backbone.mean_std
+    item = prepare_image(ecssd_dir / "images", f"{stem}.jpg", 224, 14, mean, std)
+    tokens = real_backbone.patch_tokens(torch.from_numpy(item.pixels)[None])
+    flat = tokens.reshape(1, -1, tokens.shape[-1])
+    cut = bipartition(second_eigenvector(affinity(flat)).vectors, item.grid).reshape(1, -1)
+    result = iterative_patch_optimization(flat, cut, iterations=20)
+    assert 1 <= result.rounds.item() < 20  # it stopped early ...
+    unit = torch.nn.functional.normalize(flat[0], dim=-1)
+    reference = _ipo_all_rounds(unit, cut[0])
+    agree = (result.labels[0] == reference).float().mean().item()
+    assert agree >= 0.99  # ... with the labels all 20 rounds give (last-bit sums aside)
+    again = iterative_patch_optimization(flat, result.labels, iterations=1)
+    assert torch.equal(again.labels, result.labels)  # where it stopped is a fixed point

@@ -7,11 +7,9 @@ import math
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import tiny_config, write_noise
 from rich.progress import Progress
 from selfment_label_cli.console import LabelProgress, RateColumn
 from selfment_label_cli.main import app
@@ -87,15 +85,6 @@ def tiny_cli(monkeypatch, tiny_backbone):
     return CliRunner()
 
 
-def _images(folder: Path, count: int = 2) -> Path:
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        pixels = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"im{i}.png")
-    return folder
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -108,7 +97,7 @@ def _images(folder: Path, count: int = 2) -> Path:
     ],
 )
 def test_cli_bad_option_is_a_one_line_usage_error(tiny_cli, tmp_path, args):
-    images = _images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2)
     result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o"), *args])
     assert result.exit_code == 2, result.output
     assert "invalid option" in result.output
@@ -125,7 +114,7 @@ def test_cli_bad_option_is_a_one_line_usage_error(tiny_cli, tmp_path, args):
     ],
 )
 def test_a_nan_option_is_named_not_a_number(tiny_cli, tmp_path, args, sentence):
-    images = _images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2)
     mode = [] if "--mode" in args else ["--mode", "instances"]
     result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o"), *mode, *args])
     assert result.exit_code == 2, result.output
@@ -142,7 +131,7 @@ def test_a_nan_option_is_named_not_a_number(tiny_cli, tmp_path, args, sentence):
     ],
 )
 def test_options_of_another_mode_are_refused(tiny_cli, tmp_path, args, sentence):
-    images = _images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2)
     result = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o"), *args])
     assert result.exit_code == 2, result.output
     assert sentence in " ".join(result.output.split())
@@ -150,7 +139,7 @@ def test_options_of_another_mode_are_refused(tiny_cli, tmp_path, args, sentence)
 
 
 def test_options_of_the_chosen_mode_are_taken(tiny_cli, tmp_path):
-    images = _images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2)
     args = ["--mode", "instances", "--max-instances", "2", "--min-area", "0.05", "--tau", "0.3"]
     out = tmp_path / "o"
     result = tiny_cli.invoke(
@@ -163,7 +152,7 @@ def test_options_of_the_chosen_mode_are_taken(tiny_cli, tmp_path):
 
 def test_images_over_the_pixel_limit_are_skipped_with_the_flag_to_raise_it(tiny_cli, tmp_path):
     """The skip reason (run.json) states the limit; the CLI's summary names --max-pixels."""
-    images = _images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2)
     out = tmp_path / "o"
     result = tiny_cli.invoke(app, ["run", str(images), "--out", str(out), "--max-pixels", "100"])
     assert result.exit_code == 3, result.output
@@ -183,7 +172,7 @@ def test_run_that_labels_nothing_exits_3(tiny_cli, tmp_path):
 
 
 def test_run_that_labels_something_exits_0(tiny_cli, tmp_path):
-    images = _images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2)
     (images / "fake.png").write_bytes(b"not an image at all")
     args = ["run", str(images), "--out", str(tmp_path / "o"), "--resolution", "112"]
     result = tiny_cli.invoke(app, args)
@@ -195,9 +184,9 @@ def test_programming_errors_in_decoding_propagate(monkeypatch, tmp_path, tiny_ba
         raise TypeError("a bug, not a bad image")
 
     monkeypatch.setattr(engine, "prepare_image", broken)
-    images = _images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2)
     with pytest.raises(TypeError, match="a bug"):
-        label_folder(images, tmp_path / "o", RunConfig(resolution=112), backbone=tiny_backbone)
+        label_folder(images, tmp_path / "o", tiny_config(), backbone=tiny_backbone)
 
 
 def test_cli_shows_traceback_of_a_bug_only_with_verbose(monkeypatch, tiny_cli, tmp_path):
@@ -205,7 +194,7 @@ def test_cli_shows_traceback_of_a_bug_only_with_verbose(monkeypatch, tiny_cli, t
         raise TypeError("a bug, not a bad image")
 
     monkeypatch.setattr(engine, "prepare_image", broken)
-    images = _images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2)
     quiet = tiny_cli.invoke(app, ["run", str(images), "--out", str(tmp_path / "o")])
     assert quiet.exit_code == 1
     assert "unexpected TypeError" in quiet.output and "-v" in quiet.output
@@ -237,8 +226,8 @@ def test_wall_seconds_include_model_loading(monkeypatch, tmp_path, tiny_backbone
         return tiny_backbone
 
     monkeypatch.setattr(labelling, "backbone_for", slow_backbone)
-    images = _images(tmp_path / "img")
-    summary = label_folder(images, tmp_path / "o", RunConfig(resolution=112))
+    images = write_noise(tmp_path / "img", 2)
+    summary = label_folder(images, tmp_path / "o", tiny_config())
     assert summary.stages["load model"] >= 0.3
     assert summary.wall_seconds >= summary.seconds + 0.3
     result = CliRunner().invoke(app, ["run", str(images), "--out", str(tmp_path / "o2")])

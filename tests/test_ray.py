@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import copy_ecssd, ecssd_stems, scene, tiny_config
 from pycocotools.coco import COCO
 from selfment_label_cli.main import app
-from test_run import _scene
 from typer.testing import CliRunner
 
 from selfment_label.config import RayConfig, RunConfig
@@ -85,10 +84,10 @@ def small_folder(tmp_path: Path) -> Path:
     root = tmp_path / "images"
     (root / "sub").mkdir(parents=True)
     for seed in range(3):
-        _scene(seed).save(root / f"a{seed}.png")
-    _scene(3, (72, 96)).save(root / "sub" / "tall.jpg")
-    _scene(4, (140, 60)).convert("L").save(root / "sub" / "wide.png")
-    _scene(5).save(root / "sub" / "a0.png")
+        scene(seed).save(root / f"a{seed}.png")
+    scene(3, (72, 96)).save(root / "sub" / "tall.jpg")
+    scene(4, (140, 60)).convert("L").save(root / "sub" / "wide.png")
+    scene(5).save(root / "sub" / "a0.png")
     (root / "fake.jpg").write_text("not an image")
     (root / "zero.png").write_bytes(b"")
     (root / "notes.txt").write_text("not an image either")
@@ -112,7 +111,7 @@ def _same_output(one: Path, other: Path) -> None:
 
 
 def test_ray_run_writes_what_a_local_run_writes(local_ray, small_folder, tmp_path, tiny_backbone):
-    config = RunConfig(resolution=112, batch_size=2, save_scores=True)
+    config = tiny_config(batch_size=2, save_scores=True)
     local = tmp_path / "local"
     on_ray = tmp_path / "ray"
     label_folder(small_folder, local, config, backbone=tiny_backbone)
@@ -147,10 +146,7 @@ def test_ray_run_writes_what_a_local_run_writes(local_ray, small_folder, tmp_pat
 def test_ray_run_with_the_real_backbone_gives_the_local_masks(
     local_ray, ecssd_dir, real_backbone, tmp_path
 ):
-    images = tmp_path / "images"
-    images.mkdir()
-    for stem in ("0001", "0002", "0003", "0004"):
-        shutil.copy(ecssd_dir / "images" / f"{stem}.jpg", images / f"{stem}.jpg")
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", ecssd_stems(4))
     config = RunConfig(resolution=224, batch_size=2)
     label_folder(images, tmp_path / "local", config, backbone=real_backbone)
     label_folder(
@@ -168,7 +164,7 @@ def test_apply_on_ray_gives_the_local_head_masks(local_ray, small_folder, tmp_pa
     from selfment_label.head.apply import apply_head
     from selfment_label.head.train import distil
 
-    config = RunConfig(resolution=112, workers=1, save_scores=True)
+    config = tiny_config(workers=1, save_scores=True)
     label_folder(small_folder, tmp_path / "run", config, backbone=tiny_backbone)
     trained = distil(
         tmp_path / "run", tmp_path / "head.pt", TrainConfig(epochs=1), backbone=tiny_backbone
@@ -209,7 +205,7 @@ def _upload(folder: Path, prefix: str) -> None:
 def test_s3_input_on_ray_and_locally(local_ray, small_folder, tmp_path, tiny_backbone):
     _upload(small_folder, "set/one")
     uri = f"s3://{BUCKET}/set/one"
-    config = RunConfig(resolution=112, save_scores=True)
+    config = tiny_config(save_scores=True)
     label_folder(small_folder, tmp_path / "from-disk", config, backbone=tiny_backbone)
     label_folder(uri, tmp_path / "s3-local", config, backbone=tiny_backbone)
     summary = label_folder(
@@ -294,7 +290,7 @@ def test_an_address_that_is_not_ray_fails_in_one_sentence_before_the_model_loads
                 check_reachable(address, timeout=1)
         # a fresh process (this one may hold a Ray session); with no weights at hand, a model
         # loaded before the address is checked would fail on the weights instead
-        _scene(0).save(tmp_path / "a.png")
+        scene(0).save(tmp_path / "a.png")
         command = ["run", str(tmp_path), "--ray", "--ray-address", silent, "--offline"]
         env = {k: v for k, v in os.environ.items() if k not in ("SELFMENT_WEIGHTS", "RAY_ADDRESS")}
         result = subprocess.run(

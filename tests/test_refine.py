@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from PIL import Image
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
@@ -87,8 +88,8 @@ def _mean_scores(items: list, method: str) -> tuple[float, float]:
 def test_refined_masks_follow_the_object_better_on_real_images(ecssd_patch_masks, method):
     """On 13 ecssd-dev images the refined masks beat the unrefined ones in IoU and in
     boundary F (3 px). Measured: IoU 0.833 -> 0.873 (guided), 0.867 (crf); BF@3px 0.623 ->
-    0.780 (guided), 0.767 (crf); on all 200 images see README "Edges". A refinement that does
-    nothing, blurs, or shifts the boundary fails the margins."""
+    0.780 (guided), 0.767 (crf); on all 200 images see "Edges" in docs/quality-report.md. A
+    refinement that does nothing, blurs, or shifts the boundary fails the margins."""
     base_iou, base_bf = _mean_scores(ecssd_patch_masks, "none")
     iou, bf = _mean_scores(ecssd_patch_masks, method)
     assert iou > base_iou + 0.01, (base_iou, iou)
@@ -157,14 +158,14 @@ def test_run_json_records_refine_and_resume_with_another_is_refused(
     scenes, tmp_path, tiny_backbone
 ):
     out = tmp_path / "run"
-    label_folder(scenes, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    label_folder(scenes, out, tiny_config(), backbone=tiny_backbone)
     assert json.loads((out / "run.json").read_text())["options"]["refine"] == "guided"
     with pytest.raises(RunConflict, match="refine: 'guided' -> 'none'"):
-        label_folder(scenes, out, RunConfig(resolution=112, refine="none"), backbone=tiny_backbone)
+        label_folder(scenes, out, tiny_config(refine="none"), backbone=tiny_backbone)
     summary = label_folder(
         scenes,
         out,
-        RunConfig(resolution=112, refine="none"),
+        tiny_config(refine="none"),
         backbone=tiny_backbone,
         overwrite=True,
     )
@@ -176,7 +177,7 @@ def test_saved_score_map_is_the_refined_soft_map(scenes, tmp_path, tiny_backbone
     maps = {}
     for method in ("none", "guided"):
         out = tmp_path / method
-        config = RunConfig(resolution=112, save_scores=True, refine=method)
+        config = tiny_config(save_scores=True, refine=method)
         label_folder(scenes, out, config, backbone=tiny_backbone)
         coco = json.loads((out / "annotations.json").read_text())
         image = next(i for i in coco["images"] if i["file_name"] == "0.jpg")
@@ -206,7 +207,7 @@ def test_large_images_are_refined_at_the_guide_size_and_upsampled(
     )
     assert max(item.guide.shape[:2]) == 48 and item.guide.shape[2] == 3
     out = tmp_path / "run"
-    label_folder(scenes, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    label_folder(scenes, out, tiny_config(), backbone=tiny_backbone)
     coco = json.loads((out / "annotations.json").read_text())
     for ann in coco["annotations"]:
         image = next(i for i in coco["images"] if i["id"] == ann["image_id"])
@@ -256,7 +257,7 @@ def test_crf_without_pydensecrf2_names_the_extra(scenes, tmp_path, tiny_backbone
         label_folder(
             scenes,
             tmp_path / "run",
-            RunConfig(resolution=112, refine="crf"),
+            tiny_config(refine="crf"),
             backbone=tiny_backbone,
         )
     assert not (tmp_path / "run" / "journal.jsonl").exists()
@@ -266,7 +267,7 @@ def test_crf_without_pydensecrf2_names_the_extra(scenes, tmp_path, tiny_backbone
 @pytest.mark.skipif(not HAS_CRF, reason=NO_CRF)
 def test_crf_run_writes_masks(scenes, tmp_path, tiny_backbone):
     out = tmp_path / "run"
-    label_folder(scenes, out, RunConfig(resolution=112, refine="crf"), backbone=tiny_backbone)
+    label_folder(scenes, out, tiny_config(refine="crf"), backbone=tiny_backbone)
     coco = json.loads((out / "annotations.json").read_text())
     assert len(coco["annotations"]) == 3
     assert json.loads((out / "run.json").read_text())["options"]["refine"] == "crf"

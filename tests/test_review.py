@@ -23,6 +23,7 @@ import psutil
 import pytest
 import torch
 from browser import CHROMIUM, Browser
+from helpers import datasets_deleted_after_module, label_tiny, tiny_config, write_scenes
 from PIL import Image
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
@@ -50,30 +51,7 @@ F = fo.ViewField
 SUFFIX = uuid.uuid4().hex[:8]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _delete_datasets():
-    """Delete the datasets this module made."""
-    yield
-    for name in fo.list_datasets():
-        if name.endswith(SUFFIX) or SUFFIX in name:
-            fo.delete_dataset(name)
-
-
-def _make_images(folder: Path, count: int, start: int = 0) -> None:
-    rng = np.random.default_rng(start)
-    for i in range(start, start + count):
-        sub = folder / ("sub" if i % 2 else "")
-        sub.mkdir(parents=True, exist_ok=True)
-        height, width = 90 + 7 * i, 120 - 5 * i
-        image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
-        image[height // 4 : 3 * height // 4, width // 3 : 2 * width // 3] = [220, 40, 40]
-        Image.fromarray(image).save(sub / f"img{i}.png")
-
-
-def _label(images: Path, out: Path, backbone: Backbone, mode: str = "instances") -> None:
-    label_folder(
-        images, out, RunConfig(resolution=112, segment=mode_config(mode)), backbone=backbone
-    )
+_delete_datasets = datasets_deleted_after_module(SUFFIX)
 
 
 def _run_masks(run: Path) -> dict[str, list[np.ndarray]]:
@@ -89,9 +67,9 @@ def _run_masks(run: Path) -> dict[str, list[np.ndarray]]:
 def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Backbone) -> Path:
     """An instances-mode run over 5 generated images and one broken file (skipped)."""
     root = tmp_path_factory.mktemp("review")
-    _make_images(root / "images", 5)
+    write_scenes(root / "images", 5, size=None, subfolders=True)
     (root / "images" / "broken.png").write_bytes(b"not an image")
-    _label(root / "images", root / "run", tiny_backbone)
+    label_tiny(root / "images", root / "run", tiny_backbone)
     return root / "run"
 
 
@@ -107,8 +85,8 @@ def test_build_dataset_keeps_scores_and_skips_broken_images(run_dir: Path) -> No
 
 def test_entities_keep_their_hierarchy(tmp_path: Path, tiny_backbone: Backbone) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 2)
-    _label(images, run, tiny_backbone, mode="entities")
+    write_scenes(images, 2, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="entities")
     dataset = build_dataset(run)
     assert dataset.info["selfment"]["label_fields"] == ["entities", "parts"]
     source = load_coco(run / "annotations.json")["annotations"]
@@ -120,16 +98,16 @@ def test_rebuild_after_new_run_keeps_tags_and_edits(
     tmp_path: Path, tiny_backbone: Backbone
 ) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 3)
-    _label(images, run, tiny_backbone, mode="single")
+    write_scenes(images, 3, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="single")
     dataset = build_dataset(run)
     assert dataset.name == dataset_name(run)
     sample = dataset.sort_by("file_name").first()
     sample.tags.append("approved")
     sample.pseudo.detections = []
     sample.save()
-    _make_images(images, 2, start=3)
-    _label(images, run, tiny_backbone, mode="single")
+    write_scenes(images, 2, start=3, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="single")
     gt = tmp_path / "gt"
     for path in images.rglob("*.png"):
         mask = np.zeros(Image.open(path).size[::-1], dtype=np.uint8)
@@ -151,8 +129,8 @@ def test_rebuild_replaces_a_sample_whose_image_was_replaced(
     from selfment_label.review.status import review_status
 
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 3)
-    _label(images, run, tiny_backbone, mode="single")
+    write_scenes(images, 3, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="single")
     dataset = build_dataset(run, f"t-replaced-{SUFFIX}")
     first, second = dataset.sort_by("file_name").limit(2)
     first.tags.append("approved")
@@ -164,7 +142,7 @@ def test_rebuild_replaces_a_sample_whose_image_was_replaced(
     Image.fromarray(np.full((old_size[0] + 20, old_size[1] + 10, 3), 200, np.uint8)).save(
         first.filepath
     )
-    _label(images, run, tiny_backbone, mode="single")
+    label_tiny(images, run, tiny_backbone, mode="single")
     dataset = build_dataset(run)
     replaced = dataset[first.filepath]
     width, height = Image.open(first.filepath).size
@@ -218,9 +196,7 @@ def test_model_for_apply_model(run_dir: Path, tiny_backbone: Backbone) -> None:
     images = Path(json.loads((run_dir / "run.json").read_text())["input_dir"])
     dataset = fo.Dataset()
     dataset.add_samples([fo.Sample(filepath=str(p)) for p in sorted(images.glob("img*.png"))])
-    model = selfment_model(
-        RunConfig(resolution=112, segment=mode_config("instances")), backbone=tiny_backbone
-    )
+    model = selfment_model(tiny_config(segment=mode_config("instances")), backbone=tiny_backbone)
     dataset.apply_model(model, label_field="selfment", batch_size=2, progress=False)
     dataset.compute_metadata()
     for sample in dataset:
@@ -375,8 +351,8 @@ def test_a_database_service_of_another_folder_is_refused(run_dir: Path, tmp_path
 
 def test_review_is_recorded_and_export_uses_it(tmp_path: Path, tiny_backbone: Backbone) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 3)
-    _label(images, run, tiny_backbone)
+    write_scenes(images, 3, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone)
     runner = CliRunner()
     target = tmp_path / "out"
     export = ["export", str(run), str(target), "--format", "masks", "--media", "none"]
@@ -414,8 +390,8 @@ def test_rebuild_after_overwrite_with_another_mode_has_no_stale_label(
     tmp_path: Path, tiny_backbone: Backbone
 ) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 3)
-    _label(images, run, tiny_backbone, mode="instances")
+    write_scenes(images, 3, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="instances")
     name = f"t-rebuild-{SUFFIX}"
     dataset = build_dataset(run, name)
     first, second, third = dataset.sort_by("file_name")
@@ -428,7 +404,7 @@ def test_rebuild_after_overwrite_with_another_mode_has_no_stale_label(
     label_folder(
         images,
         run,
-        RunConfig(resolution=112, segment=mode_config("entities")),
+        tiny_config(segment=mode_config("entities")),
         backbone=tiny_backbone,
         overwrite=True,
     )
@@ -471,8 +447,8 @@ def test_train_reviewed_honours_rejections_deletions_and_edits(
     tmp_path: Path, tiny_backbone: Backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 5)
-    _label(images, run, tiny_backbone, mode="single")
+    write_scenes(images, 5, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="single")
     name = f"t-train-{SUFFIX}"
     names, box = _edit_review(build_dataset(run, name))
 
@@ -530,15 +506,15 @@ def test_apply_review_adds_scored_samples_and_the_saved_view(
     tmp_path: Path, tiny_backbone: Backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 3)
-    _label(images, run, tiny_backbone, mode="single")
+    write_scenes(images, 3, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="single")
     name = f"t-apply-{SUFFIX}"
     build_dataset(run, name)
     head = tmp_path / "head.pt"
     distil(run, head, TrainConfig(epochs=1, batch_size=2), backbone=tiny_backbone)
     monkeypatch.setattr(head_apply, "backbone_for", lambda config: tiny_backbone)
     new = tmp_path / "new"
-    _make_images(new, 3, start=5)
+    write_scenes(new, 3, start=5, size=None, subfolders=True)
     run2 = tmp_path / "run2"
     args = ["apply", str(head), str(new), "--out", str(run2), "--review"]
     result = CliRunner().invoke(app, [*args, "--name", name])
@@ -569,8 +545,8 @@ def test_apply_review_adds_scored_samples_and_the_saved_view(
 
 def test_status_counts_tags_and_mask_edits(tmp_path: Path, tiny_backbone: Backbone) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 5)
-    _label(images, run, tiny_backbone, mode="single")
+    write_scenes(images, 5, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="single")
     name = f"t-status-{SUFFIX}"
     runner = CliRunner()
     before = runner.invoke(app, ["review", str(run), "--name", name, "--status"])
@@ -600,8 +576,8 @@ def test_status_counts_tags_and_mask_edits(tmp_path: Path, tiny_backbone: Backbo
 
 def test_embeddings_without_weights_or_cache_say_why(tmp_path: Path, tiny_backbone) -> None:
     images, run = tmp_path / "images", tmp_path / "run"
-    _make_images(images, 3)
-    _label(images, run, tiny_backbone, mode="single")  # random weights: no file to reload
+    write_scenes(images, 3, size=None, subfolders=True)
+    label_tiny(images, run, tiny_backbone, mode="single")  # random weights: no file to reload
     args = ["review", str(run), "--name", f"t-noweights-{SUFFIX}", "--embeddings"]
     result = CliRunner().invoke(app, [*args, "--no-launch", "--offline"])
     assert result.exit_code == 1

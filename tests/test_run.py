@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    assert_killed_mid_run,
+    assert_resumed_only_the_missing,
+    copy_ecssd,
+    ecssd_stems,
+    scene,
+    tiny_config,
+    wait_for_journal,
+    write_noise,
+)
 from PIL import Image, ImageFilter
 from pycocotools.coco import COCO
 
@@ -34,33 +43,25 @@ from selfment_label.timing import StageTimer
 CLI = [sys.executable, "-m", "selfment_label_cli"]
 
 
-def _scene(seed: int, size=(96, 72)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    array = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
-    y, x = rng.integers(5, 25, 2)
-    array[y : y + 35, x : x + 40] = rng.integers(150, 255, 3, dtype=np.uint8)
-    return Image.fromarray(array)
-
-
 @pytest.fixture()
 def mixed_folder(tmp_path: Path) -> Path:
     """Good images in subfolders (same stems), plus every kind of bad file."""
     root = tmp_path / "images"
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
-    _scene(1).save(root / "a" / "same.jpg")
-    _scene(2).save(root / "b" / "same.jpg")
-    _scene(3).convert("L").save(root / "gray.png")
-    _scene(4).convert("P").save(root / "palette.png")
-    _scene(5).convert("RGBA").save(root / "alpha.png")
-    _scene(6).convert("CMYK").save(root / "cmyk.tif")
-    _scene(7, (6, 5)).save(root / "tiny.png")
-    _scene(8).save(root / "ünïcødé 画像.png")
+    scene(1).save(root / "a" / "same.jpg")
+    scene(2).save(root / "b" / "same.jpg")
+    scene(3).convert("L").save(root / "gray.png")
+    scene(4).convert("P").save(root / "palette.png")
+    scene(5).convert("RGBA").save(root / "alpha.png")
+    scene(6).convert("CMYK").save(root / "cmyk.tif")
+    scene(7, (6, 5)).save(root / "tiny.png")
+    scene(8).save(root / "ünïcødé 画像.png")
     (root / "zero.jpg").write_bytes(b"")
     (root / "fake.png").write_text("not an image")
     Image.new("1", (20000, 20000)).save(root / "bomb.png")
     good = root / "trunc.jpg"
-    _scene(9, (300, 300)).save(good, quality=95)
+    scene(9, (300, 300)).save(good, quality=95)
     good.write_bytes(good.read_bytes()[:600])
     return root
 
@@ -70,7 +71,7 @@ BAD = {"zero.jpg", "fake.png", "bomb.png", "trunc.jpg"}
 
 def test_run_writes_valid_coco_and_skips_bad_files(mixed_folder, tmp_path, tiny_backbone):
     out = tmp_path / "run"
-    summary = label_folder(mixed_folder, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    summary = label_folder(mixed_folder, out, tiny_config(), backbone=tiny_backbone)
     assert set(summary.skipped) == BAD
     assert all(summary.skipped[n] for n in BAD)
     coco = COCO(str(out / "annotations.json"))
@@ -105,7 +106,7 @@ def test_run_writes_valid_coco_and_skips_bad_files(mixed_folder, tmp_path, tiny_
 
 def test_annotations_give_back_exactly_the_engine_masks(mixed_folder, tmp_path, tiny_backbone):
     out = tmp_path / "run"
-    label_folder(mixed_folder, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    label_folder(mixed_folder, out, tiny_config(), backbone=tiny_backbone)
     coco = COCO(str(out / "annotations.json"))
     labeller = Labeller(tiny_backbone, NcutIpo())
     mean, std = tiny_backbone.mean_std
@@ -126,7 +127,7 @@ def test_annotations_give_back_exactly_the_engine_masks(mixed_folder, tmp_path, 
 
 def test_second_run_is_idempotent_and_picks_up_new_images(mixed_folder, tmp_path, tiny_backbone):
     out = tmp_path / "run"
-    config = RunConfig(resolution=112)
+    config = tiny_config()
     label_folder(mixed_folder, out, config, backbone=tiny_backbone)
     first = (out / "annotations.json").read_text()
     again = label_folder(mixed_folder, out, config, backbone=tiny_backbone)
@@ -136,7 +137,7 @@ def test_second_run_is_idempotent_and_picks_up_new_images(mixed_folder, tmp_path
         json.loads((out / "annotations.json").read_text())["annotations"]
         == json.loads(first)["annotations"]
     )
-    _scene(11).save(mixed_folder / "new.png")
+    scene(11).save(mixed_folder / "new.png")
     more = label_folder(mixed_folder, out, config, backbone=tiny_backbone)
     assert more.labelled == 1
     assert len(json.loads((out / "annotations.json").read_text())["images"]) == 9
@@ -144,19 +145,19 @@ def test_second_run_is_idempotent_and_picks_up_new_images(mixed_folder, tmp_path
 
 def test_other_options_refuse_without_overwrite(mixed_folder, tmp_path, tiny_backbone):
     out = tmp_path / "run"
-    label_folder(mixed_folder, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    label_folder(mixed_folder, out, tiny_config(), backbone=tiny_backbone)
     with pytest.raises(RunConflict, match="tau") as refused:
         label_folder(
             mixed_folder,
             out,
-            RunConfig(resolution=112, segment=SingleConfig(tau=0.3)),
+            tiny_config(segment=SingleConfig(tau=0.3)),
             backbone=tiny_backbone,
         )
     assert refused.value.remedy == "overwrite"
     summary = label_folder(
         mixed_folder,
         out,
-        RunConfig(resolution=112, segment=SingleConfig(tau=0.3)),
+        tiny_config(segment=SingleConfig(tau=0.3)),
         backbone=tiny_backbone,
         overwrite=True,
     )
@@ -167,7 +168,7 @@ def test_other_options_refuse_without_overwrite(mixed_folder, tmp_path, tiny_bac
 def test_busy_run_folder_refuses(mixed_folder, tmp_path, tiny_backbone):
     out = tmp_path / "run"
     with RunLock(out), pytest.raises(RunConflict, match="another selfment-label process") as busy:
-        label_folder(mixed_folder, out, RunConfig(resolution=112), backbone=tiny_backbone)
+        label_folder(mixed_folder, out, tiny_config(), backbone=tiny_backbone)
     assert busy.value.remedy == "out_dir"
 
 
@@ -204,15 +205,8 @@ def test_cli_help_and_version():
         assert "Usage" in result.output, command
 
 
-def _ecssd_subset(ecssd_dir: Path, folder: Path, stems: list[str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem in stems:
-        shutil.copy(ecssd_dir / "images" / f"{stem}.jpg", folder / f"{stem}.jpg")
-    return folder
-
-
 def test_kill_nine_then_resume_finishes_only_what_is_missing(tmp_path, ecssd_dir, weights_path):
-    images = _ecssd_subset(ecssd_dir, tmp_path / "images", [f"{i:04d}" for i in range(1, 25)])
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", ecssd_stems(24))
     out = tmp_path / "run"
     cmd = [
         *CLI,
@@ -229,25 +223,13 @@ def test_kill_nine_then_resume_finishes_only_what_is_missing(tmp_path, ecssd_dir
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    journal = out / "journal.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 6:
-            break
-        time.sleep(0.05)
+    wait_for_journal(out, 6, 180, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done_before = journal.read_bytes().count(b"\n") - 1
-    assert 5 <= done_before < 24, "the kill must land in the middle of the run"
-    assert not (out / "annotations.json").exists()
+    done_before = assert_killed_mid_run(out, at_least=5, total=24)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
-    run = json.loads((out / "run.json").read_text())
-    assert run["resumed_from_journal"] >= done_before
-    assert run["resumed_from_journal"] + run["labelled_this_invocation"] == 24
-    coco = COCO(str(out / "annotations.json"))
-    names = [img["file_name"] for img in coco.dataset["images"]]
-    assert sorted(names) == sorted(set(names)) and len(names) == 24
+    coco = assert_resumed_only_the_missing(out, done_before, total=24)
     assert len({a["image_id"] for a in coco.dataset["annotations"]}) == len(
         coco.dataset["annotations"]
     )
@@ -269,7 +251,7 @@ def test_real_backbone_masks_match_ground_truth(tmp_path, ecssd_dir, real_backbo
     regression (a broken cut, a lost border swap or a flipped split costs far more).
     """
     stems = [f"{i:04d}" for i in range(1, 200, 12)][:16]
-    images = _ecssd_subset(ecssd_dir, tmp_path / "images", stems)
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", stems)
     ious = {}
     for iters in (0, 20):
         out = tmp_path / f"run{iters}"
@@ -318,7 +300,7 @@ def test_exif_rotated_image_gets_the_mask_of_the_displayed_image(
 
 
 def test_batched_and_single_image_runs_agree(tmp_path, ecssd_dir, real_backbone):
-    images = _ecssd_subset(ecssd_dir, tmp_path / "images", ["0010", "0011", "0012", "0013"])
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", ["0010", "0011", "0012", "0013"])
     results = []
     for batch in (1, 4):
         out = tmp_path / f"b{batch}"
@@ -342,7 +324,7 @@ def test_every_image_gets_the_same_rle_whatever_its_batch(tmp_path, ecssd_dir, r
     # the solver's start is one seeded block for every image and each image leaves the
     # iteration at its own convergence, so a batch's other images change nothing
     stems = ["0010", "0011", "0012", "0013", "0016", "0017", "0018", "0019"]
-    images = _ecssd_subset(ecssd_dir, tmp_path / "images", stems)
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", stems)
     results = []
     for batch in (1, 3, 8):
         out = tmp_path / f"b{batch}"
@@ -371,9 +353,7 @@ def test_segmenter_notes_reach_the_journal_coco_and_run_json(tmp_path, tiny_back
             return [ImageMasks(masks, {"eigensolver": "capped"}) for masks in found]
 
     out = tmp_path / "run"
-    summary = label_folder(
-        folder, out, RunConfig(resolution=112), backbone=tiny_backbone, segmenter=Noting()
-    )
+    summary = label_folder(folder, out, tiny_config(), backbone=tiny_backbone, segmenter=Noting())
     assert summary.notes == {"a.png": {"eigensolver": "capped"}, "b.png": {"eigensolver": "capped"}}
     run = json.loads((out / "run.json").read_text())
     assert run["image_notes"] == summary.notes
@@ -381,20 +361,12 @@ def test_segmenter_notes_reach_the_journal_coco_and_run_json(tmp_path, tiny_back
     assert all(image["notes"] == {"eigensolver": "capped"} for image in coco["images"])
 
 
-def _two_images(folder: Path) -> Path:
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
 @pytest.mark.parametrize("where", ["default", "inside"])
 def test_run_folder_inside_the_input_is_not_labelled(tmp_path, tiny_backbone, monkeypatch, where):
-    images = _two_images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2, seed=1)
     monkeypatch.chdir(images)
     out = None if where == "default" else images / "labels"
-    config = RunConfig(resolution=112, save_scores=True)
+    config = tiny_config(save_scores=True)
     for _ in range(2):
         summary = label_folder(images, out, config, backbone=tiny_backbone)
         assert summary.total == 2
@@ -406,8 +378,8 @@ def test_run_folder_inside_the_input_is_not_labelled(tmp_path, tiny_backbone, mo
 
 
 def test_other_run_folders_inside_the_input_are_not_labelled(tmp_path, tiny_backbone):
-    images = _two_images(tmp_path / "img")
-    config = RunConfig(resolution=112, save_scores=True)
+    images = write_noise(tmp_path / "img", 2, seed=1)
+    config = tiny_config(save_scores=True)
     label_folder(images, images / "old-run", config, backbone=tiny_backbone)
     summary = label_folder(images, tmp_path / "new-run", config, backbone=tiny_backbone)
     assert summary.total == 2
@@ -415,9 +387,9 @@ def test_other_run_folders_inside_the_input_are_not_labelled(tmp_path, tiny_back
 
 def test_a_run_folder_belongs_to_one_input(tmp_path, tiny_backbone):
     """Issue 22, item 2: another input into an existing run folder is refused, not resumed."""
-    first, other = _two_images(tmp_path / "img"), _two_images(tmp_path / "ab")
+    first, other = write_noise(tmp_path / "img", 2, seed=1), write_noise(tmp_path / "ab", 2, seed=1)
     out = tmp_path / "run"
-    config = RunConfig(resolution=112)
+    config = tiny_config()
     label_folder(first, out, config, backbone=tiny_backbone)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(RunConflict) as refused:
@@ -436,16 +408,16 @@ def test_a_run_folder_belongs_to_one_input(tmp_path, tiny_backbone):
 
 
 def test_out_equal_to_input_is_refused(tmp_path, tiny_backbone):
-    images = _two_images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2, seed=1)
     with pytest.raises(RunConflict, match="input folder itself") as refused:
-        label_folder(images, images, RunConfig(resolution=112), backbone=tiny_backbone)
+        label_folder(images, images, tiny_config(), backbone=tiny_backbone)
     assert refused.value.remedy == "out_dir"
 
 
 def test_changed_image_is_labelled_again_and_replaces_its_record(tmp_path, tiny_backbone):
-    images = _two_images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2, seed=1)
     out = tmp_path / "run"
-    config = RunConfig(resolution=112)
+    config = tiny_config()
     label_folder(images, out, config, backbone=tiny_backbone)
     Image.new("RGB", (90, 40), "white").save(images / "1.png")
     os.utime(images / "1.png", ns=(1, 1))
@@ -458,22 +430,20 @@ def test_changed_image_is_labelled_again_and_replaces_its_record(tmp_path, tiny_
 
 
 def test_skipped_images_are_retried_when_options_change(tmp_path, tiny_backbone):
-    images = _two_images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2, seed=1)
     out = tmp_path / "run"
-    first = label_folder(
-        images, out, RunConfig(resolution=112, max_pixels=100), backbone=tiny_backbone
-    )
+    first = label_folder(images, out, tiny_config(max_pixels=100), backbone=tiny_backbone)
     assert first.labelled == 0 and len(first.skipped) == 2
-    second = label_folder(images, out, RunConfig(resolution=112), backbone=tiny_backbone)
+    second = label_folder(images, out, tiny_config(), backbone=tiny_backbone)
     assert second.labelled == 2 and not second.skipped
     assert len(json.loads((out / "annotations.json").read_text())["images"]) == 2
 
 
 def test_corrupt_middle_journal_line_keeps_the_records_after_it(tmp_path, tiny_backbone, caplog):
-    images = _two_images(tmp_path / "img")
-    _scene(3).save(images / "2.png")
+    images = write_noise(tmp_path / "img", 2, seed=1)
+    scene(3).save(images / "2.png")
     out = tmp_path / "run"
-    config = RunConfig(resolution=112)
+    config = tiny_config()
     label_folder(images, out, config, backbone=tiny_backbone)
     journal = out / "journal.jsonl"
     lines = journal.read_bytes().splitlines(keepends=True)
@@ -495,9 +465,9 @@ def test_corrupt_middle_journal_line_keeps_the_records_after_it(tmp_path, tiny_b
 
 
 def test_damaged_journal_header_is_one_sentence(tmp_path, tiny_backbone):
-    images = _two_images(tmp_path / "img")
+    images = write_noise(tmp_path / "img", 2, seed=1)
     out = tmp_path / "run"
-    config = RunConfig(resolution=112)
+    config = tiny_config()
     label_folder(images, out, config, backbone=tiny_backbone)
     journal = out / "journal.jsonl"
     lines = journal.read_bytes().splitlines(keepends=True)
@@ -514,9 +484,9 @@ def test_a_file_name_of_255_bytes_gets_a_score_map(tmp_path, tiny_backbone):
     longest = {"a" * 251 + ".png", "é" * 125 + ".png", "b" * 190 + ".png"}
     for seed, name in enumerate(sorted(longest)):
         assert len(os.fsencode(name)) <= 255
-        _scene(seed).save(images / name)
+        scene(seed).save(images / name)
     out = tmp_path / "run"
-    config = RunConfig(resolution=112, save_scores=True)
+    config = tiny_config(save_scores=True)
     summary = label_folder(images, out, config, backbone=tiny_backbone)
     assert summary.labelled == 3 and not summary.skipped
     coco = json.loads((out / "annotations.json").read_text())
@@ -563,7 +533,7 @@ def _object_less_images(folder: Path) -> set[str]:
 def test_object_less_images_get_no_mask_and_a_reason(
     tmp_path, ecssd_dir, real_backbone, mode, resolution
 ):
-    folder = _ecssd_subset(ecssd_dir, tmp_path / "images", ["0010", "0011"])
+    folder = copy_ecssd(ecssd_dir, tmp_path / "images", ["0010", "0011"])
     empty = _object_less_images(folder)
     out = tmp_path / "run"
     config = RunConfig(resolution=resolution, segment=mode_config(mode))
@@ -576,3 +546,35 @@ def test_object_less_images_get_no_mask_and_a_reason(
     assert annotated == {"0010.jpg", "0011.jpg"}
     assert set(names.values()) == empty | annotated  # labelled, not skipped
     assert set(json.loads((out / "run.json").read_text())["image_notes"]) == empty
+
+
+def test_the_backbone_runs_one_batch_ahead_of_the_masks(tmp_path, tiny_backbone, monkeypatch):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(3):
+        scene(seed).save(folder / f"{seed}.png")
+    asked: list[str] = []
+    ahead: list[bool] = []
+    tokens, label = Labeller.tokens, Labeller.label
+
+    def counting_tokens(self, batch, timer):
+        asked.append(batch[0].file_name)
+        return tokens(self, batch, timer)
+
+    def waiting_label(self, batch, timer, save_scores=False, batch_tokens=None):
+        # the next batch's backbone must be under way before this batch's masks are made
+        wanted = min(len(ahead) + 2, 3)
+        deadline = time.monotonic() + 5.0
+        while len(asked) < wanted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ahead.append(len(asked) >= wanted)
+        return label(self, batch, timer, save_scores, batch_tokens)
+
+    monkeypatch.setattr(Labeller, "tokens", counting_tokens)
+    monkeypatch.setattr(Labeller, "label", waiting_label)
+    summary = label_folder(
+        folder, tmp_path / "run", RunConfig(batch_size=1), backbone=tiny_backbone
+    )
+    assert summary.labelled == 3
+    assert ahead == [True, True, True]
+    assert sorted(asked) == ["0.png", "1.png", "2.png"]

@@ -16,6 +16,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def lookahead(batch_size: int) -> int:
+    """How many images may wait decoded ahead of the backbone: two batches, at least four (the
+    ``depth`` of ``prefetch`` and the ``window`` of ``batches_by_grid``)."""
+    return max(4, 2 * batch_size)
+
+
 def prefetch(
     items: Iterable[T], work: Callable[[T], R], workers: int = 2, depth: int = 8
 ) -> Iterator[tuple[T, R | BaseException]]:

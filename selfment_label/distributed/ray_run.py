@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import RAY_ADDRESS_ENV, RAY_CPU_THREADS_PER_ACTOR, RayConfig, RunConfig
+from ..data.batching import lookahead
 from ..device import DeviceError, resolve_device
 from ..engine import LabelJob, Labeller
 from ..errors import SelfmentError
@@ -260,7 +261,7 @@ class RayExecutor:
             resources = ray.cluster_resources()
             plan = plan_actors(resources, self.config.actors, config.device)
             labeller = labeller_on(job.labeller, resolve_device("cpu"))
-            window = max(4, 2 * config.batch_size)
+            window = lookahead(config.batch_size)
             devices: Counter[str] = Counter()
             with _driver_owns_progress(ray), warnings.catch_warnings():
                 # max_restarts goes through map_batches' **ray_remote_args, deprecated from

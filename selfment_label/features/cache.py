@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_path, atomic_write_json
-from ..data.batching import batches_by_grid, prefetch, stack_pixels
+from ..config import RunConfig
+from ..data.batching import batches_by_grid, lookahead, prefetch, stack_pixels
 from ..data.images import DecodedImage, prepare_image
 from ..device import PRECISIONS
 from ..errors import SelfmentError
@@ -223,8 +224,8 @@ def ensure_features(
     file_names: list[str],
     backbone_factory: Callable[[], Backbone],
     *,
-    batch_size: int = 4,
-    workers: int = 2,
+    batch_size: int = RunConfig.batch_size,
+    workers: int = RunConfig.workers,
     progress: FeatureProgress | None = None,
 ) -> dict[str, Path]:
     """Make sure every image has cached tokens; compute only the missing ones.
@@ -293,7 +294,7 @@ def ensure_features(
     def decode(name: str) -> DecodedImage:
         return prepare_image(input_dir, name, settings.resolution, settings.patch_size, mean, std)
 
-    depth = max(4, 2 * batch_size)
+    depth = lookahead(batch_size)
     stream = prefetch(list(missing), decode, workers=workers, depth=depth)
     for batch, failures in batches_by_grid(stream, batch_size, window=depth):
         for name, error in failures:

@@ -224,29 +224,16 @@ def build_dataset(
     import fiftyone as fo
 
     run = read_run(Path(run_dir).resolve())
-    run_dir, mode = run.path, run.mode
-    name = name or reviewing_dataset(run_dir) or dataset_name(run_dir)
-    fields = label_fields(mode)
+    name = name or reviewing_dataset(run.path) or dataset_name(run.path)
     _check_file_names(run)
     connect()
-    info: dict[str, Any] = {}
     created = not fo.dataset_exists(name)
-    if not created:
+    if created:
+        dataset, info = fo.Dataset(name, persistent=True), {}
+    else:
         dataset = fo.load_dataset(name)
         info = dict(dataset.info.get(INFO_KEY, {}))
-        owner = info.get("run_dir")
-        if owner != str(run_dir) and not add:
-            raise ReviewError(
-                f"dataset {name!r} belongs to {owner or 'something else'}, not {run_dir}; "
-                "choose another --name"
-            )
-        if owner != str(run_dir) and info.get("label_fields") != fields:
-            raise ReviewError(
-                f"dataset {name!r} holds labels in {info.get('label_fields')}, this run's are "
-                f"in {fields}; choose another --name"
-            )
-    else:
-        dataset = fo.Dataset(name, persistent=True)
+        _check_owner(name, info, run, add)
     try:
         _update(dataset, run, info, Path(gt_dir) if gt_dir else None)
     except BaseException:
@@ -254,6 +241,30 @@ def build_dataset(
             dataset.delete()
         raise
     return dataset
+
+
+def _check_owner(name: str, info: dict[str, Any], run: RunFolder, add: bool) -> None:
+    """Refuse to put a run into a dataset another run made, unless ``add`` and the label
+    fields are the same.
+
+    Raises:
+      ReviewError: the dataset belongs to another run (and ``add`` is false, or its label
+        fields differ).
+    """
+    owner, fields = info.get("run_dir"), label_fields(run.mode)
+    if owner == str(run.path):
+        return
+    if not add:
+        raise ReviewError(
+            f"dataset {name!r} belongs to {owner or 'something else'}, not {run.path}",
+            remedy="name",
+        )
+    if info.get("label_fields") != fields:
+        raise ReviewError(
+            f"dataset {name!r} holds labels in {info.get('label_fields')}, this run's are "
+            f"in {fields}",
+            remedy="name",
+        )
 
 
 def _check_file_names(run: RunFolder) -> None:
@@ -271,63 +282,99 @@ def _check_file_names(run: RunFolder) -> None:
             )
 
 
+_Images = dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]
+"""A run's labelled images by sample file path: (COCO image entry, its annotations)."""
+
+
 def _update(dataset: fo.Dataset, run: RunFolder, info: dict[str, Any], gt_dir: Path | None) -> None:
     """Bring a run's samples, fields, info, views and App settings up to date (see
     ``build_dataset``); ``info`` is the dataset's selfment info as it was (empty: new)."""
+    fingerprint = run_fingerprint(run.provenance)
+    current = {
+        str(run.input_dir / image["file_name"]): (image, anns) for image, anns in run.images()
+    }
+    keys = {
+        str(run.input_dir / file_name): json.dumps(key)
+        for file_name, key in labelled_keys(run.path).items()
+    }
+    _refresh_samples(dataset, run, info, fingerprint, current, keys)
+    gt = _gt_detections(run.path, gt_dir) if gt_dir else {}
+    added = _add_new_samples(dataset, run, current, keys, gt)
+    if gt:
+        _fill_missing_gt(dataset, run.input_dir, gt)
+    _set_review_fields(dataset, run, current)
+    _save_info(dataset, run, info, fingerprint)
+    save_review_views(dataset, _view_mode(run))
+    record_reviewing_dataset(run.path, dataset.name)
+    logger.info("dataset %s: %d new samples, %d in all", dataset.name, added, len(dataset))
+
+
+def _refresh_samples(
+    dataset: fo.Dataset,
+    run: RunFolder,
+    info: dict[str, Any],
+    fingerprint: str,
+    current: _Images,
+    keys: dict[str, str],
+) -> None:
+    """Bring the samples the dataset already has of a run up to date: claim the samples of
+    older builds, relabel them all when the run changed, replace those whose image changed."""
+    runs = info.get("runs", {})
+    if not runs and info.get("run_dir") == str(run.path):
+        _claim_unowned_samples(dataset, run.path)
+    if runs.get(str(run.path), fingerprint) != fingerprint:
+        fields = label_fields(run.mode)
+        stale = [f for f in info.get("label_fields", []) if f not in fields]
+        _relabel(dataset, run.path, current, run.mode, stale)
+    _replace_changed(dataset, run.path, current, run.mode, keys)
+
+
+def _add_new_samples(
+    dataset: fo.Dataset,
+    run: RunFolder,
+    current: _Images,
+    keys: dict[str, str],
+    gt: dict[str, fo.Detections],
+) -> int:
+    """Add a sample for each image of the run the dataset does not have yet; the ground truth
+    given to one is taken out of ``gt``. Returns how many were added."""
     import fiftyone as fo
 
-    run_dir, mode, input_dir, name = run.path, run.mode, run.input_dir, dataset.name
-    fields = label_fields(mode)
-    runs = dict(info.get("runs", {}))
-    if not runs and info.get("run_dir") == str(run_dir):
-        _claim_unowned_samples(dataset, run_dir)
-    fingerprint = run_fingerprint(run.provenance)
-    current = {str(input_dir / image["file_name"]): (image, anns) for image, anns in run.images()}
-    if runs.get(str(run_dir), fingerprint) != fingerprint:
-        stale = [f for f in info.get("label_fields", []) if f not in fields]
-        _relabel(dataset, run_dir, current, mode, stale)
-    keys = {
-        str(input_dir / file_name): json.dumps(key)
-        for file_name, key in labelled_keys(run_dir).items()
-    }
-    _replace_changed(dataset, run_dir, current, mode, keys)
     known = set(dataset.values("filepath"))
-    gt = _gt_detections(run_dir, gt_dir) if gt_dir else {}
     samples = []
     for filepath, (image, anns) in current.items():
         if filepath in known:
             continue
         sample = fo.Sample(
             filepath=filepath,
-            metadata=fo.ImageMetadata(width=int(image["width"]), height=int(image["height"])),
             file_name=image["file_name"],
-            **{RUN_FIELD: str(run_dir), KEY_FIELD: keys.get(filepath)},
+            **{RUN_FIELD: str(run.path), KEY_FIELD: keys.get(filepath)},
         )
-        for field, detections in _image_detections(anns, mode, image).items():
-            sample[field] = fo.Detections(detections=detections)
+        _set_labels(sample, image, anns, run.mode)
         if image["file_name"] in gt:
             sample[GT_FIELD] = gt.pop(image["file_name"])
         samples.append(sample)
     if samples:
         dataset.add_samples(samples, progress=False)
-    if gt:
-        _fill_missing_gt(dataset, input_dir, gt)
-    if info.get("run_dir", str(run_dir)) == str(run_dir):
+    return len(samples)
+
+
+def _save_info(dataset: fo.Dataset, run: RunFolder, info: dict[str, Any], fingerprint: str) -> None:
+    """Record the run in the dataset's info (the run that made it is described in full; every
+    run's fingerprint is kept) and apply the App settings."""
+    run_dir = str(run.path)
+    if info.get("run_dir", run_dir) == run_dir:
         info.update(
-            run_dir=str(run_dir),
-            input_dir=str(input_dir),
-            mode=mode,
-            label_fields=fields,
+            run_dir=run_dir,
+            input_dir=str(run.input_dir),
+            mode=run.mode,
+            label_fields=label_fields(run.mode),
             run=run.provenance,
         )
-    info["runs"] = {**runs, str(run_dir): fingerprint}
-    _set_review_fields(dataset, run, current)
+    info["runs"] = {**info.get("runs", {}), run_dir: fingerprint}
     apply_app_config(dataset, info)
     dataset.info[INFO_KEY] = info
     dataset.save()
-    save_review_views(dataset, _view_mode(run))
-    record_reviewing_dataset(run_dir, name)
-    logger.info("dataset %s: %d new samples, %d in all", name, len(samples), len(dataset))
 
 
 def no_mask_reason(image: dict[str, Any], notes: dict[str, Any]) -> str:
@@ -346,7 +393,7 @@ def no_mask_reason(image: dict[str, Any], notes: dict[str, Any]) -> str:
 def _set_review_fields(
     dataset: fo.Dataset,
     run: RunFolder,
-    current: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+    current: _Images,
 ) -> None:
     """Set ``score`` (best top-level mask score) and ``no_mask_reason`` on the run's samples."""
     import fiftyone as fo
@@ -381,7 +428,7 @@ def _claim_unowned_samples(dataset: fo.Dataset, run_dir: Path) -> None:
 def _relabel(
     dataset: fo.Dataset,
     run_dir: Path,
-    current: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+    current: _Images,
     mode: str,
     stale: list[str],
 ) -> None:
@@ -414,7 +461,7 @@ def _set_labels(
 def _replace_changed(
     dataset: fo.Dataset,
     run_dir: Path,
-    current: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+    current: _Images,
     mode: str,
     keys: dict[str, str],
 ) -> None:
@@ -488,11 +535,5 @@ def load_run_dataset(
         logger.info("building the dataset of %s from the run, unreviewed", run_dir)
         return build_dataset(run_dir, name)
     if name:
-        raise NotReviewed(
-            f"FiftyOne dataset {name!r} does not exist: review the run first with "
-            f"`selfment-label review {run_dir} --name {name}`"
-        )
-    raise NotReviewed(
-        f"no FiftyOne dataset reviews {run_dir} yet: review it first with "
-        f"`selfment-label review {run_dir}`, or name one with --name"
-    )
+        raise NotReviewed(f"FiftyOne dataset {name!r} does not exist", remedy="review")
+    raise NotReviewed(f"no FiftyOne dataset reviews {run_dir} yet", remedy="review")

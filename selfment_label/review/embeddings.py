@@ -109,7 +109,8 @@ def image_embeddings(
     except BackboneError as error:
         raise ReviewError(
             f"the feature cache {source.path / FEATURES_DIR} lacks some of the run's images "
-            f"and the run's backbone cannot be loaded to compute them ({error})"
+            f"and the run's backbone cannot be loaded to compute them ({error})",
+            remedy=error.remedy,
         ) from None
     except (CacheError, HeadMismatch) as error:
         raise ReviewError(f"cannot compute the image embeddings: {error}") from None

@@ -49,6 +49,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -197,7 +198,7 @@ def check_target(target: Path, overwrite: bool, protected: dict[Path, str]) -> N
         raise ExportError(str(error)) from None
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
-            raise ExportError(f"{target} is not empty; use --overwrite to replace its contents")
+            raise ExportError(f"{target} is not empty", remedy="export_overwrite")
         check_own_export(target)
 
 
@@ -219,7 +220,8 @@ def check_own_export(target: Path) -> None:
     if marker.is_symlink() or entries is None:
         raise ExportError(
             f"refusing to replace {target}: it is not a selfment-label export (no {MARKER_NAME}) "
-            "and --overwrite only replaces a previous export; choose an empty or new folder"
+            "and only a previous export is ever replaced",
+            remedy="export_target",
         )
     foreign = sorted(p.name for p in target.iterdir() if p.name not in entries | {MARKER_NAME})
     if foreign:
@@ -278,8 +280,8 @@ def _nothing_selected(
     if tags and not any(tag in counts for tag in tags):
         return f"no sample has any of the tags {', '.join(tags)}; the dataset's tags: {existing}"
     return (
-        f"the tag filters select no sample (--tags {', '.join(tags or []) or '-'}, "
-        f"--exclude-tags {', '.join(exclude_tags or []) or '-'}); the dataset's tags: {existing}"
+        f"the tag filters select no sample (tags {', '.join(tags or []) or '-'}, "
+        f"excluded tags {', '.join(exclude_tags or []) or '-'}); the dataset's tags: {existing}"
     )
 
 
@@ -336,12 +338,28 @@ def _coco_annotations(sample: Any, fields: list[str], polygons: bool) -> list[di
     return records
 
 
-def _place_media(source: Path, dest: Path, media: str) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if media == "symlink":
-        os.symlink(source, dest)
+def _media_path(item: _Item, fmt: str) -> str:
+    """Where an item's image goes, relative to the export root: ``images/<split>/`` and its
+    relative name; for YOLO, named after its label file (Ultralytics finds the labels by
+    swapping ``images`` for ``labels`` and the extension for ``.txt``)."""
+    if fmt == "yolo":
+        name = f"{yolo_image_name(item.stem)}{PurePosixPath(item.name).suffix}"
     else:
-        shutil.copyfile(source, dest)
+        name = item.name
+    return f"{IMAGES_DIR}/{item.split}/{name}"
+
+
+def _place_media(root: Path, items: dict[str, _Item], fmt: str, media: str) -> None:
+    """Copy or link every item's image into the export (nothing with ``media="none"``)."""
+    if media == "none":
+        return
+    for item in items.values():
+        dest = inside(root, _media_path(item, fmt))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if media == "symlink":
+            os.symlink(item.source, dest)
+        else:
+            shutil.copyfile(item.source, dest)
 
 
 def _save_png(array: np.ndarray, dest: Path) -> None:
@@ -492,6 +510,25 @@ def _samples(view: Any, items: dict[str, _Item]) -> Iterator[tuple[Any, _Item]]:
         yield sample, items[sample.id]
 
 
+def _coco_info(
+    description: str,
+    input_dir: str | None,
+    tags: list[str] | None,
+    exclude_tags: list[str] | None,
+    polygons: bool,
+) -> dict[str, Any]:
+    """The ``info`` of an export's COCO files (each split adds ``split`` and ``image_root``)."""
+    return {
+        "description": description,
+        "version": __version__,
+        "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input_dir": input_dir,
+        "tags": list(tags or []),
+        "exclude_tags": list(exclude_tags or []),
+        "segmentation": "polygons" if polygons else "rle",
+    }
+
+
 def _write_coco(
     view: Any,
     root: Path,
@@ -501,11 +538,10 @@ def _write_coco(
     polygons: bool,
     info: dict[str, Any],
 ) -> int:
+    """Write ``annotations/instances_<split>.json`` (``info``: see ``_coco_info``)."""
     records: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
     for sample, item in _samples(view, items):
         width, height = _image_size(sample)
-        if media != "none":
-            _place_media(item.source, inside(root, f"{IMAGES_DIR}/{item.split}/{item.name}"), media)
         annotations = _coco_annotations(sample, fields, polygons)
         records[item.split].append(
             {"file_name": item.name, "width": width, "height": height, "annotations": annotations}
@@ -529,21 +565,16 @@ def _write_yolo(
     root: Path,
     items: dict[str, _Item],
     field: str,
-    media: str,
     min_piece_area: int,
     description: str,
 ) -> int:
     n_rows = 0
     for sample, item in _samples(view, items):
         width, height = _image_size(sample)
-        stem = yolo_image_name(item.stem)
-        if media != "none":
-            image = f"{IMAGES_DIR}/{item.split}/{stem}{PurePosixPath(item.name).suffix}"
-            _place_media(item.source, inside(root, image), media)
         masks = [detection_to_mask(d, width, height) for d in _detections(sample, field)]
         rows = label_rows(masks, width, height, min_piece_area)
         n_rows += len(rows)
-        label = inside(root, f"{LABELS_DIR}/{item.split}/{stem}.txt")
+        label = inside(root, f"{LABELS_DIR}/{item.split}/{yolo_image_name(item.stem)}.txt")
         label.parent.mkdir(parents=True, exist_ok=True)
         label.write_text("".join(f"{row}\n" for row in rows), encoding="utf-8")
     written = [split for split in SPLITS if any(i.split == split for i in items.values())]
@@ -551,14 +582,10 @@ def _write_yolo(
     return n_rows
 
 
-def _write_masks(
-    view: Any, root: Path, items: dict[str, _Item], fields: list[str], media: str
-) -> int:
+def _write_masks(view: Any, root: Path, items: dict[str, _Item], fields: list[str]) -> int:
     n_files = 0
     for sample, item in _samples(view, items):
         width, height = _image_size(sample)
-        if media != "none":
-            _place_media(item.source, inside(root, f"{IMAGES_DIR}/{item.split}/{item.name}"), media)
         for level, field in enumerate(fields):
             union = np.zeros((height, width), dtype=bool)
             for detection in _detections(sample, field):
@@ -568,6 +595,43 @@ def _write_masks(
             _save_png(union.astype(np.uint8) * 255, png)
             n_files += 1
     return n_files
+
+
+def _label_fields(dataset: fo.Dataset, info: dict[str, Any]) -> list[str]:
+    """The dataset's selfment label fields that exist, top level first.
+
+    Raises:
+      ExportError: the dataset has none.
+    """
+    fields = [f for f in info.get("label_fields", [PSEUDO_FIELD]) if dataset.has_sample_field(f)]
+    if not fields:
+        raise ExportError(f"dataset {dataset.name!r} has no selfment label field")
+    return fields
+
+
+def _protected_folders(info: dict[str, Any]) -> dict[Path, str]:
+    """The folders an export target must stay clear of, each with its role."""
+    import fiftyone as fo
+
+    roles = {"run_dir": "the run folder", "input_dir": "the run's input folder"}
+    protected = {Path(info[key]): role for key, role in roles.items() if info.get(key)}
+    protected[Path(fo.config.database_dir)] = "FiftyOne's database folder"
+    return protected
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target``, put in its place when the block succeeds and
+    deleted when it fails, so a failed export leaves the target as it was."""
+    resolved = target.resolve()
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{resolved.name}.", dir=resolved.parent))
+    try:
+        yield staging
+        _publish(staging, resolved)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def export_dataset(
@@ -609,18 +673,11 @@ def export_dataset(
         (``check_target``), tag filters that select no sample (the message names the dataset's
         tags), or no selected image that can be exported.
     """
-    import fiftyone as fo
-
     check_options(fmt, media, val_fraction, min_piece_area)
     target = Path(target)
     info = dataset.info.get(INFO_KEY, {})
-    fields = [f for f in info.get("label_fields", [PSEUDO_FIELD]) if dataset.has_sample_field(f)]
-    if not fields:
-        raise ExportError(f"dataset {dataset.name!r} has no selfment label field")
-    roles = {"run_dir": "the run folder", "input_dir": "the run's input folder"}
-    protected = {Path(info[key]): role for key, role in roles.items() if info.get(key)}
-    protected[Path(fo.config.database_dir)] = "FiftyOne's database folder"
-    check_target(target, overwrite, protected)
+    fields = _label_fields(dataset, info)
+    check_target(target, overwrite, _protected_folders(info))
     view = select_samples(dataset, tags, exclude_tags)
     if not len(view):
         raise ExportError(_nothing_selected(dataset, tags, exclude_tags))
@@ -633,32 +690,16 @@ def export_dataset(
             f"({skipped[0]})"
         )
     description = f"selfment-label export of FiftyOne dataset {dataset.name}"
-    resolved = target.resolve()
-    resolved.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{resolved.name}.", dir=resolved.parent))
-    try:
+    with _staging(target) as staging:
+        _place_media(staging, items, fmt, media)
         if fmt == "coco":
-            coco_info = {
-                "description": description,
-                "version": __version__,
-                "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "input_dir": info.get("input_dir"),
-                "tags": list(tags or []),
-                "exclude_tags": list(exclude_tags or []),
-                "segmentation": "polygons" if polygons else "rle",
-            }
+            coco_info = _coco_info(description, info.get("input_dir"), tags, exclude_tags, polygons)
             n_masks = _write_coco(view, staging, items, fields, media, polygons, coco_info)
         elif fmt == "yolo":
-            n_masks = _write_yolo(
-                view, staging, items, fields[0], media, min_piece_area, description
-            )
+            n_masks = _write_yolo(view, staging, items, fields[0], min_piece_area, description)
         else:
-            n_masks = _write_masks(view, staging, items, fields, media)
+            n_masks = _write_masks(view, staging, items, fields)
         _write_marker(staging, fmt)
-        _publish(staging, resolved)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     splits = {split: sum(i.split == split for i in items.values()) for split in SPLITS}
     logger.info("exported %d images %s, %d masks to %s", len(items), splits, n_masks, target)
     return ExportSummary(target, fmt, len(items), n_masks, splits, skipped)

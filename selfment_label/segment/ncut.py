@@ -42,7 +42,7 @@ def linked(cosine: torch.Tensor, tau: float = SingleConfig.tau, eps: float = 1e-
     Returns:
       ``[B, N, N]`` affinity in the cosines' dtype.
     """
-    return torch.where(cosine > tau, torch.ones_like(cosine), torch.full_like(cosine, eps))
+    return torch.full_like(cosine, eps).masked_fill_(cosine > tau, 1.0)
 
 
 def affinity(
@@ -115,7 +115,7 @@ def second_eigenvector(
     bsz, n, _ = a.shape
     degree = a.sum(-1)
     inv_sqrt = degree.rsqrt()
-    m = inv_sqrt[:, :, None] * a * inv_sqrt[:, None, :]
+    m = (inv_sqrt[:, :, None] * a).mul_(inv_sqrt[:, None, :])
     top = degree.sqrt()
     top = top / top.norm(dim=-1, keepdim=True)
     k = min(block, max(n - 1, 1))
