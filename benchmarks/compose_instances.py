@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 from scipy.stats import mannwhitneyu
 
 from selfment_label.config import (
@@ -101,7 +102,14 @@ def _place(
     return best[1], best[2]
 
 
-def compose(ecssd: Path, out_dir: Path, count: int, seed: int, tries: int = 50) -> list[Composite]:
+def compose(
+    ecssd: Path,
+    out_dir: Path,
+    count: int,
+    seed: int,
+    tries: int = 50,
+    stems: list[str] | None = None,
+) -> list[Composite]:
     """Write ``count`` composed images into ``out_dir`` and return their instances.
 
     Each pasted object is put where it overlaps the background's salient object and the
@@ -116,9 +124,10 @@ def compose(ecssd: Path, out_dir: Path, count: int, seed: int, tries: int = 50) 
       count: images to make.
       seed: random seed (the same seed gives the same images).
       tries: positions drawn per pasted object.
+      stems: the ECSSD images to draw from (default: all).
     """
     rng = random.Random(seed)
-    stems = sorted(p.stem for p in (ecssd / "images").glob("*.jpg"))
+    stems = stems or sorted(p.stem for p in (ecssd / "images").glob("*.jpg"))
     composites = []
     for index in range(count):
         background_stem, *object_stems = rng.sample(stems, 1 + rng.choice((2, 3)))
@@ -278,8 +287,44 @@ def patch_tokens(
     return tokens, sizes
 
 
+def write_coco(composites: list[Composite], out_dir: Path) -> Path:
+    """Write the composites' instances as class-agnostic COCO ground truth
+    (``out_dir/instances.json``, one category ``object``) for ``benchmarks.instances_coco``."""
+    images, annotations = [], []
+    for image_id, composite in enumerate(composites, start=1):
+        with Image.open(out_dir / "images" / composite.name) as opened:
+            width, height = opened.size
+        images.append(
+            {"id": image_id, "file_name": composite.name, "width": width, "height": height}
+        )
+        for mask in composite.instances:
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+    path = out_dir / "instances.json"
+    coco = {"images": images, "annotations": annotations}
+    path.write_text(json.dumps({**coco, "categories": [{"id": 1, "name": "object"}]}))
+    return path
+
+
+def _stem_range(ecssd: Path, span: str) -> list[str]:
+    """The sorted ECSSD stems ``first-last`` (1-based, inclusive)."""
+    first, last = (int(v) for v in span.split("-"))
+    return sorted(p.stem for p in (ecssd / "images").glob("*.jpg"))[first - 1 : last]
+
+
 def main() -> None:
-    """Compose, label in every mode, print the figures as JSON."""
+    """Compose, label in every mode, print the figures as JSON (``--coco-out``: compose only,
+    as images and COCO ground truth)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ecssd", type=Path)
     parser.add_argument("--weights", type=Path, required=True)
@@ -290,11 +335,24 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="keep the patch tokens in this .pt file")
     parser.add_argument("--montage", type=Path)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument(
+        "--coco-out",
+        type=Path,
+        help="only compose: write the images to COCO_OUT/images and their instances to "
+        "COCO_OUT/instances.json (for benchmarks.instances_coco)",
+    )
+    parser.add_argument("--stems", help="draw from these ECSSD images only, e.g. 1-100")
     args = parser.parse_args()
+    stems = _stem_range(args.ecssd, args.stems) if args.stems else None
+    if args.coco_out:
+        (args.coco_out / "images").mkdir(parents=True, exist_ok=True)
+        found = compose(args.ecssd, args.coco_out / "images", args.images, args.seed, stems=stems)
+        print(write_coco(found, args.coco_out))
+        return
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        composites = compose(args.ecssd, folder, args.images, args.seed)
+        composites = compose(args.ecssd, folder, args.images, args.seed, stems=stems)
         tokens, sizes = patch_tokens(folder, composites, args.weights, args.resolution, args.cache)
         predictions = {mode: predict(mode_config(mode), tokens, sizes) for mode in args.modes}
         report = {mode: score(composites, found) for mode, found in predictions.items()}

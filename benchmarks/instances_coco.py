@@ -18,6 +18,18 @@ root::
         --gt ../shared/data/coco-dev/instances.json \\
         --weights ../shared/weights/dinov2_vits14.safetensors --work /tmp/instances-coco
 
+The composed benchmark (train on composites of ECSSD 0001-0100, apply to composites of
+0101-0200; ``benchmarks/compose_instances.py --coco-out`` writes them with their instances)::
+
+    python benchmarks/compose_instances.py ../shared/data/ecssd-dev --weights x --images 40 \
+        --seed 0 --stems 1-100 --coco-out /tmp/composed-train
+    python benchmarks/compose_instances.py ../shared/data/ecssd-dev --weights x --images 40 \
+        --seed 1 --stems 101-200 --coco-out /tmp/composed-test
+    python -m benchmarks.instances_coco --images /tmp/composed-train/images \
+        --gt /tmp/composed-train/instances.json --apply-images /tmp/composed-test/images \
+        --apply-gt /tmp/composed-test/instances.json \
+        --weights ../shared/weights/dinov2_vits14.safetensors --work /tmp/composed-bench
+
 Work folders are reused (runs resume), so a second call re-evaluates at little cost.
 """
 
@@ -39,6 +51,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from selfment_label.config import (
+    DEFAULT_PRECISION,
+    PRECISION_NAMES,
     EntitiesConfig,
     InstancesConfig,
     InstanceTrainConfig,
@@ -133,7 +147,7 @@ def backbone_seconds(backbone: Backbone, images: Path, resolution: int) -> float
 
 
 def train_per_round(
-    run_dir: Path, work: Path, config: InstanceTrainConfig, weights: Path
+    run_dir: Path, work: Path, config: InstanceTrainConfig, weights: Path, precision: str
 ) -> list[tuple[Path, dict[str, Any]]]:
     """Train with ``config.rounds`` rounds; a checkpoint per round (the model as that round
     left it) with its round record. Checkpoints already in ``work`` (a rerun) are reused."""
@@ -147,6 +161,7 @@ def train_per_round(
         final,
         config,
         weights=weights,
+        precision=precision,
         round_done=lambda index, head: snapshots.append(copy.deepcopy(head.state_dict())),
     )
     loaded = load_checkpoint(final)
@@ -177,38 +192,59 @@ def main() -> None:
         help="the run mode the head learns from (entities: its entities; the run's own row "
         "counts entities and parts as detections)",
     )
+    parser.add_argument(
+        "--apply-images",
+        type=Path,
+        help="apply the head to these images instead (not trained on; with --apply-gt): the "
+        "run rows are then the mode's own run on them",
+    )
+    parser.add_argument("--apply-gt", type=Path, help="COCO ground truth of --apply-images")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_NAMES,
+        default=DEFAULT_PRECISION,
+        help="backbone precision of the runs and of the head's features",
+    )
     args = parser.parse_args()
+    if bool(args.apply_images) != bool(args.apply_gt):
+        parser.error("--apply-images and --apply-gt go together")
     args.work.mkdir(parents=True, exist_ok=True)
-    config = RunConfig(weights=str(args.weights), device="cpu")
+    config = RunConfig(weights=str(args.weights), device="cpu", precision=args.precision)
     backbone = build_backbone(config.backbone, args.weights, "cpu")
     rows: list[tuple[str, dict[str, float]]] = []
 
-    run_dir = args.work / args.source
     mode = (
         InstancesConfig(max_instances=args.max_instances)
         if args.source == "instances"
         else EntitiesConfig()
     )
+    run_dir = args.work / args.source
     label_folder(args.images, run_dir, replace(config, segment=mode), backbone=backbone)
-    rows.append((f"run --mode {args.source}", class_agnostic_eval(args.gt, run_dir)))
-    rows.append(("  scores set to 1.0", class_agnostic_eval(args.gt, run_dir, score_one=True)))
+    images, gt, eval_dir = args.images, args.gt, run_dir
+    if args.apply_images:
+        images, gt, eval_dir = args.apply_images, args.apply_gt, args.work / f"{args.source}-apply"
+        label_folder(images, eval_dir, replace(config, segment=mode), backbone=backbone)
+    rows.append((f"run --mode {args.source}", class_agnostic_eval(gt, eval_dir)))
+    rows.append(("  scores set to 1.0", class_agnostic_eval(gt, eval_dir, score_one=True)))
     if args.source == "entities":
-        top = class_agnostic_eval(args.gt, run_dir, top_level=True)
-        rows.append(("  entities only (what is learnt)", top))
+        top = class_agnostic_eval(gt, eval_dir, top_level=True)
+        rows.append(("  entities only", top))
 
     train = InstanceTrainConfig(epochs=args.epochs, rounds=args.rounds)
     timings = []
-    for path, record in train_per_round(run_dir, args.work, train, args.weights):
+    for path, record in train_per_round(run_dir, args.work, train, args.weights, args.precision):
         out = args.work / f"apply-r{record['round']}"
-        bare = backbone_seconds(backbone, args.images, config.resolution)
+        bare = backbone_seconds(backbone, images, config.resolution)
         start = time.perf_counter()
-        apply_head(path, args.images, out, config, backbone=backbone, overwrite=True)
+        apply_head(path, images, out, config, backbone=backbone, overwrite=True)
         applied = time.perf_counter() - start
         timings.append((record, bare, applied))
         name = f"head on {args.source}, {record['round']} rounds"
-        rows.append((name, class_agnostic_eval(args.gt, out)))
+        rows.append((name, class_agnostic_eval(gt, out)))
+        if args.source == "entities":
+            rows.append(("  its entities only", class_agnostic_eval(gt, out, top_level=True)))
 
-    print(f"\nclass-agnostic COCO mask eval on {args.images} ({args.gt.name})")
+    print(f"\nclass-agnostic COCO mask eval on {images} ({gt.name})")
     print(f"{'':32}{'AP':>7}{'AP50':>7}{'AR@100':>8}{'AR@1000':>9}{'masks/img':>11}")
     for name, stats in rows:
         print(

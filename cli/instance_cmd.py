@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from selfment_label.config import InstanceTrainConfig
 
-from .console import console, make_progress, user_errors
+from .console import console, user_errors
+from .train_progress import training_bars
 
-LOSS_TERMS = ("bce", "dice", "objectness", "total")
-
-
-def _loss_text(losses: dict[str, float]) -> str:
-    return "  ".join(f"{k} {losses[k]:.4f}" for k in LOSS_TERMS if k in losses)
+if TYPE_CHECKING:
+    from selfment_label.review.targets import ReviewedTargets
 
 
 def train_instances(
@@ -27,32 +26,15 @@ def train_instances(
     device: str,
     precision: str,
     offline: bool,
+    reviewed: ReviewedTargets | None = None,
 ) -> None:
     """Train an instance head (with its self-correction rounds) under progress bars and print
-    what every round did."""
+    what every round did; on a reviewed dataset's masks when ``reviewed`` is given."""
     from selfment_label.device import resolve_device
     from selfment_label.head.instance_train import distil_instances
 
-    with user_errors(FileNotFoundError), make_progress() as progress:
-        features = progress.add_task("features", total=None)
-        rounds = [
-            progress.add_task(f"round {index}", total=None, start=False)
-            for index in range(config.rounds + 1)
-        ]
-
-        def on_feature(done: int, total: int) -> None:
-            progress.update(features, completed=done, total=total)
-
-        def on_step(round_index: int, step: int, total: int, losses: dict[str, float]) -> None:
-            task = rounds[round_index]
-            progress.start_task(task)
-            progress.update(
-                task,
-                completed=step,
-                total=total,
-                description=f"round {round_index} {_loss_text(losses)}",
-            )
-
+    phases = [f"round {index}" for index in range(config.rounds + 1)]
+    with user_errors(FileNotFoundError), training_bars(phases) as bars:
         result = distil_instances(
             run_dir,
             out,
@@ -62,8 +44,10 @@ def train_instances(
             device=str(resolve_device(device)),
             precision=precision,
             allow_download=not offline,
-            feature_progress=on_feature,
-            train_progress=on_step,
+            feature_progress=bars.features,
+            train_progress=bars.step,
+            targets=reviewed.instances if reviewed else None,
+            data={"review": reviewed.provenance()} if reviewed else None,
         )
     table = Table(
         title=f"instance head -> {result.checkpoint} ({result.images} images, "

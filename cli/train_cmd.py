@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -24,7 +25,6 @@ from .console import (
     fail,
     invalid_options,
     label_with_progress,
-    make_progress,
     print_dataset,
     require_choice,
     setup_logging,
@@ -49,12 +49,26 @@ from .options import (
     verbose_option,
     workers_option,
 )
+from .train_progress import training_bars
+
+if TYPE_CHECKING:
+    from selfment_label.review.targets import ReviewedTargets
 
 LOSS_TERMS = ("bce", "dice", "contrastive", "total")
 
 
-def _loss_text(losses: dict[str, float]) -> str:
-    return "  ".join(f"{k} {losses[k]:.4f}" for k in LOSS_TERMS if k in losses)
+def _reviewed(
+    run_dir: Path, name: str | None, tags: list[str] | None, exclude_tags: list[str]
+) -> ReviewedTargets:
+    """The reviewed dataset's masks to learn from, announced."""
+    from selfment_label.review.targets import reviewed_targets
+
+    with user_errors(), console.status("reading the review"):
+        source = reviewed_targets(run_dir, name, tags, exclude_tags)
+    console.print(
+        f"dataset [bold]{source.dataset}[/]: {len(source.instances)} samples to learn from"
+    )
+    return source
 
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
@@ -166,59 +180,30 @@ def train(
     chosen = {k: v for k, v in chosen.items() if v is not None}
     task = task or _run_task(run_dir)
     require_choice(task, HEAD_TASKS, "--task")
-    if task == "instances":
-        if layers:
-            raise fail("--layers is an option of the single head (--task single)")
-        if reviewed:
-            raise fail("--reviewed trains the single-object head only: pass --task single")
-        with invalid_options():
-            instance_config = InstanceTrainConfig(
-                **chosen,
-                weight_decay=weight_decay,
-                batch_size=batch_size,
-                seed=seed,
-            )
+    if task == "instances" and layers:
+        raise fail("--layers is an option of the single head (--task single)")
+    with invalid_options():
+        options = {**chosen, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed}
+        config = (
+            InstanceTrainConfig(**options)
+            if task == "instances"
+            else TrainConfig(**options, layers=_layers(layers))
+        )
+    source = _reviewed(run_dir, name, tags, exclude_tags) if reviewed else None
+    if isinstance(config, InstanceTrainConfig):
         train_instances(
             run_dir,
             out,
-            instance_config,
+            config,
             cache=cache,
             weights=weights,
             device=device,
             precision=precision,
             offline=offline,
+            reviewed=source,
         )
         return
-    with invalid_options():
-        config = TrainConfig(
-            **chosen,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            seed=seed,
-            layers=_layers(layers),
-        )
-    source = None
-    if reviewed:
-        from selfment_label.review.targets import reviewed_targets
-
-        with user_errors(), console.status("reading the review"):
-            source = reviewed_targets(run_dir, name, tags, exclude_tags)
-        console.print(
-            f"dataset [bold]{source.dataset}[/]: {len(source.targets)} samples to learn from"
-        )
-    with user_errors(FileNotFoundError), make_progress() as progress:
-        features = progress.add_task("features", total=None)
-        steps = progress.add_task("training", total=None, start=False)
-
-        def on_feature(done: int, total: int) -> None:
-            progress.update(features, completed=done, total=total)
-
-        def on_step(step: int, total: int, losses: dict[str, float]) -> None:
-            progress.start_task(steps)
-            progress.update(
-                steps, completed=step, total=total, description=f"training {_loss_text(losses)}"
-            )
-
+    with user_errors(FileNotFoundError), training_bars(["training"]) as bars:
         result = distil(
             run_dir,
             out,
@@ -228,8 +213,8 @@ def train(
             device=str(resolve_device(device)),
             precision=precision,
             allow_download=not offline,
-            feature_progress=on_feature,
-            train_progress=on_step,
+            feature_progress=bars.features,
+            train_progress=lambda step, total, losses: bars.step(0, step, total, losses),
             targets=source.targets if source else None,
             data={"review": source.provenance()} if source else None,
         )

@@ -420,6 +420,8 @@ class InstanceTrainConfig:
       drop_loss_iou: unmatched queries whose mask overlaps no pseudo-mask by at least this
         IoU get no objectness loss (CutLER's DropLoss: a missed object is not punished); 0
         turns it off.
+      part_queries: queries of the second set that learns an ``entities`` run's parts (used
+        only when the run has parts).
       rounds: self-correction rounds after the first training (0: none; 1 raised AP and
         AR@100 in both coco-dev benchmarks, docs/many-objects-learnt.md).
       keep_score: teacher masks scored at least this replace the pseudo-mask they match or
@@ -439,6 +441,7 @@ class InstanceTrainConfig:
     heads: int = 4
     no_object_weight: float = 0.1
     drop_loss_iou: float = 0.01
+    part_queries: int = 30
     rounds: int = 1
     keep_score: float = KEEP_SCORE
     drop_score: float = DROP_SCORE
@@ -454,6 +457,7 @@ class InstanceTrainConfig:
         check_int("hidden", self.hidden, 1)
         check_int("layers", self.layers, 1)
         check_int("heads", self.heads, 1)
+        check_int("part_queries", self.part_queries, 0)
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         check_range("no_object_weight", self.no_object_weight, 0.0, 1.0)

@@ -15,6 +15,7 @@ from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
 from selfment_label.config import (
+    EntitiesConfig,
     InstanceApplyConfig,
     InstancesConfig,
     InstanceTrainConfig,
@@ -28,11 +29,12 @@ from selfment_label.head.instance_model import (
     Prediction,
     hungarian_match,
     select_instances,
+    select_parts,
 )
 from selfment_label.head.instance_train import (
     InstanceImage,
     distil_instances,
-    top_level_masks,
+    level_masks,
     train_rounds,
 )
 from selfment_label.head.rounds import correct_image
@@ -212,7 +214,7 @@ def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
     assert all(len(anns) <= 2 for _, anns in run.images())
 
 
-def test_entities_parts_are_not_learnt_as_instances(tmp_path: Path) -> None:
+def test_entities_parts_are_learnt_apart_from_their_entities(tmp_path: Path) -> None:
     entity = np.zeros((20, 30), dtype=bool)
     entity[2:12, 3:20] = True
     part = entity.copy()
@@ -226,9 +228,28 @@ def test_entities_parts_are_not_learnt_as_instances(tmp_path: Path) -> None:
         [{"file_name": "a.jpg", "width": 30, "height": 20, "annotations": records}],
     )
     run = read_run(tmp_path, require_provenance=False)
-    [(name, width, height, masks)] = list(top_level_masks(run))
+    [(name, width, height, objects, parts)] = list(level_masks(run))
     assert (name, width, height) == ("a.jpg", 30, 20)
-    assert len(masks) == 1 and np.array_equal(masks[0], entity)
+    assert len(objects) == 1 and np.array_equal(objects[0], entity)
+    assert len(parts) == 1 and np.array_equal(parts[0], part)
+
+
+def test_select_parts_keeps_parts_inside_their_object() -> None:
+    grid = (8, 8)
+    left = _box(grid, slice(0, 8), slice(0, 4)) * 0.9 + 0.05
+    right = _box(grid, slice(0, 8), slice(4, 8)) * 0.9 + 0.05
+    objects = Prediction(torch.stack([left, right]), torch.tensor([0.9, 0.8]))
+    spill = _box(grid, slice(0, 3), slice(2, 5)) * 0.9 + 0.05  # 6 of 9 patches in left
+    whole = left.clone()  # the object again: not a part
+    small = _box(grid, slice(5, 7), slice(5, 7)) * 0.9 + 0.05
+    parts = Prediction(torch.stack([spill, whole, small]), torch.tensor([0.7, 0.6, 0.5]))
+    found = select_parts(objects, parts, InstanceApplyConfig(min_score=0.05))
+    assert [parent for parent, _ in found] == [0, 1]
+    [(_, in_left), (_, in_right)] = found
+    assert in_left.scores.tolist() == pytest.approx([0.7])
+    assert int((in_left.probabilities[0] > 0.5).sum()) == 6  # clipped to the left object
+    assert bool(((in_left.probabilities > 0.5) <= (left > 0.5)).all())
+    assert in_right.scores.tolist() == pytest.approx([0.5])
 
 
 def test_review_shows_an_instance_head_run_like_an_instances_run(
@@ -265,3 +286,68 @@ def test_training_refuses_a_run_without_masks_and_a_diverged_loss(
     with pytest.raises(HeadError, match="diverged"):
         train_rounds(images, InstanceTrainConfig(epochs=1, hidden=8, heads=2, queries=2))
     assert not (tmp_path / "head.pt").exists()
+
+
+def test_real_head_on_an_entities_run_writes_parts_inside_their_entity(
+    coco_images: Path, real_backbone: Backbone, tmp_path: Path
+) -> None:
+    run = tmp_path / "entities"
+    config = RunConfig(resolution=224, workers=1, refine="none", segment=EntitiesConfig())
+    label_folder(coco_images, run, config, backbone=real_backbone)
+    result = distil_instances(run, tmp_path / "head.pt", SMALL, backbone=real_backbone)
+    loaded = load_checkpoint(result.checkpoint)
+    assert loaded.meta["model"]["part_queries"] == SMALL.part_queries
+    assert loaded.meta["data"]["parts"] > 0
+    out = tmp_path / "applied"
+    apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
+    assert read_run(out).options["parts"] is True  # review shows it like an entities run
+    parts = 0
+    for image, anns in read_run(out).images():
+        size = (image["height"], image["width"])
+        by_id = {ann["id"]: ann for ann in anns}
+        for ann in anns:
+            if ann.get("parent_id") is None:
+                assert ann["level"] == 0
+                continue
+            parent = by_id[ann["parent_id"]]
+            assert ann["level"] == 1 and parent["level"] == 0
+            inside = decode_rle(ann["segmentation"], size)
+            assert not (inside & ~decode_rle(parent["segmentation"], size)).any()
+            parts += 1
+    assert parts > 0
+
+
+def test_train_reviewed_learns_the_reviewed_instances(
+    instances_run: Path, real_backbone: Backbone, tmp_path: Path
+) -> None:
+    # touches FiftyOne: run under flock /work/wt/fiftyone.lock
+    from selfment_label.review.dataset import build_dataset
+    from selfment_label.review.targets import reviewed_targets
+
+    dataset = build_dataset(instances_run, f"reviewed-instances-{tmp_path.name}")
+    try:
+        rejected, *others = dataset.sort_by("file_name")
+        rejected.tags.append("rejected")
+        rejected.save()
+        trimmed = max(others, key=lambda sample: len(sample.pseudo.detections))
+        kept = trimmed.pseudo.detections[:-1]  # one instance deleted in review
+        trimmed.pseudo.detections = kept
+        trimmed.save()
+        source = reviewed_targets(instances_run, dataset.name)
+        objects = {name: masks for name, _, _, masks, _ in source.instances}
+        assert rejected.file_name not in objects
+        assert len(objects[trimmed.file_name]) == len(kept)
+        out = tmp_path / "head.pt"
+        result = CliRunner().invoke(
+            app,
+            ["train", str(instances_run), "--out", str(out), "--reviewed"]
+            + ["--name", dataset.name, "--epochs", "2", "--rounds", "0"],
+        )
+        assert result.exit_code == 0, result.output
+        meta = load_checkpoint(out).meta
+        assert meta["task"] == "instances"
+        assert meta["data"]["review"]["dataset"] == dataset.name
+        assert meta["data"]["pseudo_masks"] == sum(len(masks) for masks in objects.values())
+        assert meta["data"]["images"] == len(MULTI_OBJECT) - 1
+    finally:
+        dataset.delete()

@@ -26,6 +26,10 @@ from ..masks import THRESHOLD
 from ..segment.scores import mask_iou
 
 FOURIER_BANDS = 8
+PART_INSIDE = 0.5
+"""A predicted part belongs to the kept object that holds at least this share of it."""
+PART_OF_WHOLE = 0.9
+"""A part whose IoU with its object is above this is the object again, and is dropped."""
 THREADS = 1
 """CPU threads of the instance head (training and inference): its kernels are small, and with
 two threads on a crowded 2-core machine a training step took 10-20x longer than with one
@@ -55,16 +59,25 @@ class InstanceHead(nn.Module):
       queries: number of learned queries.
       layers: decoder layers.
       heads: attention heads.
+      part_queries: learned queries of a second set that predicts parts of the first set's
+        masks (0: none; an ``entities`` run's parts are learnt by it).
     """
 
     def __init__(
-        self, dim: int, hidden: int = 128, queries: int = 50, layers: int = 2, heads: int = 4
+        self,
+        dim: int,
+        hidden: int = 128,
+        queries: int = 50,
+        layers: int = 2,
+        heads: int = 4,
+        part_queries: int = 0,
     ):
         super().__init__()
         self.dim = dim
         self.project = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden))
         self.position = nn.Linear(4 * FOURIER_BANDS, hidden)
         self.queries = nn.Embedding(queries, hidden)
+        self.part_queries = nn.Embedding(part_queries, hidden) if part_queries else None
         layer = nn.TransformerDecoderLayer(
             hidden,
             heads,
@@ -86,14 +99,24 @@ class InstanceHead(nn.Module):
             "queries": self.queries.num_embeddings,
             "layers": len(self.decoder.layers),
             "heads": self.decoder.layers[0].self_attn.num_heads,
+            "part_queries": self.part_queries.num_embeddings if self.part_queries else 0,
         }
 
+    @property
+    def object_queries(self) -> int:
+        """How many queries predict objects; the rest (``part_queries``) predict parts."""
+        return self.queries.num_embeddings
+
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(objectness logits [B, Q], mask logits [B, Q, rows, cols])``."""
+        """``(objectness logits [B, Q], mask logits [B, Q, rows, cols])``: the object queries
+        first, then the part queries."""
         batch, rows, cols, _ = tokens.shape
         memory = self.project(tokens.reshape(batch, rows * cols, -1))
         memory = memory + self.position(grid_positions(rows, cols, tokens.device))
-        queries = self.queries.weight.expand(batch, -1, -1)
+        queries = self.queries.weight
+        if self.part_queries is not None:
+            queries = torch.cat([queries, self.part_queries.weight])
+        queries = queries.expand(batch, -1, -1)
         decoded = self.decoder(queries, memory)
         masks = torch.einsum("bqh,bnh->bqn", self.mask_embed(decoded), self.mask_features(memory))
         return self.objectness(decoded)[..., 0], masks.reshape(batch, -1, rows, cols)
@@ -126,17 +149,31 @@ def query_scores(objectness: torch.Tensor, probabilities: torch.Tensor) -> torch
     return torch.sigmoid(objectness) * mean_inside
 
 
-def raw_predictions(head: InstanceHead, tokens: torch.Tensor) -> list[Prediction]:
-    """Every query's mask and score for each image of a ``[B, rows, cols, D]`` batch (best
-    score first, nothing filtered)."""
+def _ranked(objectness: torch.Tensor, probabilities: torch.Tensor) -> Prediction:
+    scores = query_scores(objectness, probabilities)
+    order = scores.argsort(descending=True, stable=True)
+    return Prediction(probabilities[order], scores[order])
+
+
+def level_predictions(
+    head: InstanceHead, tokens: torch.Tensor
+) -> list[tuple[Prediction, Prediction]]:
+    """Every object query's and every part query's mask and score for each image of a
+    ``[B, rows, cols, D]`` batch (each set best score first, nothing filtered; the part set
+    is empty for a head without part queries)."""
     objectness, logits = head(tokens.float())
     probabilities = torch.sigmoid(logits)
-    found = []
-    for image_objectness, image_probabilities in zip(objectness, probabilities, strict=True):
-        scores = query_scores(image_objectness, image_probabilities)
-        order = scores.argsort(descending=True, stable=True)
-        found.append(Prediction(image_probabilities[order], scores[order]))
-    return found
+    split = head.object_queries
+    return [
+        (_ranked(image[:split], masks[:split]), _ranked(image[split:], masks[split:]))
+        for image, masks in zip(objectness, probabilities, strict=True)
+    ]
+
+
+def raw_predictions(head: InstanceHead, tokens: torch.Tensor) -> list[Prediction]:
+    """Every object query's mask and score for each image of a ``[B, rows, cols, D]`` batch
+    (best score first, nothing filtered)."""
+    return [objects for objects, _ in level_predictions(head, tokens)]
 
 
 def select_instances(prediction: Prediction, config: InstanceApplyConfig) -> Prediction:
@@ -174,6 +211,45 @@ def select_instances(prediction: Prediction, config: InstanceApplyConfig) -> Pre
         empty = prediction.probabilities[:0]
         return Prediction(empty, prediction.scores[:0])
     return Prediction(torch.stack(painted), torch.stack(scores))
+
+
+def select_parts(
+    objects: Prediction, parts: Prediction, config: InstanceApplyConfig
+) -> list[tuple[int, Prediction]]:
+    """Parts to write inside the kept objects.
+
+    Each part query (``min_score`` and the object selection's rules apply) goes to the kept
+    object that holds the largest share of it, when that share is at least
+    ``PART_INSIDE``; it is clipped to that object (its probability capped by the object's),
+    and dropped when it is the whole object again (IoU with it above ``PART_OF_WHOLE``).
+    Each object's parts then go through ``select_instances`` (NMS, cap, painted disjoint).
+
+    Arguments:
+      objects: the kept objects (``select_instances``), best score first.
+      parts: every part query's mask, best score first.
+      config: the selection options.
+
+    Returns:
+      ``(index of the object among ``objects``, its parts)`` for every object with parts.
+    """
+    wanted = parts.scores >= config.min_score
+    probabilities, scores = parts.probabilities[wanted], parts.scores[wanted]
+    if not len(objects.scores) or not len(scores):
+        return []
+    holders = (objects.probabilities > THRESHOLD).flatten(1)
+    binary = (probabilities > THRESHOLD).flatten(1)
+    share = (binary.float() @ holders.float().T) / binary.sum(1, keepdim=True).clamp(min=1)
+    best_share, parent = share.max(1)
+    found = []
+    for index, holder in enumerate(holders):
+        mine = (parent == index) & (best_share >= PART_INSIDE)
+        clipped = torch.minimum(probabilities[mine], objects.probabilities[index])
+        inside = (clipped > THRESHOLD).flatten(1)
+        keep = inside.any(1) & (mask_iou(inside, holder[None]) <= PART_OF_WHOLE)
+        chosen = select_instances(Prediction(clipped[keep], scores[mine][keep]), config)
+        if len(chosen.scores):
+            found.append((index, chosen))
+    return found
 
 
 def _pair_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

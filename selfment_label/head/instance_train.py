@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
 from ..config import DEFAULT_PRECISION, InstanceTrainConfig
 from ..data.images import grid_for
 from ..device import small_kernel_threads
@@ -28,17 +27,18 @@ from ..features.backbone import Backbone
 from ..features.cache import FeatureProgress
 from ..runfolder.coco import RleError, decode_rle
 from ..runfolder.layout import RunFolder, RunFolderError, read_run
-from .checkpoint import CHECKPOINT_FORMAT, HeadError, save_checkpoint
+from .checkpoint import HeadError, save_checkpoint
 from .features import run_features
 from .instance_model import THREADS, InstanceHead, image_losses
 from .model import patch_targets
 from .rounds import RoundChange, correct_targets
-from .train import _check_finite, check_train_outputs
+from .train import _check_finite, check_train_outputs, feature_meta, with_features
 
 logger = logging.getLogger(__name__)
 
 INSTANCE_TASK = "instances"
-LOSS_TERMS = ("bce", "dice", "objectness", "total")
+LevelMasks = tuple[str, int, int, list[np.ndarray], list[np.ndarray]]
+"""``(file name, width, height, [height, width] object masks, part masks)`` of one image."""
 RoundProgress = Callable[[int, int, int, dict[str, float]], None]
 """Called after every step with ``(round, step, steps of the round, loss terms)``."""
 RoundDone = Callable[[int, InstanceHead], None]
@@ -53,33 +53,36 @@ class InstanceImage:
       file_name: image path relative to the run's input folder.
       tokens: ``[rows, cols, D]`` tokens (float16, as cached).
       targets: ``[K, rows, cols]`` pseudo-masks (patch area fractions; K may be 0).
+      parts: ``[P, rows, cols]`` pseudo-masks of parts (an ``entities`` run's; none: no
+        part is learnt from this image).
     """
 
     file_name: str
     tokens: torch.Tensor
     targets: torch.Tensor
+    parts: torch.Tensor | None = None
 
 
-def top_level_masks(run: RunFolder) -> Iterator[tuple[str, int, int, list[np.ndarray]]]:
-    """``(file name, width, height, masks)`` of every labelled image: its annotations without
-    a ``parent_id`` (an entities run's parts are left out).
+def level_masks(run: RunFolder) -> Iterator[LevelMasks]:
+    """``(file name, width, height, objects, parts)`` of every labelled image: its
+    annotations without a ``parent_id`` (an ``instances`` run's instances, an ``entities``
+    run's entities) and those with one (an ``entities`` run's parts).
 
     Raises:
       RunFolderError: an annotation's RLE is corrupt or not the image's size.
     """
     for image, anns in run.images():
         width, height = int(image["width"]), int(image["height"])
-        masks = []
+        objects, parts = [], []
         for ann in anns:
-            if ann.get("parent_id") is not None:
-                continue
             try:
-                masks.append(decode_rle(ann["segmentation"], (height, width)))
+                mask = decode_rle(ann["segmentation"], (height, width))
             except RleError as error:
                 raise RunFolderError(
                     f"annotation {ann.get('id')} of {image['file_name']}: {error}"
                 ) from None
-        yield image["file_name"], width, height, masks
+            (objects if ann.get("parent_id") is None else parts).append(mask)
+        yield image["file_name"], width, height, objects, parts
 
 
 def train_rounds(
@@ -106,8 +109,14 @@ def train_rounds(
         raise HeadError("no training images")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        has_parts = any(image.parts is not None and len(image.parts) for image in images)
         head = InstanceHead(
-            images[0].tokens.shape[-1], config.hidden, config.queries, config.layers, config.heads
+            images[0].tokens.shape[-1],
+            config.hidden,
+            config.queries,
+            config.layers,
+            config.heads,
+            config.part_queries if has_parts else 0,
         )
     head.to(device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -180,13 +189,23 @@ def _batch_losses(
     config: InstanceTrainConfig,
     device: torch.device | str,
 ) -> dict[str, torch.Tensor]:
-    """Mean loss terms over a batch (one forward per image: images differ in grid)."""
+    """Mean loss terms over a batch (one forward per image: images differ in grid); a head
+    with part queries adds the part set's terms (matched to the image's parts) to each."""
     sums: dict[str, torch.Tensor] = {}
+    split = head.object_queries
     for image in batch:
         objectness, logits = head(image.tokens.to(device).float()[None])
-        terms = image_losses(objectness[0], logits[0], image.targets.to(device), config)
-        for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + value / len(batch)
+        terms = [
+            image_losses(objectness[0, :split], logits[0, :split], image.targets.to(device), config)
+        ]
+        if head.part_queries is not None:
+            parts = image.parts if image.parts is not None else image.targets[:0]
+            terms.append(
+                image_losses(objectness[0, split:], logits[0, split:], parts.to(device), config)
+            )
+        for term in terms:
+            for key, value in term.items():
+                sums[key] = sums.get(key, 0.0) + value / len(batch)
     sums["total"] = sum(sums.values())
     return sums
 
@@ -217,6 +236,12 @@ class InstanceDistilResult:
         return self.rounds[-1]["losses"]
 
 
+def grid_targets(masks: list[np.ndarray], grid: tuple[int, int]) -> torch.Tensor:
+    """``[K, rows, cols]`` patch targets of full-size masks (K may be 0)."""
+    targets = [patch_targets(mask, grid) for mask in masks]
+    return torch.stack(targets) if targets else torch.zeros(0, *grid)
+
+
 def _no_mask_error(images: int) -> HeadError:
     return HeadError(
         f"none of the run's {images} images has a mask: an instance head learnt "
@@ -238,6 +263,8 @@ def distil_instances(
     feature_progress: FeatureProgress | None = None,
     train_progress: RoundProgress | None = None,
     round_done: RoundDone | None = None,
+    targets: Iterable[LevelMasks] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> InstanceDistilResult:
     """Train an instance head on a run folder's top-level masks and save its checkpoint.
 
@@ -255,6 +282,9 @@ def distil_instances(
       feature_progress: called with ``(done, total)`` while features are gathered.
       train_progress: called with ``(round, step, total, losses)`` while training.
       round_done: called with ``(round, head)`` after every round.
+      targets: the pseudo-masks instead of the run's (``train --reviewed``: those of a
+        reviewed dataset, ``ReviewedTargets.instances``); images of the run's input folder.
+      data: more keys for the checkpoint's ``data`` record (where the targets came from).
 
     Raises:
       RunFolderError: the run folder cannot be read.
@@ -266,8 +296,8 @@ def distil_instances(
     config = config or InstanceTrainConfig()
     check_train_outputs(run_dir, out, cache_dir)
     source = read_run(run_dir)
-    masks = list(top_level_masks(source))
-    if masks and not any(image_masks for *_, image_masks in masks):
+    masks = list(level_masks(source) if targets is None else targets)
+    if masks and not any(objects for *_, objects, _ in masks):
         raise _no_mask_error(len(masks))  # before any feature is computed
     cache, entries = run_features(
         source,
@@ -281,32 +311,25 @@ def distil_instances(
         progress=feature_progress,
     )
     settings = cache.settings
-    images, left_out = [], {}
-    for name, width, height, image_masks in masks:
-        cached = cache.load(entries[name], name) if name in entries else None
+    usable, left_out = with_features(masks, entries)
+    images = []
+    for name, width, height, objects, parts in usable:
+        cached = cache.load(entries[name], name)
         if cached is None:
-            left_out[name] = "no features (the image could not be decoded)"
-            logger.warning("left out %s: %s", name, left_out[name])
-            continue
+            raise HeadError(f"the cached features of {name} cannot be read")
         grid = grid_for(width, height, settings.resolution, settings.patch_size)
-        targets = [patch_targets(mask, grid) for mask in image_masks]
-        stacked = torch.stack(targets) if targets else torch.zeros(0, *grid)
-        images.append(InstanceImage(name, cached.tokens.half(), stacked))
+        images.append(
+            InstanceImage(
+                name, cached.tokens.half(), grid_targets(objects, grid), grid_targets(parts, grid)
+            )
+        )
     pseudo_masks = sum(len(image.targets) for image in images)
     if images and not pseudo_masks:
         raise _no_mask_error(len(images))
     head, rounds = train_rounds(images, config, device, train_progress, round_done)
     meta = {
-        "format": CHECKPOINT_FORMAT,
+        **feature_meta(settings),
         "task": INSTANCE_TASK,
-        "tool_version": __version__,
-        "backbone": {
-            "backbone": settings.backbone,
-            "timm_id": settings.timm_id,
-            "patch_size": settings.patch_size,
-            "weights_sha256": settings.weights_sha256,
-        },
-        "resolution": settings.resolution,
         "feature_dim": head.dim,
         "hidden": config.hidden,
         "model": head.config(),
@@ -318,6 +341,8 @@ def distil_instances(
             "run_mode": source.mode,
             "images": len(images),
             "pseudo_masks": pseudo_masks,
+            "parts": sum(len(image.parts) for image in images),
+            **(data or {}),
         },
         "final_losses": rounds[-1]["losses"],
     }

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from .. import __version__
 from ..config import DEFAULT_PRECISION, TrainConfig
 from ..data.images import grid_for
 from ..features.backbone import Backbone
-from ..features.cache import FeatureCache, FeatureProgress
+from ..features.cache import CacheSettings, FeatureCache, FeatureProgress
 from ..outputs import check_output, run_input_protection
 from ..runfolder.layout import FEATURES_DIR, RunFolder, read_run, union_mask
 from .checkpoint import CHECKPOINT_FORMAT, HeadError, save_checkpoint
@@ -231,6 +231,47 @@ def _check_some_mask(masks: list[MaskTarget], what: str) -> None:
         )
 
 
+Named = TypeVar("Named", bound=tuple)
+"""A training record whose first field is the image's file name."""
+
+
+def with_features(
+    records: Iterable[Named], entries: dict[str, Path]
+) -> tuple[list[Named], dict[str, str]]:
+    """The records whose image has cached features, and file name -> reason for the others
+    (each logged).
+
+    Arguments:
+      records: training records, each starting with the image's file name.
+      entries: file name -> cache entry (``run_features``).
+    """
+    usable, left_out = [], {}
+    for record in records:
+        if record[0] in entries:
+            usable.append(record)
+        else:
+            left_out[record[0]] = "no features (the image could not be decoded)"
+            logger.warning("left out %s: %s", record[0], left_out[record[0]])
+    return usable, left_out
+
+
+def feature_meta(settings: CacheSettings) -> dict[str, Any]:
+    """What every head checkpoint records about the features it learnt from: the format,
+    the tool version, the backbone's identity, the resolution and the precision."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "tool_version": __version__,
+        "backbone": {
+            "backbone": settings.backbone,
+            "timm_id": settings.timm_id,
+            "patch_size": settings.patch_size,
+            "weights_sha256": settings.weights_sha256,
+        },
+        "resolution": settings.resolution,
+        "feature_precision": settings.precision,
+    }
+
+
 def check_train_outputs(
     run_dir: str | Path, out: str | Path, cache_dir: str | Path | None = None
 ) -> None:
@@ -335,30 +376,21 @@ def distil(
         layers=config.layers,
     )
     settings = cache.settings
-    images, left_out = [], {}
-    for name, width, height, mask in masks:
-        if name not in entries:
-            left_out[name] = "no features (the image could not be decoded)"
-            continue
-        grid = grid_for(width, height, settings.resolution, settings.patch_size)
-        images.append(TrainingImage(name, entries[name], patch_targets(mask, grid)))
-    for name, reason in left_out.items():
-        logger.warning("left out %s: %s", name, reason)
+    usable, left_out = with_features(masks, entries)
+    images = [
+        TrainingImage(
+            name,
+            entries[name],
+            patch_targets(mask, grid_for(width, height, settings.resolution, settings.patch_size)),
+        )
+        for name, width, height, mask in usable
+    ]
     head, rounds = train_rounds(images, cache, config, train_progress)
     losses = rounds[-1]["losses"]
     feature_dim = head.embed[0].in_features
     patches = sum(image.target.numel() for image in images)
     meta = {
-        "format": CHECKPOINT_FORMAT,
-        "tool_version": __version__,
-        "backbone": {
-            "backbone": settings.backbone,
-            "timm_id": settings.timm_id,
-            "patch_size": settings.patch_size,
-            "weights_sha256": settings.weights_sha256,
-        },
-        "resolution": settings.resolution,
-        "feature_precision": settings.precision,
+        **feature_meta(settings),
         "feature_dim": feature_dim,
         "layers": list(config.layers) if config.layers else None,
         "hidden": HIDDEN,

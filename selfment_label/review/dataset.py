@@ -179,8 +179,12 @@ def _gt_detections(run_dir: Path, gt_dir: Path) -> dict[str, fo.Detections]:
 
 def _view_mode(run: RunFolder) -> str:
     """The mode whose review views a run gets: an instance head's run (``apply`` with an
-    instance head) is reviewed like an ``instances`` run."""
-    return "instances" if run.provenance.get("options", {}).get("task") == "instances" else run.mode
+    instance head) is reviewed like an ``instances`` run, or like an ``entities`` run when
+    the head writes parts."""
+    options = run.provenance.get("options", {})
+    if options.get("task") != "instances":
+        return run.mode
+    return "entities" if options.get("parts") else "instances"
 
 
 def build_dataset(

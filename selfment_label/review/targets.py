@@ -1,8 +1,9 @@
 """Training targets from a reviewed dataset: what ``train --reviewed`` learns from.
 
 A sample counts when it belongs to the run (``run_dir`` field), passes the tag filters
-(``export.select_samples``), and its target is the union of the masks now in its label
-fields: deleted masks are gone, edited or imported masks count as they are.
+(``export.select_samples``), and its masks are those now in its label fields: deleted masks
+are gone, edited or imported masks count as they are. The single-object head learns the
+union of a sample's masks; the instance head learns each one (parts, ``level`` 1, apart).
 """
 
 from __future__ import annotations
@@ -28,13 +29,24 @@ class ReviewedTargets:
       dataset: the dataset's name.
       tags: samples kept had any of these tags (none: every sample).
       exclude_tags: samples with any of these tags were left out.
-      targets: ``(file name, width, height, [height, width] boolean mask)`` per sample.
+      instances: ``(file name, width, height, objects, parts)`` per sample: its
+        ``[height, width]`` boolean masks, parts (detections of ``level`` 1) apart.
     """
 
     dataset: str
     tags: list[str]
     exclude_tags: list[str]
-    targets: list[tuple[str, int, int, np.ndarray]] = field(default_factory=list)
+    instances: list[tuple[str, int, int, list[np.ndarray], list[np.ndarray]]] = field(
+        default_factory=list
+    )
+
+    @property
+    def targets(self) -> list[tuple[str, int, int, np.ndarray]]:
+        """``(file name, width, height, [height, width] union of its masks)`` per sample."""
+        return [
+            (name, width, height, np.logical_or.reduce([*objects, *parts, _empty(width, height)]))
+            for name, width, height, objects, parts in self.instances
+        ]
 
     def provenance(self) -> dict[str, Any]:
         """What a checkpoint records about its reviewed data."""
@@ -42,18 +54,27 @@ class ReviewedTargets:
             "dataset": self.dataset,
             "tags": self.tags,
             "exclude_tags": self.exclude_tags,
-            "samples": len(self.targets),
+            "samples": len(self.instances),
         }
 
 
-def sample_mask(sample: Any, fields: Sequence[str], width: int, height: int) -> np.ndarray:
-    """The union of a sample's detection masks over ``fields``, ``[height, width]`` boolean."""
-    union = np.zeros((height, width), dtype=bool)
+def _empty(width: int, height: int) -> np.ndarray:
+    return np.zeros((height, width), dtype=bool)
+
+
+def sample_masks(
+    sample: Any, fields: Sequence[str], width: int, height: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A sample's ``[height, width]`` boolean detection masks over ``fields``: objects, and
+    parts (detections whose ``level`` attribute is 1) apart."""
+    objects, parts = [], []
     for name in fields:
         labels = sample[name] if sample.has_field(name) else None
         for detection in labels.detections if labels is not None else []:
-            union |= detection_to_mask(detection, width, height)
-    return union
+            level = detection.get_field("level") if detection.has_field("level") else 0
+            found = parts if level else objects
+            found.append(detection_to_mask(detection, width, height))
+    return objects, parts
 
 
 def reviewed_targets(
@@ -82,6 +103,6 @@ def reviewed_targets(
     result = ReviewedTargets(dataset.name, list(tags or []), list(exclude_tags or []))
     for sample in view.sort_by("file_name").iter_samples(progress=False):
         width, height = int(sample.metadata.width), int(sample.metadata.height)
-        mask = sample_mask(sample, fields, width, height)
-        result.targets.append((sample.file_name, width, height, mask))
+        objects, parts = sample_masks(sample, fields, width, height)
+        result.instances.append((sample.file_name, width, height, objects, parts))
     return result

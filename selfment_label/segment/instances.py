@@ -25,7 +25,7 @@ flipped (CutLER's corner rule), and an instance that still holds three corners o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -115,6 +115,65 @@ def split_free_patches(
 
 
 @dataclass
+class _Search:
+    """The state of one image's instance search.
+
+    Arguments:
+      flat: ``[N, D]`` tokens.
+      unit: ``[N, D]`` L2-normalised tokens.
+      grid: ``(rows, cols)``.
+      free: ``[N]`` patches no instance has taken yet.
+      taken: the instances' ``[N]`` boolean masks, in the order found.
+      instances: the instances found.
+    """
+
+    flat: torch.Tensor
+    unit: torch.Tensor
+    grid: tuple[int, int]
+    free: torch.Tensor
+    taken: list[torch.Tensor] = field(default_factory=list)
+    instances: ImageMasks = field(default_factory=ImageMasks)
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor) -> _Search:
+        """The search's start on ``[rows, cols, D]`` tokens: every patch free."""
+        rows, cols, dim = tokens.shape
+        flat = tokens.reshape(rows * cols, dim).float()
+        free = torch.ones(rows * cols, dtype=torch.bool, device=tokens.device)
+        return cls(flat, torch.nn.functional.normalize(flat, dim=-1), (rows, cols), free)
+
+
+@dataclass
+class _Cut:
+    """One Normalized Cut of the free patches.
+
+    Arguments:
+      mask: ``[N]`` boolean foreground of the cut (taken patches may belong to it).
+      vector: ``[N]`` its second eigenvector.
+      cosine: ``[1, N, N]`` the graph's cosine similarities.
+    """
+
+    mask: torch.Tensor
+    vector: torch.Tensor
+    cosine: torch.Tensor
+
+
+@dataclass
+class _Refined:
+    """IPO's labels of one cut.
+
+    Arguments:
+      labels: ``[N]`` boolean refined labels.
+      scores: ``[N]`` soft scores.
+      cut: ``[N]`` the cut's foreground (complemented with the labels when swapped).
+    """
+
+    labels: torch.Tensor
+    scores: torch.Tensor
+    cut: torch.Tensor
+
+
+@dataclass
 class MaskCut(InstancesConfig):
     """Label-free multi-instance segmenter: MaskCut + IPO (options: ``InstancesConfig``)."""
 
@@ -158,63 +217,90 @@ class MaskCut(InstancesConfig):
           The instances, largest-eigenvector-first, each with its own confidence; none,
           with a ``no_object`` note, when the image holds no distinct object.
         """
-        rows, cols, dim = tokens.shape
-        grid = (rows, cols)
-        flat = tokens.reshape(rows * cols, dim).float()
-        unit = torch.nn.functional.normalize(flat, dim=-1)
-        free = torch.ones(rows * cols, dtype=torch.bool, device=tokens.device)
-        taken: list[torch.Tensor] = []
-        instances = ImageMasks()
+        search = _Search.of(tokens)
         for index in range(self.max_instances):
-            if int(free.sum()) < 2:
-                break
             with timer.stage("ncut"):
-                cosine = pair_cosine((flat * free[:, None])[None])
-                vector = second_eigenvector(linked(cosine, self.tau)).vectors[0]
-                cut = split_free_patches(vector, free, grid, corner_rule=index > 0).reshape(-1)
-            if not bool((cut & free).any()):
-                break
-            if any(float(mask_iou(cut, earlier)) > OVERLAP_IOU for earlier in taken):
-                logger.debug("instance %d overlaps an earlier one: stop", index)
+                cut = self._next_cut(search, index)
+            if cut is None:
                 break
             with timer.stage("ipo"):
-                refined = iterative_patch_optimization(
-                    flat[None], (cut & free)[None], self.ipo_iters, active=free[None]
-                )
-                kept = refined.labels[0]
-                scores = refined.scores[0]
+                refined = self._refine(search, cut)
                 if index == 0:
-                    if bool(
-                        border_swap(
-                            kept.view(1, *grid),
-                            flat[None],
-                            self.border_prior,
-                            None if class_token is None else class_token[None],
-                        )
-                    ):
-                        kept, cut, scores = ~kept, ~cut, 1.0 - scores
-                    reason = no_object_reasons(cosine, kept.view(1, *grid))[0]
-                    if reason:
-                        return ImageMasks([], {"no_object": reason})
-                labels = self._seed_side(kept, cut & free, vector, grid)
-                if labels.sum() <= self.min_area * labels.numel():
-                    logger.debug("instance %d is too small: stop", index)
+                    refined = self._first_side(search, refined, class_token)
+                    reason = no_object_reasons(cut.cosine, refined.labels.view(1, *search.grid))
+                    if reason[0]:
+                        return ImageMasks([], {"no_object": reason[0]})
+                found = self._new_instances(search, refined, cut.vector, index)
+                if not found:
                     break
-                if index > 0 and is_background(labels.view(grid)):
-                    logger.debug("instance %d is the background: stop", index)
-                    break
-                others = [
-                    component
-                    for component in split_components(kept & ~labels, vector, grid, self.min_area)
-                    if not is_background(component.view(grid))
-                ]
-                for found in [labels, *others][: self.max_instances - len(instances)]:
-                    probability = prototype_scores(unit[None], found[None])[0]
-                    confidence = float(confidence_score(probability[free], found[free]))
-                    own = torch.where(found, scores, scores.clamp(max=THRESHOLD))
-                    instances.append(PatchMask(scores=own.reshape(grid), score=confidence))
-                    taken.append(found)
-                    free = free & ~found
-            if len(instances) >= self.max_instances:
+                self._take(search, found, refined.scores)
+            if len(search.instances) >= self.max_instances:
                 break
-        return instances
+        return search.instances
+
+    def _next_cut(self, search: _Search, index: int) -> _Cut | None:
+        """The next cut of the free patches; ``None`` when the search is over (fewer than two
+        free patches, a cut of taken patches only, or one that finds an earlier instance
+        again: IoU > ``OVERLAP_IOU``)."""
+        if int(search.free.sum()) < 2:
+            return None
+        cosine = pair_cosine((search.flat * search.free[:, None])[None])
+        vector = second_eigenvector(linked(cosine, self.tau)).vectors[0]
+        mask = split_free_patches(vector, search.free, search.grid, corner_rule=index > 0)
+        mask = mask.reshape(-1)
+        if not bool((mask & search.free).any()):
+            return None
+        if any(float(mask_iou(mask, earlier)) > OVERLAP_IOU for earlier in search.taken):
+            logger.debug("instance %d overlaps an earlier one: stop", index)
+            return None
+        return _Cut(mask, vector, cosine)
+
+    def _refine(self, search: _Search, cut: _Cut) -> _Refined:
+        """IPO over the free patches, from the cut's free part."""
+        start = cut.mask & search.free
+        refined = iterative_patch_optimization(
+            search.flat[None], start[None], self.ipo_iters, active=search.free[None]
+        )
+        return _Refined(refined.labels[0], refined.scores[0], start)
+
+    def _first_side(
+        self, search: _Search, refined: _Refined, class_token: torch.Tensor | None
+    ) -> _Refined:
+        """The first cut swapped for its complement when single mode's side rule takes it for
+        the background (with the image's ``[D]`` class token when there is one)."""
+        labels = refined.labels.view(1, *search.grid)
+        classes = None if class_token is None else class_token[None]
+        if bool(border_swap(labels, search.flat[None], self.border_prior, classes)):
+            return _Refined(~refined.labels, 1.0 - refined.scores, ~refined.cut & search.free)
+        return refined
+
+    def _new_instances(
+        self, search: _Search, refined: _Refined, vector: torch.Tensor, index: int
+    ) -> list[torch.Tensor]:
+        """The cut's instance (its seed's component) and the other components it gathered;
+        none when the instance is too small (``min_area``) or, after the first, background."""
+        grid = search.grid
+        labels = self._seed_side(refined.labels, refined.cut, vector, grid)
+        if labels.sum() <= self.min_area * labels.numel():
+            logger.debug("instance %d is too small: stop", index)
+            return []
+        if index > 0 and is_background(labels.view(grid)):
+            logger.debug("instance %d is the background: stop", index)
+            return []
+        others = [
+            component
+            for component in split_components(refined.labels & ~labels, vector, grid, self.min_area)
+            if not is_background(component.view(grid))
+        ]
+        return [labels, *others][: self.max_instances - len(search.instances)]
+
+    def _take(self, search: _Search, found: list[torch.Tensor], scores: torch.Tensor) -> None:
+        """Record the found instances with their own confidence and mark their patches taken."""
+        for mask in found:
+            probability = prototype_scores(search.unit[None], mask[None])[0]
+            free = search.free
+            confidence = float(confidence_score(probability[free], mask[free]))
+            own = torch.where(mask, scores, scores.clamp(max=THRESHOLD))
+            search.instances.append(PatchMask(scores=own.reshape(search.grid), score=confidence))
+            search.taken.append(mask)
+            search.free = free & ~mask
