@@ -168,6 +168,9 @@ ADVICE = {
     "export_overwrite": "use --overwrite to replace its contents (a previous export only), or "
     "choose another folder",
     "export_target": "choose an empty or new folder",
+    "head_weights": "pass --weights with the weights file the head was made with",
+    "lr": "train again with a lower --lr",
+    "mode": "use --mode single",
     "run_dir": "make one with `selfment-label run IMAGES --out RUN_DIR`",
     "input_dir": "copy the images down (for example `aws s3 sync URI ./images`) and run "
     "`selfment-label run ./images --out RUN_DIR` with the run's options (images whose size "

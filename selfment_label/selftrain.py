@@ -134,8 +134,9 @@ def self_train_folder(
     out_dir = Path(out_dir)
     if config.segment.mode != "single":
         raise SelfTrainError(
-            f"self-training learns one object per image: it needs --mode single, not "
-            f"{config.segment.mode}"
+            f"self-training learns one object per image: it needs the single mode, not "
+            f"{config.segment.mode}",
+            remedy="mode",
         )
     check_run_target(out_dir, overwrite)
     found = _count_images(input_dir, out_dir)

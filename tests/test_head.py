@@ -232,7 +232,8 @@ def test_diverged_training_nan_heads_and_maskless_runs_are_refused(
     result = CliRunner().invoke(
         app, ["apply", str(tmp_path / "poisoned.pt"), str(tmp_path / "images"), "--offline"]
     )
-    assert result.exit_code == 1 and "non-finite weights" in " ".join(result.output.split())
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "non-finite weights" in message and "lower --lr" in message
     coco_path = tiny_run / "annotations.json"
     coco = json.loads(coco_path.read_text())
     assert coco["annotations"]
@@ -270,6 +271,7 @@ def test_cli_train_from_cache_and_apply_refusal(
     )
     assert refused.exit_code == 1
     assert "trained on another backbone" in refused.output
+    assert "--weights with the weights file" in " ".join(refused.output.split())
     assert not (tmp_path / "o" / "annotations.json").exists()
 
 

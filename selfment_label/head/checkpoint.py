@@ -42,8 +42,8 @@ def check_identity(expected: dict[str, Any], backbone: Backbone, what: str) -> N
     ]
     if problems:
         raise HeadMismatch(
-            f"{what} another backbone than the one loaded ({'; '.join(problems)}). "
-            "Pass --weights with the weights file it was made with."
+            f"{what} another backbone than the one loaded ({'; '.join(problems)})",
+            remedy="head_weights",
         )
 
 
@@ -141,8 +141,8 @@ def load_checkpoint(path: str | Path) -> HeadCheckpoint:
         ) from None
     if not all(torch.isfinite(value).all() for value in head.state_dict().values()):
         raise HeadError(
-            f"{path} holds non-finite weights (its training diverged): it would label no "
-            "image; train it again with a lower --lr"
+            f"{path} holds non-finite weights (its training diverged): it would label no image",
+            remedy="lr",
         )
     head.eval().requires_grad_(False)
     return HeadCheckpoint(head=head, meta=meta, sha256=file_sha256(path))

@@ -118,7 +118,8 @@ def _check_finite(loss: torch.Tensor, step: int, total_steps: int, lr: float) ->
     if not torch.isfinite(loss):
         raise HeadError(
             f"the training diverged at step {step} of {total_steps} (the loss is "
-            f"{loss.item()}); train again with a lower --lr than {lr:g}"
+            f"{loss.item()}, the learning rate {lr:g})",
+            remedy="lr",
         )
 
 
