@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import copy_ecssd, tiny_config
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
-from selfment_label.config import RunConfig, TrainConfig
+from selfment_label.config import TrainConfig
 from selfment_label.data.images import prepare_image
 from selfment_label.features.backbone import Backbone
 from selfment_label.head.apply import HeadSegmenter, apply_head, head_segmenter
@@ -31,23 +32,15 @@ from selfment_label.timing import StageTimer
 
 pytestmark = pytest.mark.slow
 
-SMALL = RunConfig(resolution=112, workers=1, refine="none", save_scores=True)
+SMALL = tiny_config(workers=1, refine="none", save_scores=True)
 LAYERS = (8, 11)
-
-
-def _link_images(folder: Path, ecssd_dir: Path, stems: range) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem in stems:
-        name = f"{stem:04d}.jpg"
-        (folder / name).symlink_to(ecssd_dir / "images" / name)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory, ecssd_dir: Path, real_backbone: Backbone):
     """A 112 px NCut+IPO run of 4 ECSSD images."""
     root = tmp_path_factory.mktemp("head-options")
-    images = _link_images(root / "images", ecssd_dir, range(1, 5))
+    images = copy_ecssd(ecssd_dir, root / "images", [f"{i:04d}" for i in range(1, 5)])
     label_folder(images, root / "run", SMALL, backbone=real_backbone)
     return root
 
@@ -172,7 +165,7 @@ def test_self_train_labels_trains_and_relabels_in_one_folder(
     ecssd_dir: Path, real_backbone: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("selfment_label.selftrain.MIN_IMAGES", 3)
-    images = _link_images(tmp_path / "images", ecssd_dir, range(5, 9))
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", [f"{i:04d}" for i in range(5, 9)])
     out = tmp_path / "self"
     train = TrainConfig(epochs=2, batch_size=2)
     first = self_train_folder(images, out, SMALL, train, backbone=real_backbone)
