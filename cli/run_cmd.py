@@ -194,10 +194,14 @@ def _self_train(images: str, out: Path | None, config: RunConfig, overwrite: boo
 
     label_with_progress(label)
     summary = done["summary"]
-    trained = "trained" if summary.head_trained else "kept from an earlier run"
+    heads = ", ".join(
+        f"{head} ({'trained' if fresh else 'kept from an earlier run'})"
+        for head, fresh in zip(summary.heads, summary.heads_trained, strict=True)
+    )
     console.print(
         f"stage 1 (NCut+IPO): {summary.stage1.annotations} masks in {summary.stage1.out_dir}; "
-        f"head {trained}: {summary.head} ({summary.train_seconds:.1f} s)"
+        f"one head per half, each labelling the other half: {heads} "
+        f"({summary.train_seconds:.1f} s of training)"
     )
 
 

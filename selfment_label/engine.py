@@ -109,7 +109,8 @@ class Labeller:
         caller already has them)."""
         patches, class_tokens = self.tokens(batch, timer) if tokens is None else tokens
         with small_kernel_threads(self.device):
-            return segment_batch(self.segmenter, patches, timer, class_tokens)
+            names = [item.file_name for item in batch]
+            return segment_batch(self.segmenter, patches, timer, class_tokens, names)
 
     def label(
         self,

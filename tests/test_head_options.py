@@ -161,21 +161,44 @@ def test_self_train_refuses_a_small_folder_before_any_work(
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_self_train_labels_trains_and_relabels_in_one_folder(
+def _scores(run_dir: Path) -> dict[str, list[float]]:
+    """Each image's annotation scores in a run."""
+    return {
+        image["file_name"]: [ann["score"] for ann in anns]
+        for image, anns in read_run(run_dir).images()
+    }
+
+
+def test_self_train_labels_each_half_with_the_other_halfs_head(
     ecssd_dir: Path, real_backbone: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("selfment_label.selftrain.MIN_IMAGES", 3)
+    monkeypatch.setattr("selfment_label.selftrain.MIN_IMAGES", 2)
     images = copy_ecssd(ecssd_dir, tmp_path / "images", [f"{i:04d}" for i in range(5, 9)])
     out = tmp_path / "self"
     train = TrainConfig(epochs=2, batch_size=2)
     first = self_train_folder(images, out, SMALL, train, backbone=real_backbone)
-    assert first.head_trained and first.final.labelled == 4
+    assert first.heads_trained == [True, True] and first.final.labelled == 4
     assert read_run(out / "stage1").coco["annotations"]
-    recorded = json.loads((out / "run.json").read_text())
-    assert recorded["self_train"]["stage1"]["run_dir"] == "stage1"
-    assert recorded["head"]["sha256"] == load_checkpoint(out / "head.pt").sha256
+    recorded = json.loads((out / "run.json").read_text())["self_train"]
+    assert recorded["stage1"]["run_dir"] == "stage1"
+    names = sorted(_scores(out / "stage1"))
+    assert recorded["folds"]["images"] == [names[0::2], names[1::2]]
+    heads = [out / "head.fold0.pt", out / "head.fold1.pt"]
+    for fold, head in enumerate(heads):
+        meta = load_checkpoint(head).meta
+        assert meta["data"]["fold"] == fold and meta["data"]["images"] == 2
+        assert recorded["heads"][fold]["labels_fold"] == 1 - fold
+    final, by_head = _scores(out), []
+    for fold, head in enumerate(heads):
+        apply_head(head, images, tmp_path / f"by{fold}", SMALL, backbone=real_backbone)
+        by_head.append(_scores(tmp_path / f"by{fold}"))
+    for fold, half in enumerate(recorded["folds"]["images"]):
+        other, own = by_head[1 - fold], by_head[fold]
+        assert all(final[name] == pytest.approx(other[name]) for name in half)
+        assert any(final[name] != pytest.approx(own[name]) for name in half)
     again = self_train_folder(images, out, SMALL, train, backbone=real_backbone)
-    assert not again.head_trained and again.stage1.resumed == 4 and again.final.resumed == 4
+    assert again.heads_trained == [False, False]
+    assert again.stage1.resumed == 4 and again.final.resumed == 4
 
 
 def test_cli_train_layers_rounds_and_apply_flip(
@@ -203,7 +226,7 @@ def test_cli_self_train_refuses_a_small_folder_and_ray(real_run: Path, tmp_path:
     out = tmp_path / "self"
     run = ["run", str(real_run / "images"), "--out", str(out), "--self-train"]
     result = CliRunner().invoke(app, run)
-    assert result.exit_code == 1 and "self-training needs at least 10" in result.output
+    assert result.exit_code == 1 and "self-training needs at least 20" in result.output
     result = CliRunner().invoke(app, [*run, "--ray"])
     assert result.exit_code == 1 and "drop --ray" in result.output
     result = CliRunner().invoke(app, [*run, "--mode", "instances"])

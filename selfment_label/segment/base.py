@@ -56,7 +56,9 @@ class Segmenter(Protocol):
     """What the pipeline needs from a segmenter.
 
     A segmenter that also uses the images' class tokens says so with a class attribute
-    ``takes_class_tokens = True`` and takes them as a third argument (``segment_batch``).
+    ``takes_class_tokens = True`` and takes them as a third argument; one that depends on
+    which images it segments says ``takes_file_names = True`` and takes the batch's file
+    names as the keyword ``names`` (``segment_batch``).
     """
 
     def options(self) -> dict[str, Any]:
@@ -91,8 +93,12 @@ def segment_batch(
     tokens: torch.Tensor,
     timer: StageTimer,
     class_tokens: torch.Tensor | None,
+    names: list[str] | None = None,
 ) -> list[list[PatchMask]]:
-    """Run ``segmenter`` on a batch, with the ``[B, D]`` class tokens when it takes them."""
+    """Run ``segmenter`` on a batch, with the ``[B, D]`` class tokens when it takes them and
+    the images' file names when it takes them."""
+    if names is not None and getattr(segmenter, "takes_file_names", False):
+        return segmenter(tokens, timer, names=names)
     if class_tokens is not None and getattr(segmenter, "takes_class_tokens", False):
         return segmenter(tokens, timer, class_tokens)
     return segmenter(tokens, timer)
