@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import copy_ecssd, tiny_config
+from PIL import Image
 from selfment_label_cli.main import app
 from typer.testing import CliRunner
 
@@ -199,6 +200,20 @@ def test_self_train_labels_each_half_with_the_other_halfs_head(
     again = self_train_folder(images, out, SMALL, train, backbone=real_backbone)
     assert again.heads_trained == [False, False]
     assert again.stage1.resumed == 4 and again.final.resumed == 4
+
+
+def test_self_train_refuses_a_half_with_too_few_masks_and_keeps_stage1(
+    ecssd_dir: Path, real_backbone: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blank image gets no stage-1 mask: its half (0006, blank) has one mask, not two."""
+    monkeypatch.setattr("selfment_label.selftrain.MIN_IMAGES", 2)
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", ["0005", "0006", "0007"])
+    Image.new("RGB", (200, 150), (128, 128, 128)).save(images / "zz_blank.png")
+    out = tmp_path / "self"
+    with pytest.raises(SelfTrainError, match=r"3 of 4 images \(2 and 1 in the two halves\)"):
+        self_train_folder(images, out, SMALL, backbone=real_backbone)
+    assert len(read_run(out / "stage1").coco["annotations"]) == 3
+    assert not list(out.glob("head*.pt")) and not (out / "annotations.json").exists()
 
 
 def test_cli_train_layers_rounds_and_apply_flip(
