@@ -14,9 +14,12 @@ soft maps through ``masks.full_size_masks`` with the default ``--refine guided``
   blocks, without and with flip;
 - ``rounds``: 1 and 2 rounds at keep scores 0.7 and 0.9, seeds 0-2;
 - ``sizes``: heads trained on the first 10, 20, 40 images;
-- ``selftrain``: trained on all 200 and evaluated on the same 200 (the labelling use case).
+- ``selftrain``: trained on all 200 and evaluated on the same 200 (the labelling use case);
+- ``crossfit``: ``run --self-train`` as built: the 200 split by sorted name, alternating, a
+  head (``TrainConfig()``: one round; and without rounds) trained on each half's
+  pseudo-masks, each half labelled by the other half's head.
 
-    python benchmarks/head_options.py --only features,rounds,sizes,selftrain
+    python benchmarks/head_options.py --only features,rounds,sizes,selftrain,crossfit
 """
 
 from __future__ import annotations
@@ -233,6 +236,20 @@ def main() -> None:
                 p = probability(study, head, s, last, False)
                 maps[s] = study.full_size(s, [PatchMask(p, 1.0)])
         report["2-fold (each half labelled by the other's head), all 200"] = study.score(maps)
+    if "crossfit" in studies:
+        halves = (study.stems[0::2], study.stems[1::2])
+        for name, config in (("rounds 0", TrainConfig(rounds=0)), ("1 round", TrainConfig())):
+            maps = {}
+            for fit, labelled in (halves, halves[::-1]):
+                head = train(study, fit, last, study.targets, config)
+                if config.rounds:
+                    targets, _ = corrected(study, head, fit, last, study.targets, config)
+                    head = train(study, fit, last, targets, config)
+                for s in labelled:
+                    p = probability(study, head, s, last, False)
+                    maps[s] = study.full_size(s, [PatchMask(p, 1.0)])
+            report[f"cross-fit (alternating halves), {name}, all 200"] = study.score(maps)
+        report["NCut+IPO (run), all 200"] = study.score(study.pseudo)
     print(json.dumps(report, indent=1))
 
 

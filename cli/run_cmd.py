@@ -129,8 +129,9 @@ def run(
     self_train: bool = typer.Option(
         False,
         "--self-train",
-        help="Single mode: label with NCut+IPO into OUT/stage1, train the head on those "
-        "masks (OUT/head.pt), relabel the folder with it into OUT (about 3x the time).",
+        help="Single mode: label with NCut+IPO into OUT/stage1, train a head on each half's "
+        "masks (OUT/head.fold0.pt, head.fold1.pt), relabel each half with the other half's "
+        "head into OUT (about 3x the time; 20 images at least).",
     ),
     verbose: bool = verbose_option(),
 ) -> None:
