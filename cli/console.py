@@ -163,8 +163,8 @@ ADVICE = {
     "overwrite": "use --overwrite to replace it, or choose another --out",
     "out_dir": "choose another --out",
     "name": "choose another --name",
-    "review": "review the run first with `selfment-label review RUN_DIR` (with --name NAME "
-    "for a named dataset)",
+    "review": "review the run first with `selfment-label review {run_dir}`",
+    "review_named": "review the run first with `selfment-label review {run_dir} --name {name}`",
     "export_overwrite": "use --overwrite to replace its contents (a previous export only), or "
     "choose another folder",
     "export_target": "choose an empty or new folder",
@@ -190,7 +190,16 @@ def describe_error(error: BaseException) -> str:
     """The sentence the CLI prints for a user's error: the library's fact, then the advice of
     its remedy in command-line terms (``ADVICE``)."""
     advice = ADVICE.get(getattr(error, "remedy", None) or "")
-    return f"{error}; {advice}" if advice else str(error)
+    if not advice:
+        return str(error)
+    return f"{error}; {advice.format_map(_Named(getattr(error, 'context', {})))}"
+
+
+class _Named(dict):
+    """An error's context for its advice: a value it lacks reads as its name (``RUN_DIR``)."""
+
+    def __missing__(self, key: str) -> str:
+        return key.upper()
 
 
 @contextmanager

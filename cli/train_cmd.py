@@ -153,7 +153,8 @@ def train(
         min=0,
         help="Self-correction rounds (the last model's confident masks replace, add to and "
         f"drop pseudo-masks, then training goes on) \\[default: {TrainConfig.rounds}, "
-        f"instance head {InstanceTrainConfig.rounds}].",
+        f"instance head {InstanceTrainConfig.rounds}; 0 with --reviewed: a reviewer's masks "
+        "are not corrected].",
     ),
     layers: str = typer.Option(
         None,
@@ -176,6 +177,8 @@ def train(
         check_train_outputs(run_dir, out, cache)
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if reviewed and rounds is None:
+        rounds = 0  # a reviewer's verdicts and edits are the truth, not pseudo-masks to correct
     chosen = {"epochs": epochs, "lr": lr, "rounds": rounds}
     chosen = {k: v for k, v in chosen.items() if v is not None}
     task = task or _run_task(run_dir)

@@ -20,8 +20,16 @@ class SelfmentError(Exception):
       message: what is wrong.
       remedy: the argument or option whose change gets past the error (``overwrite``,
         ``out_dir``, ``weights``, ``backbone``, ``refine``, ``ray_address``, ...), or None.
+      context: values the front end's advice may name (``run_dir``, ``name``, ...).
     """
 
-    def __init__(self, message: str = "", *, remedy: str | None = None):
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        remedy: str | None = None,
+        context: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.remedy = remedy
+        self.context = dict(context or {})

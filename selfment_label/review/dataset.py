@@ -535,5 +535,13 @@ def load_run_dataset(
         logger.info("building the dataset of %s from the run, unreviewed", run_dir)
         return build_dataset(run_dir, name)
     if name:
-        raise NotReviewed(f"FiftyOne dataset {name!r} does not exist", remedy="review")
-    raise NotReviewed(f"no FiftyOne dataset reviews {run_dir} yet", remedy="review")
+        raise NotReviewed(
+            f"FiftyOne dataset {name!r} does not exist",
+            remedy="review_named",
+            context={"run_dir": str(run_dir), "name": name},
+        )
+    raise NotReviewed(
+        f"no FiftyOne dataset reviews {run_dir} yet",
+        remedy="review",
+        context={"run_dir": str(run_dir)},
+    )
