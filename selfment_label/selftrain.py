@@ -36,8 +36,8 @@ from .features.backbone import Backbone
 from .head.apply import HeadSegmenter, head_segmenter
 from .head.checkpoint import HeadError, load_checkpoint
 from .head.train import TrainProgress, distil, run_targets
-from .runfolder.label import check_run_target, input_source, label_folder
-from .runfolder.layout import RunFolder, read_run
+from .runfolder.label import check_run_target, clear_run, input_source, label_folder
+from .runfolder.layout import JOURNAL_NAME, RunFolder, read_run
 from .runfolder.record import ProgressCallback, RunSummary
 from .segment.base import PatchMask
 from .timing import StageTimer
@@ -130,8 +130,42 @@ class CrossFitSegmenter:
         return [masks[fold][index] for index, fold in enumerate(other)]
 
 
-def _count_images(input_dir: str | Path, out_dir: Path) -> int:
-    return len(input_source(input_dir, out_dir).list_images())
+def _journal_header(out_dir: Path) -> dict[str, Any] | None:
+    """The first line of ``OUT``'s journal (None without one; ``{}`` when unreadable)."""
+    path = out_dir / JOURNAL_NAME
+    if not path.is_file():
+        return None
+    try:
+        with path.open(encoding="utf-8") as journal:
+            header = json.loads(journal.readline())
+    except (OSError, ValueError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def _labelled_by_self_training(header: dict[str, Any]) -> bool:
+    """Whether a journal header is that of a cross-fitted relabelling (its options name the
+    split), not of a run made otherwise."""
+    fingerprint = header.get("fingerprint")
+    return isinstance(fingerprint, dict) and "folds_sha256" in fingerprint
+
+
+def _check_final_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an ``OUT`` holding a run that self-training did not label
+    (a plain ``run``, perhaps reviewed): only ``overwrite`` replaces it."""
+    header = _journal_header(out_dir)
+    if header is not None and not overwrite and not _labelled_by_self_training(header):
+        raise SelfTrainError(
+            f"{out_dir} holds a run that self-training did not label", remedy="overwrite"
+        )
+
+
+def _clear_stale_labels(out_dir: Path, input_uri: str) -> None:
+    """Remove the labels of earlier heads from ``OUT`` (heads trained again make them
+    stale), only when self-training labelled them from this same input."""
+    header = _journal_header(out_dir)
+    if header and _labelled_by_self_training(header) and header.get("input") == input_uri:
+        clear_run(out_dir)
 
 
 def _masks_sha256(run: RunFolder) -> str:
@@ -168,17 +202,17 @@ def _reusable_head(head: Path, data: dict[str, Any], train: TrainConfig) -> bool
 
 
 def _train_heads(
-    stage1_dir: Path,
+    run: RunFolder,
+    masks_sha256: str,
     out_dir: Path,
     folds: dict[str, int],
     train: TrainConfig,
     backbone: Backbone,
     train_progress: TrainProgress | None,
 ) -> tuple[list[Path], list[bool]]:
-    """Train (or keep) one head per half on that half's stage-1 masks."""
-    run = read_run(stage1_dir)
+    """Train (or keep) one head per half on the stage-1 ``run``'s masks of that half
+    (``masks_sha256``: their digest, which a kept head must have learnt from)."""
     targets = list(run_targets(run))
-    masks_sha256 = _masks_sha256(run)
     heads, trained = [], []
     for fold in range(FOLDS):
         head = out_dir / head_name(fold)
@@ -186,7 +220,7 @@ def _train_heads(
         fresh = not _reusable_head(head, data, train)
         if fresh:
             distil(
-                stage1_dir,
+                run.path,
                 head,
                 train,
                 backbone=backbone,
@@ -272,7 +306,9 @@ def self_train_folder(
             remedy="mode",
         )
     check_run_target(out_dir, overwrite)
-    found = _count_images(input_dir, out_dir)
+    _check_final_target(out_dir, overwrite)
+    source = input_source(input_dir, out_dir)
+    found = len(source.list_images())
     _check_folder_size(found, input_dir)
     if backbone is None:
         backbone = backbone_for(config)
@@ -284,8 +320,11 @@ def self_train_folder(
     folds = fold_of([image["file_name"] for image, _ in run.images()])
     counts = _masks_per_fold(run, folds)
     _check_stage1_masks(counts, found, stage1_dir)
+    masks_sha256 = _masks_sha256(run)
     start = time.perf_counter()
-    heads, trained = _train_heads(stage1_dir, out_dir, folds, train, backbone, train_progress)
+    heads, trained = _train_heads(
+        run, masks_sha256, out_dir, folds, train, backbone, train_progress
+    )
     train_seconds = time.perf_counter() - start
     segmenter = _cross_fit_segmenter(heads, folds, backbone, flip)
     record = {
@@ -295,7 +334,7 @@ def self_train_folder(
                 "images_labelled": stage1.total - len(stage1.skipped),
                 "images_with_masks": sum(counts),
                 "annotations": stage1.annotations,
-                "masks_sha256": _masks_sha256(run),
+                "masks_sha256": masks_sha256,
                 "seconds": round(stage1.wall_seconds, 3),
             },
             "folds": {
@@ -320,11 +359,13 @@ def self_train_folder(
             "flip": flip,
         }
     }
+    if any(trained):
+        _clear_stale_labels(out_dir, source.uri)
     final = label_folder(
         input_dir,
         out_dir,
         config,
-        overwrite=overwrite or any(trained),
+        overwrite=overwrite,
         backbone=backbone,
         segmenter=segmenter,
         progress=progress,

@@ -200,6 +200,29 @@ def test_self_train_labels_each_half_with_the_other_halfs_head(
     again = self_train_folder(images, out, SMALL, train, backbone=real_backbone)
     assert again.heads_trained == [False, False]
     assert again.stage1.resumed == 4 and again.final.resumed == 4
+    # other training options: new heads, and their labels replace the stale ones
+    retrained = self_train_folder(
+        images, out, SMALL, TrainConfig(epochs=3, batch_size=2), backbone=real_backbone
+    )
+    assert retrained.heads_trained == [True, True]
+    assert retrained.final.labelled == 4 and retrained.final.resumed == 0
+
+
+def test_self_train_refuses_a_folder_holding_another_run(
+    ecssd_dir: Path, real_backbone: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain run (perhaps reviewed) in OUT is not replaced by self-training's labels
+    without overwrite: refused before stage 1, its annotations untouched."""
+    monkeypatch.setattr("selfment_label.selftrain.MIN_IMAGES", 2)
+    images = copy_ecssd(ecssd_dir, tmp_path / "images", [f"{i:04d}" for i in range(5, 9)])
+    out = tmp_path / "plain"
+    label_folder(images, out, SMALL, backbone=real_backbone)
+    before = (out / "annotations.json").read_bytes()
+    with pytest.raises(SelfTrainError, match="self-training did not label") as refused:
+        self_train_folder(images, out, SMALL, TrainConfig(epochs=1), backbone=real_backbone)
+    assert refused.value.remedy == "overwrite"
+    assert not (out / "stage1").exists()
+    assert (out / "annotations.json").read_bytes() == before
 
 
 def test_self_train_refuses_a_half_with_too_few_masks_and_keeps_stage1(

@@ -326,13 +326,9 @@ class Backbone:
         Returns:
           ``[B, H/p, W/p, D]`` float32 tokens, whatever the precision.
         """
-        b, _, h, w = batch.shape
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
+        grid = self._grid_of(batch)
         self.check_layers(layers)
-        tokens = self._forward(batch, dtype, layers).float()
-        return tokens.reshape(b, h // p, w // p, -1)
+        return self._forward(batch, dtype, layers).float().reshape(*grid, -1)
 
     @torch.inference_mode()
     def patch_and_class_tokens(
@@ -347,13 +343,19 @@ class Backbone:
         Returns:
           ``([B, H/p, W/p, D], [B, D])`` float32 tokens, whatever the precision.
         """
+        grid = self._grid_of(batch)
+        tokens = self._forward(batch, dtype, None, keep_prefix=True).float()
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        return tokens[:, prefix:, :].reshape(*grid, -1), tokens[:, 0, :]
+
+    def _grid_of(self, batch: torch.Tensor) -> tuple[int, int, int]:
+        """``(B, rows, cols)`` of a ``[B, 3, H, W]`` batch; ``ValueError`` unless ``H`` and
+        ``W`` are multiples of the patch size."""
         b, _, h, w = batch.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"input {h}x{w} is not a multiple of the patch size {p}")
-        tokens = self._forward(batch, dtype, None, keep_prefix=True).float()
-        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
-        return tokens[:, prefix:, :].reshape(b, h // p, w // p, -1), tokens[:, 0, :]
+        return b, h // p, w // p
 
 
 HUB_PROBE_SECONDS = 3.0
