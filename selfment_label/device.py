@@ -76,9 +76,12 @@ def small_kernel_threads(
     """Run the block's CPU work with exactly ``threads`` torch intra-op threads.
 
     The count is fixed, not capped, so that results do not depend on the machine's cores or
-    on the caller's setting (see the module docstring). torch's thread count is
-    process-wide: the block changes it for every thread of the process while it runs, and
-    puts back the caller's count when it ends (also on error). No effect for CUDA work.
+    on the caller's setting (see the module docstring). It puts back the caller's count when
+    it ends (also on error). With torch's OpenMP runtime the count belongs to the calling
+    thread once that thread has run a parallel kernel, but a thread that has not yet run one
+    takes whatever count was set last, from any thread: a background thread started while
+    this block runs would keep ``threads`` for good (``pin_threads`` guards against that).
+    No effect for CUDA work.
 
     Arguments:
       device: where the block's tensors live; only ``cpu`` work is pinned.
@@ -93,6 +96,19 @@ def small_kernel_threads(
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pin_threads(threads: int) -> None:
+    """Give the calling thread exactly ``threads`` torch intra-op threads.
+
+    A worker thread (the engine's backbone-ahead thread) calls it before its work with the
+    count its caller had: otherwise the worker's count is fixed by its first parallel kernel
+    to whatever count was set last in the process, which is ``SMALL_KERNEL_THREADS`` when
+    that kernel runs while the caller is inside ``small_kernel_threads`` (a backbone on 2
+    threads of a 64-core machine).
+    """
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

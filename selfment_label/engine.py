@@ -22,7 +22,7 @@ from .config import DEFAULT_PRECISION, RunConfig
 from .data.batching import batches_by_grid, lookahead, prefetch, stack_pixels
 from .data.images import DecodedImage, ImageSkip, prepare_image
 from .data.storage import ImageSource
-from .device import resolve_device, resolve_precision, small_kernel_threads
+from .device import pin_threads, resolve_device, resolve_precision, small_kernel_threads
 from .features.backbone import Backbone, build_backbone
 from .masks import annotation_record, full_size_masks
 from .refine import guide_side
@@ -225,8 +225,13 @@ class LocalExecutor:
                 guide_side(config.refine),
             )
 
+        threads = torch.get_num_threads()
+
         def backbone(pair: tuple[list[DecodedImage], list]) -> BatchTokens | None:
-            return labeller.tokens(pair[0], timer) if pair[0] else None
+            if not pair[0]:
+                return None
+            pin_threads(threads)
+            return labeller.tokens(pair[0], timer)
 
         depth = lookahead(config.batch_size)
         stream = prefetch(job.todo, decode, workers=config.workers, depth=depth)

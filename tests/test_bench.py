@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_scenes
+from helpers import label_tiny, write_scenes
 
 from benchmarks.speed import (
     BenchConfig,
@@ -18,8 +19,10 @@ from benchmarks.speed import (
     peak_rss_of_run,
     run_bench,
 )
+from selfment_label import engine
 from selfment_label.config import RunConfig
 from selfment_label.device import small_kernel_threads
+from selfment_label.segment.base import segmenter_tokens
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text())
@@ -85,6 +88,30 @@ def test_small_kernel_threads_pins_the_count_and_restores_the_setting():
             assert torch.get_num_threads() == caller
     finally:
         torch.set_num_threads(before)
+
+
+def test_backbone_thread_keeps_the_callers_thread_count(
+    scenes, tiny_backbone, tmp_path, monkeypatch
+):
+    """The backbone-ahead thread computes with the caller's torch thread count, not with the
+    count some other thread set last (a new thread's count is fixed by its first kernel)."""
+    seen: list[int] = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return segmenter_tokens(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "segmenter_tokens", recording)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        other = threading.Thread(target=torch.set_num_threads, args=(3,))
+        other.start()  # the last count set in the process is now 3; this thread's is 1
+        other.join()
+        label_tiny(scenes, tmp_path / "out", tiny_backbone, mode="single")
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
 
 
 @pytest.mark.slow
