@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MIN_SIDE = 2
 MAX_GRID_ASPECT = 2
+KEPT_ASPECT = 3
 ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 TOO_LARGE = "too large"
@@ -301,18 +302,20 @@ def grid_for(width: int, height: int, resolution: int, patch_size: int) -> tuple
     """Patch grid ``(rows, cols)`` for an image resized so its long side is ``resolution``.
 
     Each side is rounded to the nearest multiple of the patch size, with at least two patches
-    per side (tiny images are upsampled). The grid is never thinner than
-    ``MAX_GRID_ASPECT``:1: a thinner image is stretched across its short side (images up to
-    2:1 keep their aspect ratio). A strip one or two patches high cannot hold an object (a
-    1600 x 120 photo at 448 px was a 2 x 32 grid), and a long grid of squashed content splits
-    poorly: on ecssd-dev images squeezed to 8:1 and 13:1 a 16 x 32 grid labels them better
-    than an 8 x 32 one, and both better than an 8-patch short side with the aspect ratio
-    kept (docs/quality-report.md).
+    per side (tiny images are upsampled). Images up to ``KEPT_ASPECT``:1 keep their aspect
+    ratio; a thinner image is stretched across its short side to ``MAX_GRID_ASPECT``:1. A
+    strip one or two patches high cannot hold an object (a 1600 x 120 photo at 448 px was a
+    2 x 32 grid), and a long grid of squashed content splits poorly: on ecssd-dev images
+    squeezed to 8:1 and 13:1 a 16 x 32 grid labels them better than an 8 x 32 one, and both
+    better than an 8-patch short side with the aspect ratio kept. A wide photo is not
+    squashed content: stretching ecssd-dev 0187 (2.9:1) to 2:1 lowered its IoU from 0.525
+    to 0.499 (docs/quality-report.md).
     """
     side = resolution / patch_size
-    short_side = min(width, height) / max(width, height) * side
+    aspect = max(width, height) / min(width, height)
+    grid_aspect = MAX_GRID_ASPECT if aspect > KEPT_ASPECT else aspect
     long_count = max(2, round(side))
-    short_count = max(2, round(max(short_side, side / MAX_GRID_ASPECT)))
+    short_count = max(2, round(side / grid_aspect))
     return (short_count, long_count) if height <= width else (long_count, short_count)
 
 

@@ -9,7 +9,12 @@ images have no distinct object, and each is recognised by its own test:
   the solver's random start. On ecssd-dev (DINOv2 ViT-S/14) the smallest cosine is at most
   0.145 on the 200 real images (448 px) and at least 0.38 on the 56 synthetic object-less
   images (solid, gradient, noise, checkerboard, blurred texture, sky; four sizes) except two
-  checkerboards at 224 px, which the second test catches.
+  checkerboards at 224 px, which the second test catches. A close-up whose subject fills
+  the frame can be as alike (0.32-0.34 on 3 of 60 ecssd-dev crops), but its split is not
+  arbitrary: its two sides differ clearly in border contact and closeness to the class
+  token (``single.side_evidence``: 0.64 to 2.9 in size on those crops, at most 0.36 on the
+  synthetic images this test alone catches), so an image whose split has evidence at least
+  ``CLEAR_SIDE`` in size is not alike.
 - *Pattern*: the patches split in two, but one side is a repeated pattern (the squares of a
   checkerboard, a moire), not an object: the largest 4-connected piece of that side holds
   less than a quarter of it. Both sides are tested, so the answer does not depend on which
@@ -27,6 +32,7 @@ from scipy import ndimage
 
 MIN_PAIR_COSINE = 0.3
 MIN_LARGEST_PIECE = 0.25
+CLEAR_SIDE = 0.5
 
 ALIKE = (
     "no distinct object: every pair of patches is alike (cosine > "
@@ -63,20 +69,26 @@ def largest_piece(labels: torch.Tensor) -> tuple[int, float]:
     return count, float(sizes.max() / sizes.sum())
 
 
-def no_object_reasons(cosine: torch.Tensor, labels: torch.Tensor) -> list[str | None]:
+def no_object_reasons(
+    cosine: torch.Tensor, labels: torch.Tensor, side_evidence: torch.Tensor | None = None
+) -> list[str | None]:
     """Why each image of a batch holds no distinct object, or None when it does.
 
     Arguments:
       cosine: ``[B, N, N]`` pair cosines of the patch tokens (``ncut.pair_cosine``).
       labels: ``[B, rows, cols]`` boolean refined split of each image's cut (either side as
         the foreground: both are tested).
+      side_evidence: ``[B]`` the split's ``single.side_evidence`` with class tokens, or None:
+        a split with evidence at least ``CLEAR_SIDE`` in size is never "alike".
 
     Returns:
       One reason (a sentence for run.json and the journal) or None per image.
     """
-    alike = (min_pair_cosine(cosine) > MIN_PAIR_COSINE).tolist()
+    alike = min_pair_cosine(cosine) > MIN_PAIR_COSINE
+    if side_evidence is not None:
+        alike &= side_evidence.abs() < CLEAR_SIDE
     reasons: list[str | None] = []
-    for index, image_alike in enumerate(alike):
+    for index, image_alike in enumerate(alike.tolist()):
         if image_alike:
             reasons.append(ALIKE)
             continue

@@ -24,8 +24,40 @@ from .scores import (
 SCORE_ROUNDS = 20
 UNIFORMITY_WEIGHT = 1.0
 UNIFORMITY_WEIGHT_ALONE = 2.5
-CLASS_WEIGHT = 3.0
+CLASS_WEIGHT = 2.5
 EIGENSOLVER_CAPPED = "stopped at its iteration cap before converging: the cut may be arbitrary"
+
+
+def side_evidence(
+    labels: torch.Tensor, tokens: torch.Tensor, class_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B]`` evidence that each mask is the background side of its cut (above 0) rather
+    than the object (below 0); its complement's is the opposite.
+
+    ``frame_excess`` (the log-odds of the mask's share of the grid's border patches minus
+    those of its share of the grid) plus ``UNIFORMITY_WEIGHT`` x ``uniformity_excess`` (how
+    much more alike its patches are than its complement's) minus ``CLASS_WEIGHT`` x
+    ``class_excess`` (how much closer its patches are to the image's class token than its
+    complement's). Border contact fixes close-ups (the subject touching most of the frame)
+    and a photo under a band of sky, which a rule on the border fraction alone took for the
+    background; the class token settles the close-ups whose two sides hold the border in
+    proportion to their size, and a sky that fills most of the frame. Without class tokens
+    (a caller with patch tokens only) the class term is left out and uniformity weighs
+    ``UNIFORMITY_WEIGHT_ALONE``: it then has to tell a large sky from the photo under it
+    alone. The weights are chosen on the failure sets and ecssd-dev
+    (``benchmarks/failure_sets.py``; docs/quality-report.md).
+
+    Arguments:
+      labels: ``[B, rows, cols]`` boolean masks.
+      tokens: ``[B, rows * cols, D]`` their patch tokens.
+      class_tokens: ``[B, D]`` the images' class tokens, or None.
+    """
+    if class_tokens is None:
+        excess = UNIFORMITY_WEIGHT_ALONE * uniformity_excess(tokens, labels)
+    else:
+        excess = UNIFORMITY_WEIGHT * uniformity_excess(tokens, labels)
+        excess = excess - CLASS_WEIGHT * class_excess(tokens, labels, class_tokens)
+    return frame_excess(labels) + excess
 
 
 def border_swap(
@@ -34,22 +66,8 @@ def border_swap(
     enabled: bool,
     class_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B]`` whether each mask is the background side of its cut; all False when the prior
-    is off.
-
-    Both sides are compared, each relative to its size: a mask is the background when
-    ``frame_excess`` (the log-odds of its share of the grid's border patches minus those of
-    its share of the grid) plus ``UNIFORMITY_WEIGHT`` x ``uniformity_excess`` (how much more
-    alike its patches are than its complement's) minus ``CLASS_WEIGHT`` x ``class_excess``
-    (how much closer its patches are to the image's class token than its complement's) is
-    above 0; its complement then scores the opposite. Border contact fixes close-ups (the
-    subject touching most of the frame) and a photo under a band of sky, which a rule on
-    the border fraction alone took for the background; the class token settles the
-    close-ups whose two sides hold the border in proportion to their size, and a sky that
-    fills most of the frame. Without class tokens (a caller with patch tokens only) the
-    class term is left out and uniformity weighs ``UNIFORMITY_WEIGHT_ALONE``: it then has to
-    tell a large sky from the photo under it alone. The weights are chosen on the failure
-    sets and ecssd-dev (``benchmarks/failure_sets.py``; docs/quality-report.md).
+    """``[B]`` whether each mask is the background side of its cut (``side_evidence`` above
+    0); all False when the prior is off.
 
     Arguments:
       labels: ``[B, rows, cols]`` boolean masks.
@@ -57,12 +75,7 @@ def border_swap(
       enabled: the border prior is on.
       class_tokens: ``[B, D]`` the images' class tokens, or None.
     """
-    if class_tokens is None:
-        excess = UNIFORMITY_WEIGHT_ALONE * uniformity_excess(tokens, labels)
-    else:
-        excess = UNIFORMITY_WEIGHT * uniformity_excess(tokens, labels)
-        excess = excess - CLASS_WEIGHT * class_excess(tokens, labels, class_tokens)
-    return (frame_excess(labels) + excess > 0) & enabled
+    return (side_evidence(labels, tokens, class_tokens) > 0) & enabled
 
 
 @dataclass
@@ -87,7 +100,8 @@ class NcutIpo(SingleConfig):
             )
             labels = refined.labels.reshape(b, rows, cols)
             scores = refined.scores.reshape(b, rows, cols)
-            swapped = border_swap(labels, flat, self.border_prior, class_tokens)[:, None, None]
+            evidence = side_evidence(labels, flat, class_tokens)
+            swapped = ((evidence > 0) & self.border_prior)[:, None, None]
             labels = torch.where(swapped, ~labels, labels)
             scores = torch.where(swapped, 1.0 - scores, scores)
             blind = iterative_patch_optimization(
@@ -97,7 +111,7 @@ class NcutIpo(SingleConfig):
             blind = torch.where(swap_blind, ~blind, blind)
             confidence = agreement_score(labels, torch.where(swapped, ~cut, cut), blind).tolist()
         capped = (~eigen.converged).tolist()
-        empty = no_object_reasons(cosine, labels)
+        empty = no_object_reasons(cosine, labels, None if class_tokens is None else evidence)
         return [
             ImageMasks([], {"no_object": empty[i]})
             if empty[i]
