@@ -201,11 +201,15 @@ def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
     # the run's features are cached by the test above or computed here from the run's weights
     out = tmp_path / "head.pt"
     result = CliRunner().invoke(
-        app, ["train", str(instances_run), "--out", str(out), "--epochs", "2", "--rounds", "1"]
+        app,
+        ["train", str(instances_run), "--out", str(out), "--epochs", "2", "--rounds", "1"]
+        + ["--no-token-flip"],
     )
     assert result.exit_code == 0, result.output
     meta = load_checkpoint(out).meta
     assert meta["task"] == "instances" and [r["round"] for r in meta["rounds"]] == [0, 1]
+    assert meta["training"]["token_flip"] is False
+    assert meta["rounds"][0]["images"] == len(MULTI_OBJECT)  # no mirrored copies
     assert "round" in result.output and "pseudo-masks" in result.output
     refused = CliRunner().invoke(
         app,
