@@ -186,6 +186,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=InstanceTrainConfig.epochs)
     parser.add_argument("--max-instances", type=int, default=InstancesConfig.max_instances)
     parser.add_argument(
+        "--token-flip",
+        action=argparse.BooleanOptionalAction,
+        default=InstanceTrainConfig.token_flip,
+        help="the head also learns every image mirrored on the patch grid",
+    )
+    parser.add_argument(
         "--source",
         choices=("instances", "entities"),
         default="instances",
@@ -230,7 +236,7 @@ def main() -> None:
         top = class_agnostic_eval(gt, eval_dir, top_level=True)
         rows.append(("  entities only", top))
 
-    train = InstanceTrainConfig(epochs=args.epochs, rounds=args.rounds)
+    train = InstanceTrainConfig(epochs=args.epochs, rounds=args.rounds, token_flip=args.token_flip)
     timings = []
     for path, record in train_per_round(run_dir, args.work, train, args.weights, args.precision):
         out = args.work / f"apply-r{record['round']}"

@@ -162,6 +162,13 @@ def train(
         help="Single head: backbone blocks (from 0, comma-separated, e.g. 8,11) whose "
         "tokens it reads side by side \\[default: the last block only].",
     ),
+    token_flip: bool = typer.Option(
+        None,
+        "--token-flip/--no-token-flip",
+        help="Instance head: also learn every image mirrored on the patch grid (tokens and "
+        "masks flipped; no backbone pass) \\[default: "
+        f"{'on' if InstanceTrainConfig.token_flip else 'off'}].",
+    ),
     verbose: bool = verbose_option(),
 ) -> None:
     """Train a head on a run's masks (features are cached, training is on the CPU): the
@@ -185,6 +192,10 @@ def train(
     require_choice(task, HEAD_TASKS, "--task")
     if task == "instances" and layers:
         raise fail("--layers is an option of the single head (--task single)")
+    if token_flip is not None:
+        if task != "instances":
+            raise fail("--token-flip is an option of the instance head (--task instances)")
+        chosen["token_flip"] = token_flip
     with invalid_options():
         options = {**chosen, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed}
         config = (

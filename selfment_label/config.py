@@ -428,6 +428,9 @@ class InstanceTrainConfig:
         are added as a missed object.
       drop_score: a pseudo-mask that no teacher mask scored at least this matches is dropped.
       match_iou: patch-grid IoU at which a teacher mask matches a pseudo-mask.
+      token_flip: also learn every image mirrored on the patch grid (its tokens and masks
+        flipped left to right; no backbone pass): a second training image per image
+        (docs/many-objects-learnt.md).
     """
 
     epochs: int = 40
@@ -446,6 +449,7 @@ class InstanceTrainConfig:
     keep_score: float = KEEP_SCORE
     drop_score: float = DROP_SCORE
     match_iou: float = MATCH_IOU
+    token_flip: bool = True
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from selfment_label.head.instance_train import (
     InstanceImage,
     distil_instances,
     level_masks,
+    mirrored,
     train_rounds,
 )
 from selfment_label.head.rounds import correct_image
@@ -118,6 +120,20 @@ def test_train_rounds_is_deterministic_and_records_every_round() -> None:
     assert all(np.isfinite(v) for v in history[1]["losses"].values())
 
 
+def test_token_flip_learns_every_image_mirrored_on_the_grid_too() -> None:
+    tokens = torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(0))
+    target = _box((4, 6), slice(0, 3), slice(0, 2))
+    image = InstanceImage("a.jpg", tokens.half(), target[None])
+    flipped = mirrored(image)
+    assert torch.equal(flipped.tokens[:, 0], image.tokens[:, 5])
+    assert torch.equal(flipped.targets[0], _box((4, 6), slice(0, 3), slice(4, 6)))
+    small = InstanceTrainConfig(epochs=1, hidden=16, heads=2, queries=3, rounds=0)
+    _, history = train_rounds([image], small)
+    assert (history[0]["images"], history[0]["pseudo_masks"]) == (2, 2)
+    _, history = train_rounds([image], replace(small, token_flip=False))
+    assert (history[0]["images"], history[0]["pseudo_masks"]) == (1, 1)
+
+
 @pytest.fixture(scope="module")
 def coco_images(tmp_path_factory: pytest.TempPathFactory, coco_dir: Path) -> Path:
     """Four real multi-object COCO images from coco-dev."""
@@ -157,7 +173,8 @@ def test_real_instance_head_writes_scored_disjoint_instances_and_resumes(
     result = distil_instances(instances_run, tmp_path / "head.pt", SMALL, backbone=real_backbone)
     loaded = load_checkpoint(result.checkpoint)
     assert isinstance(loaded.head, InstanceHead) and loaded.meta["task"] == "instances"
-    assert loaded.meta["rounds"][0]["pseudo_masks"] == result.pseudo_masks > 0
+    # every image is learnt mirrored on the grid too (token_flip): twice the run's masks
+    assert loaded.meta["rounds"][0]["pseudo_masks"] == 2 * result.pseudo_masks > 0
     out = tmp_path / "applied"
     config = RunConfig(resolution=224, workers=1, refine="none")
     summary = apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
@@ -184,11 +201,15 @@ def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
     # the run's features are cached by the test above or computed here from the run's weights
     out = tmp_path / "head.pt"
     result = CliRunner().invoke(
-        app, ["train", str(instances_run), "--out", str(out), "--epochs", "2", "--rounds", "1"]
+        app,
+        ["train", str(instances_run), "--out", str(out), "--epochs", "2", "--rounds", "1"]
+        + ["--no-token-flip"],
     )
     assert result.exit_code == 0, result.output
     meta = load_checkpoint(out).meta
     assert meta["task"] == "instances" and [r["round"] for r in meta["rounds"]] == [0, 1]
+    assert meta["training"]["token_flip"] is False
+    assert meta["rounds"][0]["images"] == len(MULTI_OBJECT)  # no mirrored copies
     assert "round" in result.output and "pseudo-masks" in result.output
     refused = CliRunner().invoke(
         app,

@@ -95,7 +95,8 @@ def train_rounds(
     """Train the instance head, then run ``config.rounds`` self-correction rounds.
 
     Arguments:
-      images: training images (their targets are replaced by each round's corrections).
+      images: training images (their targets are replaced by each round's corrections;
+        with ``config.token_flip`` each is learnt mirrored too).
       config: training and round options.
       device: where the head trains.
       progress: called after every step.
@@ -107,6 +108,8 @@ def train_rounds(
     """
     if not images:
         raise HeadError("no training images")
+    if config.token_flip:
+        images = images + [mirrored(image) for image in images]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         has_parts = any(image.parts is not None and len(image.parts) for image in images)
@@ -145,6 +148,15 @@ def train_rounds(
         if round_done:
             round_done(round_index, head)
     return head.cpu().eval(), history
+
+
+def mirrored(image: InstanceImage) -> InstanceImage:
+    """``image`` mirrored on the patch grid: its tokens and masks flipped left to right (not
+    the tokens of the mirror image, which a ViT computes otherwise: no backbone pass)."""
+    parts = None if image.parts is None else image.parts.flip(-1)
+    return InstanceImage(
+        f"{image.file_name} (mirrored)", image.tokens.flip(1), image.targets.flip(-1), parts
+    )
 
 
 def _train_epochs(
