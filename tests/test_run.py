@@ -548,6 +548,19 @@ def test_object_less_images_get_no_mask_and_a_reason(
     assert set(json.loads((out / "run.json").read_text())["image_notes"]) == empty
 
 
+def test_solid_images_stay_object_less_at_a_low_resolution(tmp_path, real_backbone):
+    """At 112 px a solid image's split can have clear side evidence (0.65-0.75, the class
+    token's noise on near-copies of one patch): it is still alike, not a mask."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, colour in {"grey.png": (128, 128, 128), "blue.png": (30, 90, 200)}.items():
+        Image.new("RGB", (200, 150), colour).save(folder / name)
+    config = RunConfig(resolution=112)
+    summary = label_folder(folder, tmp_path / "run", config, backbone=real_backbone)
+    assert set(summary.notes) == {"grey.png", "blue.png"}
+    assert json.loads((tmp_path / "run" / "annotations.json").read_text())["annotations"] == []
+
+
 def test_the_backbone_runs_one_batch_ahead_of_the_masks(tmp_path, tiny_backbone, monkeypatch):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -13,8 +13,10 @@ images have no distinct object, and each is recognised by its own test:
   the frame can be as alike (0.32-0.34 on 3 of 60 ecssd-dev crops), but its split is not
   arbitrary: its two sides differ clearly in border contact and closeness to the class
   token (``single.side_evidence``: 0.64 to 2.9 in size on those crops, at most 0.36 on the
-  synthetic images this test alone catches), so an image whose split has evidence at least
-  ``CLEAR_SIDE`` in size is not alike.
+  synthetic images this test alone catches at 224 and 448 px), so an image whose split has
+  evidence at least ``CLEAR_SIDE`` in size is not alike, as long as its smallest cosine stays
+  under ``CLEAR_SIDE_MAX_COSINE``: a solid image's patches are near copies (0.98) and its
+  split's evidence is noise (0.65-0.75 for a grey image at 112 px), so it stays alike.
 - *Pattern*: the patches split in two, but one side is a repeated pattern (the squares of a
   checkerboard, a moire), not an object: the largest 4-connected piece of that side holds
   less than a quarter of it. Both sides are tested, so the answer does not depend on which
@@ -33,6 +35,7 @@ from scipy import ndimage
 MIN_PAIR_COSINE = 0.3
 MIN_LARGEST_PIECE = 0.25
 CLEAR_SIDE = 0.5
+CLEAR_SIDE_MAX_COSINE = 0.5
 
 ALIKE = (
     "no distinct object: every pair of patches is alike (cosine > "
@@ -79,14 +82,17 @@ def no_object_reasons(
       labels: ``[B, rows, cols]`` boolean refined split of each image's cut (either side as
         the foreground: both are tested).
       side_evidence: ``[B]`` the split's ``single.side_evidence`` with class tokens, or None:
-        a split with evidence at least ``CLEAR_SIDE`` in size is never "alike".
+        a split with evidence at least ``CLEAR_SIDE`` in size whose smallest pair cosine is
+        under ``CLEAR_SIDE_MAX_COSINE`` is not "alike".
 
     Returns:
       One reason (a sentence for run.json and the journal) or None per image.
     """
-    alike = min_pair_cosine(cosine) > MIN_PAIR_COSINE
+    smallest = min_pair_cosine(cosine)
+    alike = smallest > MIN_PAIR_COSINE
     if side_evidence is not None:
-        alike &= side_evidence.abs() < CLEAR_SIDE
+        clear = (side_evidence.abs() >= CLEAR_SIDE) & (smallest < CLEAR_SIDE_MAX_COSINE)
+        alike &= ~clear
     reasons: list[str | None] = []
     for index, image_alike in enumerate(alike.tolist()):
         if image_alike:
