@@ -167,7 +167,10 @@ def test_apply_on_ray_gives_the_local_head_masks(local_ray, small_folder, tmp_pa
     config = tiny_config(workers=1, save_scores=True)
     label_folder(small_folder, tmp_path / "run", config, backbone=tiny_backbone)
     trained = distil(
-        tmp_path / "run", tmp_path / "head.pt", TrainConfig(epochs=1), backbone=tiny_backbone
+        tmp_path / "run",
+        tmp_path / "head.pt",
+        TrainConfig(epochs=1, rounds=0),
+        backbone=tiny_backbone,
     )
     local, on_ray = tmp_path / "applied", tmp_path / "applied-ray"
     apply_head(trained.checkpoint, small_folder, local, config, backbone=tiny_backbone)
