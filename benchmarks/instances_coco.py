@@ -175,13 +175,30 @@ def train_per_round(
     return out
 
 
-def main() -> None:
-    """Run the benchmark and print its table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_coco_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the required ``--images``, ``--gt`` (their COCO ground truth), ``--weights`` and
+    ``--work`` (reused folders: runs resume)."""
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--gt", type=Path, required=True)
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
+
+
+def check_coco_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with a usage error when ``--images``, ``--gt`` or ``--weights`` is missing."""
+    for name, there in (
+        ("--images", args.images.is_dir()),
+        ("--gt", args.gt.is_file()),
+        ("--weights", args.weights.is_file()),
+    ):
+        if not there:
+            parser.error(f"{name} {getattr(args, name[2:])} does not exist")
+
+
+def main() -> None:
+    """Run the benchmark and print its table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_coco_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=InstanceTrainConfig.epochs)
     parser.add_argument("--max-instances", type=int, default=InstancesConfig.max_instances)
@@ -212,6 +229,7 @@ def main() -> None:
         help="backbone precision of the runs and of the head's features",
     )
     args = parser.parse_args()
+    check_coco_arguments(parser, args)
     if bool(args.apply_images) != bool(args.apply_gt):
         parser.error("--apply-images and --apply-gt go together")
     args.work.mkdir(parents=True, exist_ok=True)

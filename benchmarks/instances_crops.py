@@ -50,8 +50,13 @@ if not __package__:  # run as `python benchmarks/X.py`: import the checkout's be
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import load_backbone
-from benchmarks.instances_coco import evaluate_detections
+from benchmarks.instances_coco import (
+    add_coco_arguments,
+    check_coco_arguments,
+    class_agnostic_eval,
+)
 from selfment_label.config import DEFAULT_PRECISION, PRECISION_NAMES, RunConfig, mode_config
+from selfment_label.data.images import IMAGE_EXTENSIONS
 from selfment_label.masks import annotation_record
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.label import label_folder
@@ -60,6 +65,8 @@ from selfment_label.runfolder.layout import read_run
 NMS_IOU = 0.5
 CROP_SCORE = 0.99
 MERGES = ("whole", "all")
+Candidate = tuple[np.ndarray, float, bool]
+"""A crop mask in its image's frame, its score, and whether its crop cuts it."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,9 @@ def write_crops(images: Path, out: Path, fraction: float) -> dict[str, Crop]:
     ``out`` (kept when already there); crop file name -> where it lies."""
     out.mkdir(parents=True, exist_ok=True)
     crops = {}
-    for path in sorted(p for p in images.iterdir() if p.is_file()):
+    for path in sorted(images.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
         with Image.open(path) as opened:
             image = opened.convert("RGB")
         width, height = image.size
@@ -119,38 +128,47 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum()) / max(1, int((a | b).sum()))
 
 
-def merged_masks(
-    full_run: Path, crops_run: Path, crops: dict[str, Crop], merge: str
-) -> dict[str, list[tuple[np.ndarray, float]]]:
-    """Image file name -> its masks and scores: the full view's, then the crops' (best score
-    first) that overlap no kept mask at IoU >= ``NMS_IOU``; ``whole`` leaves out crop masks
-    that touch an inner edge of their crop."""
-    merged: dict[str, list[tuple[np.ndarray, float]]] = {}
-    for image, anns in read_run(full_run).images():
-        merged[image["file_name"]] = [
-            (decode_rle(ann["segmentation"]), float(ann["score"])) for ann in anns
-        ]
-    candidates: dict[str, list[tuple[np.ndarray, float]]] = {}
-    for image, anns in read_run(crops_run).images():
-        crop = crops[image["file_name"]]
-        for ann in anns:
-            mask = decode_rle(ann["segmentation"])
-            if merge == "whole" and crop.inner_edge_touched(mask):
-                continue
-            candidates.setdefault(crop.image, []).append(
-                (crop.in_image(mask), CROP_SCORE * float(ann["score"]))
-            )
+Masks = dict[str, list[tuple[np.ndarray, float]]]
+"""Image file name -> its masks (in the image's frame) and their scores."""
+
+
+def run_masks(run_dir: Path) -> Masks:
+    """A run folder's masks and scores, by image."""
+    return {
+        image["file_name"]: [(decode_rle(ann["segmentation"]), float(ann["score"])) for ann in anns]
+        for image, anns in read_run(run_dir).images()
+    }
+
+
+def crop_candidates(crops_run: Path, crops: dict[str, Crop]) -> dict[str, list[Candidate]]:
+    """The crops' masks in their image's frame, by image: mask, score x ``CROP_SCORE``, and
+    whether it touches an inner edge of its crop."""
+    candidates: dict[str, list[Candidate]] = {}
+    for name, found in run_masks(crops_run).items():
+        crop = crops[name]
+        candidates.setdefault(crop.image, []).extend(
+            (crop.in_image(mask), CROP_SCORE * score, crop.inner_edge_touched(mask))
+            for mask, score in found
+        )
+    return candidates
+
+
+def merged_masks(full: Masks, candidates: dict[str, list[Candidate]], merge: str) -> Masks:
+    """The full view's masks, then the crops' (best score first) that overlap no kept mask at
+    IoU >= ``NMS_IOU``; ``whole`` leaves out crop masks that touch an inner edge of their
+    crop."""
+    merged = {name: list(found) for name, found in full.items()}
     for name, found in candidates.items():
         kept = merged.setdefault(name, [])
-        for mask, score in sorted(found, key=lambda pair: -pair[1]):
+        for mask, score, cut in sorted(found, key=lambda candidate: -candidate[1]):
+            if merge == "whole" and cut:
+                continue
             if all(_iou(mask, other) < NMS_IOU for other, _ in kept):
                 kept.append((mask, score))
     return merged
 
 
-def write_merged_run(
-    full_run: Path, out: Path, masks: dict[str, list[tuple[np.ndarray, float]]]
-) -> None:
+def write_merged_run(full_run: Path, out: Path, masks: Masks) -> None:
     """A copy of the full view's run folder whose annotations are ``masks`` (for ``train``)."""
     if out.exists():
         shutil.rmtree(out)
@@ -170,13 +188,11 @@ def write_merged_run(
 def main() -> None:
     """Label, merge, evaluate and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=Path, required=True)
-    parser.add_argument("--gt", type=Path, required=True)
-    parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--work", type=Path, required=True)
+    add_coco_arguments(parser)
     parser.add_argument("--crop", type=float, default=0.6, help="crop side / image side")
     parser.add_argument("--precision", choices=PRECISION_NAMES, default=DEFAULT_PRECISION)
     args = parser.parse_args()
+    check_coco_arguments(parser, args)
     if not 0.3 <= args.crop < 1.0:
         parser.error("--crop must be in [0.3, 1)")
     backbone = load_backbone(args.weights)
@@ -188,26 +204,15 @@ def main() -> None:
     label_folder(args.images, full_run, config, backbone=backbone)
     label_folder(args.work / f"crops-{args.crop}", crops_run, config, backbone=backbone)
 
-    def as_rle(
-        masks: dict[str, list[tuple[np.ndarray, float]]],
-    ) -> dict[str, list[tuple[dict[str, Any], float]]]:
-        return {
-            name: [(annotation_record(mask, score)["segmentation"], score) for mask, score in found]
-            for name, found in masks.items()
-        }
-
-    full = {
-        image["file_name"]: [(ann["segmentation"], float(ann["score"])) for ann in anns]
-        for image, anns in read_run(full_run).images()
-    }
+    full, candidates = run_masks(full_run), crop_candidates(crops_run, crops)
+    rows = [("full view (run --mode instances)", class_agnostic_eval(args.gt, full_run))]
+    for merge in MERGES:
+        merged_run = args.work / f"merged-{merge}"
+        write_merged_run(full_run, merged_run, merged_masks(full, candidates, merge))
+        rows.append((f"+ crops, {merge}", class_agnostic_eval(args.gt, merged_run)))
     table = Table(title=f"instances as labels, full view + 4 crops of {args.crop}")
     for column in ("labels", "AP", "AP50", "AR@100", "masks / image"):
         table.add_column(column, justify="left" if column == "labels" else "right")
-    rows = [("full view (run --mode instances)", evaluate_detections(args.gt, full))]
-    for merge in MERGES:
-        masks = merged_masks(full_run, crops_run, crops, merge)
-        write_merged_run(full_run, args.work / f"merged-{merge}", masks)
-        rows.append((f"+ crops, {merge}", evaluate_detections(args.gt, as_rle(masks))))
     for label, figures in rows:
         table.add_row(
             label,
