@@ -168,6 +168,13 @@ def declares_option(source: str, option: str) -> bool:
     return f'"{name}"' in source or re.search(rf"^\s+{parameter}\s*:", source, re.M) is not None
 
 
+def imported_siblings(script: Path, source: str) -> list[Path]:
+    """The benchmark modules ``script`` imports from (where shared options are declared)."""
+    names = re.findall(r"^from (?:benchmarks\.)?(\w+) import", source, re.M)
+    paths = (script.parent / f"{name}.py" for name in names)
+    return [path for path in paths if path.is_file()]
+
+
 @pytest.mark.parametrize(
     "command", BENCHMARK_COMMANDS, ids=[f"{c.where} {c.argv[-1]}" for c in BENCHMARK_COMMANDS]
 )
@@ -175,6 +182,9 @@ def test_every_benchmark_command_names_a_script_and_its_options(command: Command
     script, args = benchmark_script(command)
     assert script.is_file(), f"{command.where}: {script.relative_to(ROOT)} does not exist"
     source = script.read_text()
+    declared = source + "".join(
+        sibling.read_text() for sibling in imported_siblings(script, source)
+    )
     if command.argv[1] == "-m":
         siblings = {path.stem for path in script.parent.glob("*.py")}
         bare = set(re.findall(r"^from (\w+) import", source, re.M)) & siblings
@@ -184,7 +194,7 @@ def test_every_benchmark_command_names_a_script_and_its_options(command: Command
             f"{command.where}: {script.name} imports the benchmarks package: run it with -m"
         )
     for option in (arg for arg in args if arg.startswith("--")):
-        assert declares_option(source, option), f"{command.where}: {script.name} has no {option}"
+        assert declares_option(declared, option), f"{command.where}: {script.name} has no {option}"
 
 
 PYTHON_BLOCKS = [
