@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from selfment_label.config import (
+    DEFAULT_ZOOM,
     DEVICE_HELP,
     PRECISION_HELP,
     PRECISION_NAMES,
@@ -23,7 +24,7 @@ from selfment_label.config import (
     RunConfig,
 )
 
-from .console import fail, invalid_options, require_choice, user_errors
+from .console import EXIT_USAGE, fail, invalid_options, require_choice, user_errors
 
 if TYPE_CHECKING:
     from selfment_label.engine import Executor
@@ -114,6 +115,34 @@ def ray_address_option() -> Any:
 def ray_actors_option() -> Any:
     """``--ray-actors``: ``run`` and ``apply``."""
     return typer.Option(None, "--ray-actors", help=RAY_ACTORS_HELP)
+
+
+def zoom_option(what: str) -> Any:
+    """``--zoom``: ``run`` (instances mode) and ``apply`` (an instance head); ``what`` names
+    what labels the views."""
+    return typer.Option(
+        False,
+        "--zoom",
+        help=f"Also label four corner crops of each image (--zoom-crop of each side, each at "
+        f"the full resolution) with {what} and add their masks that find new objects (five "
+        "backbone passes per image).",
+    )
+
+
+def zoom_crop_option() -> Any:
+    """``--zoom-crop``, the corner crops' side as a fraction of the image's."""
+    return typer.Option(
+        DEFAULT_ZOOM, "--zoom-crop", help="With --zoom: each crop's side / the image's side."
+    )
+
+
+def zoom_fraction(context: typer.Context, zoom: bool, zoom_crop: float) -> float | None:
+    """The run's ``RunConfig.zoom`` (None without ``--zoom``); ``--zoom-crop`` without
+    ``--zoom`` is a usage error."""
+    source = context.get_parameter_source("zoom_crop")
+    if not zoom and source is not None and source.name == "COMMANDLINE":
+        raise fail("--zoom-crop sizes the crops of --zoom: pass --zoom too", EXIT_USAGE)
+    return zoom_crop if zoom else None
 
 
 def verbose_option() -> Any:

@@ -45,6 +45,9 @@ from .options import (
     save_scores_option,
     verbose_option,
     workers_option,
+    zoom_crop_option,
+    zoom_fraction,
+    zoom_option,
 )
 
 if TYPE_CHECKING:
@@ -122,6 +125,8 @@ def run(
         EntitiesConfig.persistence,
         help="Similarity range an entity or part must survive (entities).",
     ),
+    zoom: bool = zoom_option("MaskCut (--mode instances only)"),
+    zoom_crop: float = zoom_crop_option(),
     overwrite: bool = overwrite_run_option(),
     ray: bool = ray_option(),
     ray_address: str = ray_address_option(),
@@ -139,6 +144,13 @@ def run(
     setup_logging(verbose)
     require_choice(mode, MODES, "--mode")
     refuse_options_of_other_modes(context, mode)
+    zoomed = zoom_fraction(context, zoom, zoom_crop)
+    if zoomed is not None and mode != "instances":
+        raise fail(
+            f"--zoom merges the flat, disjoint instances of --mode instances; --mode {mode} "
+            "labels the full view only",
+            EXIT_USAGE,
+        )
     with invalid_options():
         segment = mode_config(
             mode,
@@ -163,6 +175,7 @@ def run(
         resolution=resolution,
         max_pixels=max_pixels,
         segment=segment,
+        zoom=zoomed,
     )
     if self_train:
         if ray:

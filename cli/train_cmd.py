@@ -48,6 +48,9 @@ from .options import (
     save_scores_option,
     verbose_option,
     workers_option,
+    zoom_crop_option,
+    zoom_fraction,
+    zoom_option,
 )
 from .train_progress import training_bars
 
@@ -250,6 +253,7 @@ def train(
 
 
 def apply(
+    context: typer.Context,
     head: Path = typer.Argument(..., help="A head checkpoint made by `selfment-label train`."),
     images: str = images_argument(),
     out: Path = run_folder_option(),
@@ -296,6 +300,8 @@ def apply(
         help="Single head: test-time flip (the mirror image too, logits averaged; about "
         "twice the backbone's time).",
     ),
+    zoom: bool = zoom_option("the instance head (one without parts)"),
+    zoom_crop: float = zoom_crop_option(),
     verbose: bool = verbose_option(),
 ) -> None:
     """Label a folder with a trained head: same run folder as `run`, one forward pass."""
@@ -311,6 +317,7 @@ def apply(
         save_scores=save_scores,
         offline=offline,
         refine=refine,
+        zoom=zoom_fraction(context, zoom, zoom_crop),
     )
     with invalid_options():
         instances = InstanceApplyConfig(

@@ -42,6 +42,11 @@ DEFAULT_REFINE = "guided"
 REFINE_MAX_SIDE = 2048
 """Longest side, in pixels, of the image that guides the refinement: larger images are refined
 at this size and the refined maps upsampled to full size."""
+DEFAULT_ZOOM = 0.6
+"""``--zoom``: side of each corner crop as a fraction of the image's (``selfment_label.zoom``;
+docs/many-objects-learnt.md)."""
+MIN_ZOOM, MAX_ZOOM = 0.3, 0.9
+"""Allowed zoom fractions: smaller crops hold too little context, larger ones hardly zoom."""
 
 
 def _number(name: str, value: Any) -> float:
@@ -226,6 +231,10 @@ class RunConfig:
         ``guided`` (fast guided filter) or ``crf`` (dense CRF, needs the ``crf`` extra).
       segment: the mode and its options (``SingleConfig``, ``InstancesConfig`` or
         ``EntitiesConfig``).
+      zoom: also label four corner crops of this fraction of each side of every image and
+        merge their masks into the full view's (``selfment_label.zoom``; five backbone passes
+        per image); None: the full view only. For segmenters of flat, disjoint instances
+        (``instances`` mode, an instance head without parts).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -240,9 +249,12 @@ class RunConfig:
     allow_download: bool = True
     refine: str = DEFAULT_REFINE
     segment: ModeConfig = field(default_factory=SingleConfig)
+    zoom: float | None = None
 
     def __post_init__(self) -> None:
         check_int("resolution", self.resolution, MIN_RESOLUTION, MAX_RESOLUTION)
+        if self.zoom is not None:
+            check_range("zoom", self.zoom, MIN_ZOOM, MAX_ZOOM)
         check_int("batch_size", self.batch_size, 1)
         check_int("workers", self.workers, 1)
         check_int("max_pixels", self.max_pixels, 1)

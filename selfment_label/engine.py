@@ -15,6 +15,7 @@ import io
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -24,10 +25,11 @@ from .data.images import DecodedImage, ImageSkip, prepare_image
 from .data.storage import ImageSource
 from .device import pin_threads, resolve_device, resolve_precision, small_kernel_threads
 from .features.backbone import Backbone, build_backbone
-from .masks import annotation_record, full_size_masks
+from .masks import FullSizeMask, annotation_record, full_size_masks
 from .refine import guide_side
 from .segment.base import BatchTokens, PatchMask, Segmenter, segment_batch, segmenter_tokens
 from .timing import StageTimer
+from .zoom import CROPS, corner_crops, merge_views
 
 
 def backbone_for(config: RunConfig) -> Backbone:
@@ -79,6 +81,13 @@ class Labeller:
         on the backbone's device (``choice``).
       refine: edge refinement of the full-size masks (``REFINE_METHODS``); the decoded
         images must carry their guide (``guide_side(refine)``) unless it is ``none``.
+      zoom: also label each image's four corner crops of this fraction of its sides and
+        merge their masks into the full view's (``selfment_label.zoom``); the decoded images
+        must carry them (``DecodedImage.zoom_pixels``). Only for a segmenter of flat,
+        disjoint instances (one that says ``zoomable``).
+
+    Raises:
+      ValueError: ``zoom`` with a segmenter that is not ``zoomable``.
     """
 
     def __init__(
@@ -87,30 +96,79 @@ class Labeller:
         segmenter: Segmenter,
         precision: str = DEFAULT_PRECISION,
         refine: str = "none",
+        zoom: float | None = None,
     ):
+        if zoom is not None and not getattr(segmenter, "zoomable", False):
+            raise ValueError(
+                "zoom merges flat, disjoint instances: it needs instances mode or an instance "
+                "head without parts"
+            )
         self.backbone = backbone
         self.segmenter = segmenter
         self.precision = precision
         self.refine = refine
+        self.zoom = zoom
         self.device = backbone.device
         self.choice = resolve_precision(precision, self.device)
 
     def tokens(self, batch: list[DecodedImage], timer: StageTimer) -> BatchTokens:
         """``[B, rows, cols, D]`` patch tokens of a batch of images that share one grid, and
-        their ``[B, D]`` class tokens where the segmenter takes them (else ``None``)."""
+        their ``[B, D]`` class tokens where the segmenter takes them (else ``None``). With
+        ``zoom``, ``[5B, ...]``: the full views, then each corner crop of every image (one
+        backbone call of ``B`` views at a time)."""
         with timer.stage("backbone"):
-            pixels = stack_pixels(batch, self.device)
-            return segmenter_tokens(self.segmenter, self.backbone, pixels, self.choice.dtype)
+            views = [stack_pixels(batch, self.device)]
+            if self.zoom is not None:
+                views += [
+                    torch.from_numpy(np.stack([item.zoom_pixels[crop] for item in batch])).to(
+                        self.device
+                    )
+                    for crop in range(CROPS)
+                ]
+            found = [
+                segmenter_tokens(self.segmenter, self.backbone, pixels, self.choice.dtype)
+                for pixels in views
+            ]
+            if len(found) == 1:
+                return found[0]
+            patches = torch.cat([view_patches for view_patches, _ in found])
+            classes = [view_classes for _, view_classes in found]
+            return patches, None if classes[0] is None else torch.cat(classes)
 
     def patch_masks(
         self, batch: list[DecodedImage], timer: StageTimer, tokens: BatchTokens | None = None
     ) -> list[list[PatchMask]]:
         """Patch masks for a batch of images that share one grid (from ``tokens`` when the
-        caller already has them)."""
+        caller already has them); with ``zoom``, the full views' then each crop's, as
+        ``tokens`` orders them."""
         patches, class_tokens = self.tokens(batch, timer) if tokens is None else tokens
         with small_kernel_threads(self.device):
-            names = [item.file_name for item in batch]
+            names = [item.file_name for item in batch] * (len(patches) // len(batch))
             return segment_batch(self.segmenter, patches, timer, class_tokens, names)
+
+    def _full_size(
+        self, item: DecodedImage, views: list[list[PatchMask]]
+    ) -> tuple[list[FullSizeMask], torch.Tensor | None]:
+        """One image's full-size masks from its views' patch masks (the full view's only, or
+        merged with its crops' with ``zoom``) and the full view's soft union."""
+        kept, union = full_size_masks(views[0], item.width, item.height, self.refine, item.guide)
+        if self.zoom is None:
+            return kept, union
+        crops = corner_crops(item.width, item.height, self.zoom)
+        found = [
+            (
+                crop,
+                full_size_masks(
+                    masks,
+                    crop.width,
+                    crop.height,
+                    self.refine,
+                    None if item.guide is None else crop.of(item.guide),
+                )[0],
+            )
+            for crop, masks in zip(crops, views[1:], strict=True)
+        ]
+        return merge_views(kept, found), union
 
     def label(
         self,
@@ -124,10 +182,10 @@ class Labeller:
         patch_masks = self.patch_masks(batch, timer, tokens)
         finished = []
         with small_kernel_threads(self.device), timer.stage("masks"):
-            for item, masks in zip(batch, patch_masks, strict=True):
-                kept, union = full_size_masks(
-                    masks, item.width, item.height, self.refine, item.guide
-                )
+            for index, item in enumerate(batch):
+                views = patch_masks[index :: len(batch)]
+                kept, union = self._full_size(item, views)
+                masks = views[0]
                 finished.append(
                     FinishedImage(
                         file_name=item.file_name,
@@ -223,6 +281,7 @@ class LocalExecutor:
                 std,
                 config.max_pixels,
                 guide_side(config.refine),
+                config.zoom,
             )
 
         threads = torch.get_num_threads()

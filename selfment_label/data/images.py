@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import stat
 import threading
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import DEFAULT_MAX_PIXELS
+from ..zoom import crop_views
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +334,8 @@ class DecodedImage:
       guide: ``[h, w, 3]`` uint8 RGB image that guides the edge refinement of the masks
         (``selfment_label.refine``), or None when no refinement was asked for. It is the
         image as decoded (JPEGs at their reduced draft scale), shrunk to ``guide_side``.
+      zoom_pixels: ``[4, 3, rows*p, cols*p]`` float32 normalised corner crops
+        (``zoom.crop_views``, on the same grid as ``pixels``), or None without zoom.
     """
 
     file_name: str
@@ -341,6 +345,13 @@ class DecodedImage:
     grid: tuple[int, int]
     decode_seconds: float
     guide: np.ndarray | None = None
+    zoom_pixels: np.ndarray | None = None
+
+
+def draft_side(resolution: int, zoom: float | None = None) -> int:
+    """The smallest long side a JPEG may be decoded at (its draft scale): ``resolution``, or
+    ``resolution / zoom`` so that every zoomed crop keeps its full ``resolution``."""
+    return resolution if zoom is None else math.ceil(resolution / zoom)
 
 
 class ImageReader(Protocol):
@@ -360,6 +371,7 @@ def prepare_image(
     std: tuple[float, ...],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     guide_side: int | None = None,
+    zoom: float | None = None,
 ) -> DecodedImage:
     """Decode, resize to the patch grid and normalise one image (runs in a worker thread).
 
@@ -371,17 +383,19 @@ def prepare_image(
       max_pixels: larger images are skipped as decompression bombs.
       guide_side: also keep the RGB image, its long side at most this many pixels, to
         guide the edge refinement (None: no guide).
+      zoom: also make its four corner crops of this fraction of each side (None: none).
 
     Raises:
       ImageSkip: with the reason, for any file that cannot be used.
     """
     start = time.perf_counter()
+    draft = draft_side(resolution, zoom)
     if isinstance(root, str | Path):
-        image, size = load_image(Path(root) / file_name, max_pixels, draft_size=resolution)
+        image, size = load_image(Path(root) / file_name, max_pixels, draft_size=draft)
     else:
-        image, size = decode_image_bytes(root.read(file_name), max_pixels, draft_size=resolution)
+        image, size = decode_image_bytes(root.read(file_name), max_pixels, draft_size=draft)
     return decoded_image(
-        image, file_name, size, resolution, patch_size, mean, std, start, guide_side
+        image, file_name, size, resolution, patch_size, mean, std, start, guide_side, zoom
     )
 
 
@@ -404,6 +418,7 @@ def decoded_image(
     std: tuple[float, ...],
     start: float | None = None,
     guide_side: int | None = None,
+    zoom: float | None = None,
 ) -> DecodedImage:
     """Resize an RGB image to its patch grid and normalise it.
 
@@ -417,20 +432,33 @@ def decoded_image(
       start: ``time.perf_counter()`` when decoding began (decode time counted from there).
       guide_side: also keep the RGB image as the refinement guide, shrunk so its long side
         is at most this many pixels (None: no guide).
+      zoom: also make its four corner crops of this fraction of each side, each resized to
+        the image's own patch grid (``zoom.crop_views``; None: none).
     """
     start = time.perf_counter() if start is None else start
     width, height = size
     rows, cols = grid_for(width, height, resolution, patch_size)
-    resized = image.resize((cols * patch_size, rows * patch_size), Image.Resampling.BICUBIC)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    view_size = (cols * patch_size, rows * patch_size)
+    resized = image.resize(view_size, Image.Resampling.BICUBIC)
+    zoom_pixels = None
+    if zoom is not None:
+        crops = crop_views(image, size, zoom, view_size)
+        zoom_pixels = np.stack([_normalised(crop, mean, std) for crop in crops])
     guide = None if guide_side is None else _guide_image(image, guide_side)
     return DecodedImage(
         file_name=file_name,
         width=width,
         height=height,
-        pixels=np.ascontiguousarray(array.transpose(2, 0, 1)),
+        pixels=_normalised(resized, mean, std),
         grid=(rows, cols),
         decode_seconds=time.perf_counter() - start,
         guide=guide,
+        zoom_pixels=zoom_pixels,
     )
+
+
+def _normalised(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``[3, H, W]`` float32 pixels of an RGB image, normalised by ``mean`` and ``std``."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))

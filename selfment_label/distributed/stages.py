@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from ..data.batching import batches_by_grid
-from ..data.images import DecodedImage, ImageReader, ImageSkip, decode_image_bytes, decoded_image
+from ..data.images import (
+    DecodedImage,
+    ImageReader,
+    ImageSkip,
+    decode_image_bytes,
+    decoded_image,
+    draft_side,
+)
 from ..device import resolve_device
 from ..engine import FinishedImage, Labeller
 from ..features.backbone import Backbone
@@ -78,6 +85,7 @@ class DecodeSettings:
       max_pixels: larger images are skipped as decompression bombs.
       guide_side: keep the RGB image, its long side at most this, to guide the edge
         refinement (None: no refinement, no guide).
+      zoom: also make the four corner crops of this fraction of each side (None: none).
     """
 
     resolution: int
@@ -86,18 +94,18 @@ class DecodeSettings:
     std: tuple[float, ...]
     max_pixels: int
     guide_side: int | None = None
+    zoom: float | None = None
 
 
 def decode_images(batch: Batch, settings: DecodeSettings) -> Batch:
     """Decode, resize to the patch grid and normalise each image read (CPU tasks).
 
-    Pixels travel as float32 bytes with their grid, since grids differ from image to image.
+    Pixels travel as float32 bytes with their grid, since grids differ from image to image
+    (a zoomed run's corner crops too, on the same grid: empty bytes without zoom).
     """
     names = _names(batch)
-    columns: dict[str, list[Any]] = {
-        key: []
-        for key in ("pixels", "guide", "width", "height", "rows", "cols", "error", "decode_seconds")
-    }
+    keys = ("pixels", "zoom_pixels", "guide", "width", "height", "rows", "cols", "error")
+    columns: dict[str, list[Any]] = {key: [] for key in (*keys, "decode_seconds")}
     guides: list[tuple[int, int]] = []
     for name, data, error in zip(names, batch["data"], batch["error"], strict=True):
         item: DecodedImage | None = None
@@ -105,7 +113,8 @@ def decode_images(batch: Batch, settings: DecodeSettings) -> Batch:
         if not error:
 
             def decode(name: str = name, data: bytes = data) -> DecodedImage:
-                image, size = decode_image_bytes(data, settings.max_pixels, settings.resolution)
+                draft = draft_side(settings.resolution, settings.zoom)
+                image, size = decode_image_bytes(data, settings.max_pixels, draft)
                 return decoded_image(
                     image,
                     name,
@@ -115,12 +124,15 @@ def decode_images(batch: Batch, settings: DecodeSettings) -> Batch:
                     settings.mean,
                     settings.std,
                     guide_side=settings.guide_side,
+                    zoom=settings.zoom,
                 )
 
             item, error, spent = _timed(decode)
         columns["error"].append(str(error))
         columns["decode_seconds"].append(spent)
         columns["pixels"].append(item.pixels.tobytes() if item else b"")
+        crops = item.zoom_pixels if item else None
+        columns["zoom_pixels"].append(crops.tobytes() if crops is not None else b"")
         guide = item.guide if item else None
         columns["guide"].append(guide.tobytes() if guide is not None else b"")
         guides.append(guide.shape[:2] if guide is not None else (0, 0))
@@ -132,6 +144,7 @@ def decode_images(batch: Batch, settings: DecodeSettings) -> Batch:
         "file_name": _objects(names),
         "read_seconds": np.asarray(batch["read_seconds"], dtype=np.float64),
         "pixels": _objects(columns.pop("pixels")),
+        "zoom_pixels": _objects(columns.pop("zoom_pixels")),
         "guide": _objects(columns.pop("guide")),
         "guide_shape": np.asarray(guides, dtype=np.int64).reshape(-1, 2),
         "error": _objects(columns.pop("error")),
@@ -155,7 +168,7 @@ def labeller_on(labeller: Labeller, device: torch.device) -> Labeller:
     segmenter = labeller.segmenter
     to_device = getattr(segmenter, "to", None)
     segmenter = to_device(device) if to_device else segmenter
-    return Labeller(moved, segmenter, labeller.precision, labeller.refine)
+    return Labeller(moved, segmenter, labeller.precision, labeller.refine, labeller.zoom)
 
 
 def _guide(data: bytes, shape: np.ndarray) -> np.ndarray | None:
@@ -201,6 +214,7 @@ class LabelActor:
                 continue
             rows, cols = int(batch["rows"][i]), int(batch["cols"][i])
             pixels = np.frombuffer(batch["pixels"][i], dtype=np.float32)
+            crops = np.frombuffer(batch["zoom_pixels"][i], dtype=np.float32)
             item = DecodedImage(
                 file_name=name,
                 width=int(batch["width"][i]),
@@ -209,6 +223,9 @@ class LabelActor:
                 grid=(rows, cols),
                 decode_seconds=float(batch["decode_seconds"][i]),
                 guide=_guide(batch["guide"][i], batch["guide_shape"][i]),
+                zoom_pixels=crops.reshape(-1, 3, rows * patch, cols * patch)
+                if crops.size
+                else None,
             )
             stream.append((name, item))
         timer = StageTimer(self.labeller.device)

@@ -105,6 +105,14 @@ def head_segmenter(
     return HeadSegmenter(head, loaded.sha256, loaded.layers, flip)
 
 
+def _check_zoomable(head: PatchHead | InstanceHead) -> None:
+    """Refuse zoom for a head whose masks cannot be merged across crops."""
+    if not isinstance(head, InstanceHead):
+        raise HeadError("zoom needs an instance head: a single-object head writes one mask")
+    if head.part_queries is not None:
+        raise HeadError("zoom needs an instance head without parts: this one writes parts")
+
+
 def apply_head(
     checkpoint: str | Path,
     input_dir: str | Path,
@@ -140,6 +148,7 @@ def apply_head(
         ignores it).
       flip: single head: test-time flip (the mirrored image too, the two foreground logits
         averaged; about twice the backbone's time). Refused for an instance head.
+      (``config.zoom``: an instance head without parts only, ``selfment_label.zoom``.)
       extra_provenance: more keys for run.json (``self_train_folder`` records its stages).
 
     Raises:
@@ -150,6 +159,8 @@ def apply_head(
     check_run_target(Path(out_dir) if out_dir else default_out_dir(input_dir), overwrite)
     loaded = load_checkpoint(checkpoint)
     meta = loaded.meta
+    if config is not None and config.zoom is not None:
+        _check_zoomable(loaded.head)
     config = replace(
         config or RunConfig(),
         backbone=meta["backbone"]["backbone"],

@@ -50,6 +50,12 @@ class InstanceHeadSegmenter:
             **({"parts": True} if self.head.part_queries is not None else {}),
         }
 
+    @property
+    def zoomable(self) -> bool:
+        """Whether a run may merge zoomed crops' masks (``zoom``): the head writes flat,
+        disjoint instances (no parts)."""
+        return self.head.part_queries is None
+
     def to(self, device: torch.device | str) -> InstanceHeadSegmenter:
         """This segmenter with its head on ``device`` (a Ray actor moves it to its GPU)."""
         return InstanceHeadSegmenter(self.head.to(device), self.head_sha256, self.select)

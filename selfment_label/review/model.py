@@ -50,6 +50,8 @@ class SelfmentModel(fom.Model):
 
     def __init__(self, config: RunConfig, backbone: Backbone | None):
         check_available(config.refine)
+        if config.zoom is not None:
+            raise ValueError("zoom is an option of run and apply: the model labels the full view")
         if backbone is None:
             backbone = backbone_for(config)
         self.config = config

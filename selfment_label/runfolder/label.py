@@ -182,7 +182,11 @@ def label_folder(
     if backbone is None:
         backbone, load_seconds = _load_backbone(config, executor)
     labeller = Labeller(
-        backbone, segmenter or make_segmenter(config.segment), config.precision, config.refine
+        backbone,
+        segmenter or make_segmenter(config.segment),
+        config.precision,
+        config.refine,
+        config.zoom,
     )
     started = utc_now()
     with RunLock(out_dir):

@@ -156,6 +156,7 @@ def fingerprint(config: RunConfig, labeller: Labeller) -> dict[str, Any]:
         "precision": labeller.choice.name,
         "save_scores": config.save_scores,
         "refine": config.refine,
+        **({"zoom": config.zoom} if config.zoom is not None else {}),
         **labeller.segmenter.options(),
     }
 

@@ -178,6 +178,8 @@ class MaskCut(InstancesConfig):
     """Label-free multi-instance segmenter: MaskCut + IPO (options: ``InstancesConfig``)."""
 
     takes_class_tokens: ClassVar[bool] = True
+    zoomable: ClassVar[bool] = True
+    """Its instances are flat and disjoint: a run may merge zoomed crops' (``zoom``)."""
 
     def __call__(
         self, tokens: torch.Tensor, timer: StageTimer, class_tokens: torch.Tensor | None = None
