@@ -6,7 +6,8 @@ annotation records and, when asked, a score map). An ``Executor`` runs a ``Label
 (``selfment_label.distributed``) ships the same ``Labeller`` to its workers. Every finished
 image and every skip goes to the job's ``Recorder`` (the run folder's, on the driver). The
 same engine labels ``run``, ``apply``, the FiftyOne model (``review.model``) and the head's
-training features.
+training features. With a zoom (``RunConfig.zoom``) the ``Labeller`` also labels four corner
+crops of every image and merges their masks into the full view's (``selfment_label.zoom``).
 """
 
 from __future__ import annotations
