@@ -8,12 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import label_tiny, write_scenes
 
-from benchmarks.instances_crops import Crop
 from benchmarks.speed import (
     BenchConfig,
     Target,
@@ -161,20 +159,3 @@ def test_a_benchmark_that_imports_another_runs_both_ways(tmp_path: Path):
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
         assert result.returncode == 0, result.stderr
         assert "--reject-iou" in result.stdout
-
-
-def test_crop_masks_go_back_to_their_place_and_cut_objects_are_told():
-    """benchmarks/instances_crops: a crop's mask lands where the crop lies in its image, and a
-    mask that runs into an edge the crop shares with the rest of the image is flagged."""
-    crop = Crop("a.jpg", left=4, top=0, width=6, height=5, image_width=10, image_height=8)
-    inside = np.zeros((5, 6), dtype=bool)
-    inside[1:3, 2:4] = True
-    full = crop.in_image(inside)
-    assert full.shape == (8, 10) and full.sum() == 4 and full[1:3, 6:8].all()
-    assert not crop.inner_edge_touched(inside)
-    on_image_edge = np.zeros((5, 6), dtype=bool)
-    on_image_edge[0, 2] = on_image_edge[2, 5] = True  # the image's top and right edges
-    assert not crop.inner_edge_touched(on_image_edge)
-    cut = np.zeros((5, 6), dtype=bool)
-    cut[4, 3] = True  # the crop's bottom edge lies inside the image
-    assert crop.inner_edge_touched(cut)

@@ -70,6 +70,25 @@ def test_corner_crops_cover_the_image_from_its_four_corners() -> None:
     assert (crops[3].of(guide) == guide[10:25, 20:50]).all()
 
 
+def test_a_crop_mask_that_runs_into_an_inner_edge_of_its_crop_is_told() -> None:
+    crop = Crop(left=4, top=0, width=6, height=5, image_width=10, image_height=8)
+    full = np.zeros((8, 10), dtype=bool)
+    inside = np.zeros((5, 6), dtype=bool)
+    inside[1:3, 2:4] = True
+    full[crop.window()] = inside
+    assert full.sum() == 4 and full[1:3, 6:8].all()
+    assert not crop.inner_edge_touched(inside)
+    on_image_edge = np.zeros((5, 6), dtype=bool)
+    on_image_edge[0, 2] = on_image_edge[2, 5] = True  # the image's top and right edges
+    assert not crop.inner_edge_touched(on_image_edge)
+    cut = np.zeros((5, 6), dtype=bool)
+    cut[4, 3] = True  # the crop's bottom edge lies inside the image
+    assert crop.inner_edge_touched(cut)
+    cut = np.zeros((5, 6), dtype=bool)
+    cut[2, 0] = True  # so does its left edge
+    assert crop.inner_edge_touched(cut)
+
+
 def test_merge_adds_whole_new_crop_objects_disjoint_and_ranked_after_the_full_view() -> None:
     height, width = 50, 100
     full = [_full(height, width, slice(5, 20), slice(5, 30), 0.9)]
