@@ -16,9 +16,9 @@ from selfment_label.data.images import KEPT_ASPECT, MAX_GRID_ASPECT, decoded_ima
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.masks import full_size_masks
+from selfment_label.segment import single
 from selfment_label.segment.base import segment_batch
 from selfment_label.segment.scores import class_excess, frame_excess, uniformity_excess
-from selfment_label.segment import single
 from selfment_label.segment.single import NcutIpo
 from selfment_label.timing import StageTimer
 

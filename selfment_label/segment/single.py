@@ -106,7 +106,8 @@ def join_inner_part(
     object and its background is clear. For those images the complement is split in two by
     IPO started from its patches off the frame's outermost ring (its part in the middle of
     the picture against its part along the frame), and the middle part joins the mask when
-    the union is a clear object (evidence at most ``-CLEAR_SIDE``). A clear split is never changed (docs/quality-report.md, "Closing the gaps").
+    the union is a clear object (evidence at most ``-CLEAR_SIDE``). A clear split is never
+    changed (docs/quality-report.md, "A cut inside the object").
 
     Arguments:
       labels: ``[B, rows, cols]`` boolean masks (the object side of each cut).
