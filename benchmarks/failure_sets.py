@@ -22,6 +22,7 @@ truth > 0.5). ``--json`` writes the figures; ``--compare`` prints a run's figure
 those of an earlier ``--json`` (e.g. made on main: ``PYTHONPATH=/work/main python ...``).
 
     python -m benchmarks.failure_sets --limit 60 --json after.json --compare before.json
+    python -m benchmarks.failure_sets --limit 60 --precision fp32   # as on a CPU without bf16
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ if not __package__:  # run as `python benchmarks/X.py`: import the checkout's be
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import add_asset_arguments, load_backbone, require_assets
-from selfment_label.config import REFINE_METHODS, RunConfig
+from selfment_label.config import PRECISION_NAMES, REFINE_METHODS, RunConfig
 from selfment_label.evaluate import evaluate_run, load_gt_mask
 from selfment_label.runfolder.label import label_folder
 
@@ -182,6 +183,7 @@ def parse_args() -> argparse.Namespace:
     add_asset_arguments(parser)
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--refine", choices=REFINE_METHODS, default=defaults.refine)
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default=defaults.precision)
     parser.add_argument("--limit", type=int, default=0, help="Use only the first N images.")
     parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     parser.add_argument("--work", type=Path, default=None, help="Keep the sets and runs here.")
@@ -221,7 +223,12 @@ def main() -> None:
     require_assets(args.data, args.weights)
     work = args.work or Path(tempfile.mkdtemp(prefix="failure-sets-"))
     backbone = load_backbone(args.weights)
-    config = RunConfig(resolution=args.resolution, refine=args.refine, save_scores=True)
+    config = RunConfig(
+        resolution=args.resolution,
+        refine=args.refine,
+        precision=args.precision,
+        save_scores=True,
+    )
     results = {}
     for name in args.sets:
         folder = make_set(name, args.data, args.limit, work / name)

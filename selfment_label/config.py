@@ -109,7 +109,10 @@ class SingleConfig(ModeOptions):
       border_prior: a mask that holds a larger share of the image's border patches than of
         the image (it runs along the frame) is taken for the background and swapped with its
         complement; each side is judged relative to its size, so close-ups whose object
-        touches most of the frame keep their object (turn off to keep the cut's own side).
+        touches most of the frame keep their object; a split whose two sides it cannot tell
+        apart (a cut inside a close-up's object) gets the part of the complement off the
+        frame joined to the mask when the union is clearly the object
+        (``single.join_inner_part``). Turn off to keep the cut's own side.
     """
 
     mode: ClassVar[str] = "single"

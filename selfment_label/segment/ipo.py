@@ -120,6 +120,21 @@ def _relabel(
     )
 
 
+def kept_scores(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Soft scores clamped to their labels' side of ``THRESHOLD`` (by ``KEPT_MARGIN``), so the
+    written mask (scores above it) is exactly ``labels``.
+
+    Arguments:
+      scores: ``[..., N]`` soft scores.
+      labels: ``[..., N]`` boolean labels.
+    """
+    return torch.where(
+        labels,
+        scores.clamp(min=THRESHOLD + KEPT_MARGIN),
+        scores.clamp(max=THRESHOLD - KEPT_MARGIN),
+    )
+
+
 def iterative_patch_optimization(
     tokens: torch.Tensor,
     labels: torch.Tensor,
@@ -171,10 +186,6 @@ def iterative_patch_optimization(
         labels[index], mean_fg[index], mean_bg[index] = state
         scores = torch.sigmoid(_margin(unit, mean_fg, mean_bg) / temperature)
     # the written mask is scores > 0.5: keep it the labelling the stop rule kept
-    scores = torch.where(
-        labels,
-        scores.clamp(min=THRESHOLD + KEPT_MARGIN),
-        scores.clamp(max=THRESHOLD - KEPT_MARGIN),
-    )
+    scores = kept_scores(scores, labels)
     scores = torch.where(active, scores, torch.zeros_like(scores))
     return IpoResult(labels=labels, scores=scores, rounds=rounds)

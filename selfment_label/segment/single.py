@@ -10,9 +10,9 @@ import torch
 from ..config import SingleConfig
 from ..timing import StageTimer
 from .base import ImageMasks, PatchMask
-from .ipo import iterative_patch_optimization
+from .ipo import iterative_patch_optimization, kept_scores, prototype_scores
 from .ncut import normalized_cut, pair_cosine
-from .objectness import no_object_reasons
+from .objectness import CLEAR_SIDE, no_object_reasons
 from .scores import (
     agreement_score,
     centre_start,
@@ -78,6 +78,69 @@ def border_swap(
     return (side_evidence(labels, tokens, class_tokens) > 0) & enabled
 
 
+def frame_interior(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``[1, rows * cols]`` boolean: the grid's patches off its outermost ring."""
+    rows, cols = grid
+    inner = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    inner[1:-1, 1:-1] = True
+    return inner.reshape(1, -1)
+
+
+def join_inner_part(
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    evidence: torch.Tensor,
+    tokens: torch.Tensor,
+    class_tokens: torch.Tensor | None,
+    iterations: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join a mask whose cut ran inside the object with the rest of the object.
+
+    When the subject fills most of the frame, the strongest split of its patches can run
+    inside it (a dog's head against its body and the grass strip beside it, a cat's dark
+    patches against its white fur): the mask is a part of the object and its complement the
+    rest of it plus a strip of background along the frame. Such a split is not clear, its
+    two sides hold the border, the class token and their uniformity about alike
+    (``side_evidence`` under ``objectness.CLEAR_SIDE`` in size), where a cut between an
+    object and its background is clear. For those images the complement is split in two by
+    IPO started from its patches off the frame's outermost ring (its part in the middle of
+    the picture against its part along the frame), and the middle part joins the mask when
+    the union is a clear object (evidence at most ``-CLEAR_SIDE``). A clear split is never
+    changed (docs/quality-report.md, "A cut inside the object").
+
+    Arguments:
+      labels: ``[B, rows, cols]`` boolean masks (the object side of each cut).
+      scores: ``[B, rows, cols]`` their soft scores.
+      evidence: ``[B]`` each mask's ``side_evidence`` (below 0: the object side).
+      tokens: ``[B, rows * cols, D]`` patch tokens.
+      class_tokens: ``[B, D]`` class tokens, or None.
+      iterations: IPO rounds of the complement's split.
+      temperature: softness of the joined masks' prototype scores.
+
+    Returns:
+      ``([B, rows, cols] labels, [B, rows, cols] scores)``, joined where the rule took.
+    """
+    b, rows, cols = labels.shape
+    unclear = evidence.abs() < CLEAR_SIDE
+    if not bool(unclear.any()):
+        return labels, scores
+    flat = labels.reshape(b, -1)
+    rest = ~flat
+    start = rest & frame_interior((rows, cols), labels.device)
+    inner = iterative_patch_optimization(tokens, start, iterations, active=rest).labels
+    union = flat | inner
+    joined_evidence = side_evidence(union.reshape(b, rows, cols), tokens, class_tokens)
+    joined = unclear & inner.any(-1) & (joined_evidence <= -CLEAR_SIDE)
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
+    union_scores = kept_scores(prototype_scores(unit, union, temperature), union)
+    keep = joined[:, None, None]
+    return (
+        torch.where(keep, union.reshape(b, rows, cols), labels),
+        torch.where(keep, union_scores.reshape(b, rows, cols), scores),
+    )
+
+
 @dataclass
 class NcutIpo(SingleConfig):
     """Label-free single-object segmenter: Normalized Cut, then IPO (options: ``SingleConfig``)."""
@@ -104,6 +167,12 @@ class NcutIpo(SingleConfig):
             swapped = ((evidence > 0) & self.border_prior)[:, None, None]
             labels = torch.where(swapped, ~labels, labels)
             scores = torch.where(swapped, 1.0 - scores, scores)
+            evidence = torch.where(swapped[:, 0, 0], -evidence, evidence)  # the mask's own
+            side = labels
+            if class_tokens is not None and self.border_prior:
+                labels, scores = join_inner_part(
+                    labels, scores, evidence, flat, class_tokens, self.ipo_iters, self.temperature
+                )
             blind = iterative_patch_optimization(
                 flat, centre_start(b, (rows, cols), flat.device), SCORE_ROUNDS
             ).labels.reshape(b, rows, cols)
@@ -111,7 +180,8 @@ class NcutIpo(SingleConfig):
             blind = torch.where(swap_blind, ~blind, blind)
             confidence = agreement_score(labels, torch.where(swapped, ~cut, cut), blind).tolist()
         capped = (~eigen.converged).tolist()
-        empty = no_object_reasons(cosine, labels, None if class_tokens is None else evidence)
+        # whether there is an object at all is decided on the cut's own split
+        empty = no_object_reasons(cosine, side, None if class_tokens is None else evidence)
         return [
             ImageMasks([], {"no_object": empty[i]})
             if empty[i]
