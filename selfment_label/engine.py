@@ -70,6 +70,11 @@ def _score_png(soft: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def _best_score(kept: list[FullSizeMask]) -> float:
+    """The highest score among an image's masks (0 without a mask)."""
+    return max((region.score for region in kept), default=0.0)
+
+
 class Labeller:
     """Runs a backbone and a segmenter over decoded images and makes full-size masks.
 
@@ -82,6 +87,10 @@ class Labeller:
         on the backbone's device (``choice``).
       refine: edge refinement of the full-size masks (``REFINE_METHODS``); the decoded
         images must carry their guide (``guide_side(refine)``) unless it is ``none``.
+      An image thinner than 3:1 is also labelled on each of its ``thin_views`` grids when the
+      segmenter's scores compare grids (``picks_grid``, without ``zoom``): the grid whose
+      best mask scores highest is kept (docs/quality-report.md, "Thin images: more than one
+      grid").
       zoom: also label each image's four corner crops of this fraction of its sides and
         merge their masks into the full view's (``selfment_label.zoom``); the decoded images
         must carry them (``DecodedImage.zoom_pixels``). Only for a segmenter of flat,
@@ -171,6 +180,31 @@ class Labeller:
         ]
         return merge_views(kept, found), union
 
+    def _thin_masks(
+        self, batch: list[DecodedImage], timer: StageTimer
+    ) -> list[list[list[PatchMask]]]:
+        """Per image of the batch, its patch masks on each of its ``thin_views`` (one backbone
+        call a view); none for an image that is not thin, with ``zoom`` or with a segmenter
+        whose scores do not compare grids (``picks_grid``)."""
+        if self.zoom is not None or not getattr(self.segmenter, "picks_grid", False):
+            return [[] for _ in batch]
+        found = []
+        for item in batch:
+            views = []
+            for pixels in item.thin_views:
+                with timer.stage("backbone"):
+                    patches, class_tokens = segmenter_tokens(
+                        self.segmenter,
+                        self.backbone,
+                        torch.from_numpy(pixels[None]).to(self.device),
+                        self.choice.dtype,
+                    )
+                with small_kernel_threads(self.device):
+                    names = [item.file_name]
+                    views += segment_batch(self.segmenter, patches, timer, class_tokens, names)
+            found.append(views)
+        return found
+
     def label(
         self,
         batch: list[DecodedImage],
@@ -181,12 +215,17 @@ class Labeller:
         """Full-size masks as annotation records (and score maps) for a batch of one grid
         (from ``tokens`` when the caller already has them)."""
         patch_masks = self.patch_masks(batch, timer, tokens)
+        thin_masks = self._thin_masks(batch, timer)
         finished = []
         with small_kernel_threads(self.device), timer.stage("masks"):
             for index, item in enumerate(batch):
                 views = patch_masks[index :: len(batch)]
                 kept, union = self._full_size(item, views)
                 masks = views[0]
+                for other in thin_masks[index]:
+                    other_kept, other_union = self._full_size(item, [other])
+                    if _best_score(other_kept) > _best_score(kept):
+                        kept, union, masks = other_kept, other_union, other
                 finished.append(
                     FinishedImage(
                         file_name=item.file_name,

@@ -32,6 +32,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 MIN_SIDE = 2
 MAX_GRID_ASPECT = 2
 KEPT_ASPECT = 3
+THIN_EXTRA_GRIDS = ((KEPT_ASPECT, 1.0), (KEPT_ASPECT, 1.5))
+"""More grids for an image thinner than ``KEPT_ASPECT``:1, as ``(grid aspect, long side in
+units of resolution / patch size)``: 3:1 at the usual long side and 3:1 at 1.5 times it (at
+448 px: 11 x 32 and 16 x 48, next to ``grid_for``'s 16 x 32). No single grid suits every
+squashed image (docs/quality-report.md, "Thin images: more than one grid")."""
 ORIENTATION_TAG = 0x0112
 ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 TOO_LARGE = "too large"
@@ -321,6 +326,20 @@ def grid_for(width: int, height: int, resolution: int, patch_size: int) -> tuple
     return (short_count, long_count) if height <= width else (long_count, short_count)
 
 
+def thin_grids(width: int, height: int, resolution: int, patch_size: int) -> list[tuple[int, int]]:
+    """The extra patch grids ``(rows, cols)`` of an image thinner than ``KEPT_ASPECT``:1
+    (``THIN_EXTRA_GRIDS``); none for any other image."""
+    if max(width, height) / min(width, height) <= KEPT_ASPECT:
+        return []
+    side = resolution / patch_size
+    grids = []
+    for grid_aspect, scale in THIN_EXTRA_GRIDS:
+        long_count = max(2, round(side * scale))
+        short_count = max(2, round(side * scale / grid_aspect))
+        grids.append((short_count, long_count) if height <= width else (long_count, short_count))
+    return grids
+
+
 @dataclass
 class DecodedImage:
     """One decoded, resized and normalised image ready for the backbone.
@@ -336,6 +355,8 @@ class DecodedImage:
         image as decoded (JPEGs at their reduced draft scale), shrunk to ``guide_side``.
       zoom_pixels: ``[4, 3, rows*p, cols*p]`` float32 normalised corner crops
         (``zoom.crop_views``, on the same grid as ``pixels``), or None without zoom.
+      thin_views: the image on each of its ``thin_grids`` (``[3, rows*p, cols*p]`` float32
+        normalised pixels); empty unless it is thinner than ``KEPT_ASPECT``:1.
     """
 
     file_name: str
@@ -346,6 +367,7 @@ class DecodedImage:
     decode_seconds: float
     guide: np.ndarray | None = None
     zoom_pixels: np.ndarray | None = None
+    thin_views: list[np.ndarray] = field(default_factory=list)
 
 
 def draft_side(resolution: int, zoom: float | None = None) -> int:
@@ -445,6 +467,14 @@ def decoded_image(
         crops = crop_views(image, size, zoom, view_size)
         zoom_pixels = np.stack([_normalised(crop, mean, std) for crop in crops])
     guide = None if guide_side is None else _guide_image(image, guide_side)
+    thin_views = [
+        _normalised(
+            image.resize((cols * patch_size, rows * patch_size), Image.Resampling.BICUBIC),
+            mean,
+            std,
+        )
+        for rows, cols in thin_grids(width, height, resolution, patch_size)
+    ]
     return DecodedImage(
         file_name=file_name,
         width=width,
@@ -454,6 +484,7 @@ def decoded_image(
         decode_seconds=time.perf_counter() - start,
         guide=guide,
         zoom_pixels=zoom_pixels,
+        thin_views=thin_views,
     )
 
 

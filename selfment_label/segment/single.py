@@ -146,6 +146,9 @@ class NcutIpo(SingleConfig):
     """Label-free single-object segmenter: Normalized Cut, then IPO (options: ``SingleConfig``)."""
 
     takes_class_tokens: ClassVar[bool] = True
+    picks_grid: ClassVar[bool] = True
+    """Its score (blind-start agreement) compares masks of one image on different patch grids:
+    the engine labels a thin image on more than one grid and keeps the best (``Labeller``)."""
 
     def __call__(
         self, tokens: torch.Tensor, timer: StageTimer, class_tokens: torch.Tensor | None = None
