@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as coco_mask
 
 from benchmarks.failure_sets import band, closeup, squeezer
-from selfment_label.data.images import KEPT_ASPECT, MAX_GRID_ASPECT, decoded_image, grid_for
+from selfment_label.data.images import (
+    KEPT_ASPECT,
+    MAX_GRID_ASPECT,
+    decoded_image,
+    grid_for,
+    thin_grids,
+)
+from selfment_label.engine import Labeller
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.masks import full_size_masks
@@ -73,6 +81,48 @@ def test_a_thin_real_image_is_labelled_like_the_whole_one(real_backbone, ecssd_d
     thin, thin_truth = squeezer(13)(image, truth, index)
     whole = iou(label(real_backbone, image), truth)
     assert iou(label(real_backbone, thin), thin_truth) >= whole - 0.1
+
+
+def test_only_images_thinner_than_three_to_one_get_more_grids():
+    assert thin_grids(1600, 120, 448, 14) == [(11, 32), (16, 48)]
+    assert thin_grids(120, 1600, 448, 14) == [(32, 11), (48, 16)]
+    for width, height in ((640, 480), (300, 100), (290, 100), (100, 300)):
+        assert thin_grids(width, height, 448, 14) == []
+        assert (
+            decoded_image(
+                Image.new("RGB", (width, height)),
+                "x.png",
+                (width, height),
+                448,
+                14,
+                (0.5,) * 3,
+                (0.2,) * 3,
+            ).thin_views
+            == []
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem, index", [("0031", 30), ("0041", 40)])
+def test_a_thin_image_keeps_the_grid_whose_mask_scores_best(real_backbone, ecssd_dir, stem, index):
+    # squeezed to 13:1, on the 16 x 32 grid alone the squashed object went with the ground
+    # strip under it (IoU 0.35 and 0.60 with guided edges); the 3:1 grids' masks score higher
+    image, truth = source(ecssd_dir, stem)
+    thin, thin_truth = squeezer(13)(image, truth, index)
+    mean, std = real_backbone.mean_std
+    item = decoded_image(thin, "x.png", thin.size, 448, real_backbone.patch_size, mean, std)
+    assert len(item.thin_views) == 2
+    labeller = Labeller(real_backbone, NcutIpo(), precision="fp32")
+    (picked,) = labeller.label([item], StageTimer())
+    item.thin_views = []
+    (alone,) = labeller.label([item], StageTimer())
+    masks = [
+        coco_mask.decode(found.annotations[0]["segmentation"]).astype(bool)
+        for found in (picked, alone)
+    ]
+    whole = iou(label(real_backbone, image), truth)
+    assert iou(masks[0], thin_truth) >= whole - 0.1
+    assert iou(masks[0], thin_truth) >= iou(masks[1], thin_truth) + 0.2
 
 
 @pytest.mark.slow
