@@ -78,7 +78,10 @@ def _best_score(kept: list[FullSizeMask]) -> float:
 class Labeller:
     """Runs a backbone and a segmenter over decoded images and makes full-size masks.
 
-    The same object labels a local run and, inside each Ray actor, a distributed one.
+    The same object labels a local run and, inside each Ray actor, a distributed one. An
+    image thinner than 3:1 is also labelled on each of its ``thin_views`` grids when the
+    segmenter's scores compare grids (``picks_grid``, without ``zoom``): the grid whose best
+    mask scores highest is kept (docs/quality-report.md, "Thin images: more than one grid").
 
     Arguments:
       backbone: the frozen feature extractor.
@@ -87,10 +90,6 @@ class Labeller:
         on the backbone's device (``choice``).
       refine: edge refinement of the full-size masks (``REFINE_METHODS``); the decoded
         images must carry their guide (``guide_side(refine)``) unless it is ``none``.
-      An image thinner than 3:1 is also labelled on each of its ``thin_views`` grids when the
-      segmenter's scores compare grids (``picks_grid``, without ``zoom``): the grid whose
-      best mask scores highest is kept (docs/quality-report.md, "Thin images: more than one
-      grid").
       zoom: also label each image's four corner crops of this fraction of its sides and
         merge their masks into the full view's (``selfment_label.zoom``); the decoded images
         must carry them (``DecodedImage.zoom_pixels``). Only for a segmenter of flat,
