@@ -88,6 +88,24 @@ def coco_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def coco_multi_object() -> tuple[str, ...]:
+    """Four coco-dev images that hold several objects each."""
+    return ("000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg")
+
+
+@pytest.fixture(scope="session")
+def coco_images(
+    tmp_path_factory: pytest.TempPathFactory, coco_dir: Path, coco_multi_object: tuple[str, ...]
+) -> Path:
+    """A folder of the ``coco_multi_object`` images (tests read it, never write to it)."""
+    folder = tmp_path_factory.mktemp("coco") / "images"
+    folder.mkdir()
+    for name in coco_multi_object:
+        shutil.copy(coco_dir / "images" / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def real_backbone(weights_path: Path) -> Backbone:
     """The real DINOv2 ViT-S/14 on the CPU, built once per session."""
     return build_backbone("dinov2-vits14", weights=weights_path, device="cpu")

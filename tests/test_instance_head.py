@@ -45,7 +45,6 @@ from selfment_label.runfolder.coco import decode_rle, write_coco_stream
 from selfment_label.runfolder.label import label_folder
 from selfment_label.runfolder.layout import read_run
 
-MULTI_OBJECT = ("000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg")
 SMALL = InstanceTrainConfig(epochs=25, batch_size=2, seed=1)
 
 
@@ -135,16 +134,6 @@ def test_token_flip_learns_every_image_mirrored_on_the_grid_too() -> None:
 
 
 @pytest.fixture(scope="module")
-def coco_images(tmp_path_factory: pytest.TempPathFactory, coco_dir: Path) -> Path:
-    """Four real multi-object COCO images from coco-dev."""
-    folder = tmp_path_factory.mktemp("coco") / "images"
-    folder.mkdir()
-    for name in MULTI_OBJECT:
-        shutil.copy(coco_dir / "images" / name, folder / name)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def instances_run(
     coco_images: Path, real_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
@@ -168,7 +157,11 @@ def _masks(run_dir: Path) -> dict[str, list[tuple[np.ndarray, float]]]:
 
 
 def test_real_instance_head_writes_scored_disjoint_instances_and_resumes(
-    instances_run: Path, coco_images: Path, real_backbone: Backbone, tmp_path: Path
+    coco_multi_object: tuple[str, ...],
+    instances_run: Path,
+    coco_images: Path,
+    real_backbone: Backbone,
+    tmp_path: Path,
 ) -> None:
     result = distil_instances(instances_run, tmp_path / "head.pt", SMALL, backbone=real_backbone)
     loaded = load_checkpoint(result.checkpoint)
@@ -178,7 +171,7 @@ def test_real_instance_head_writes_scored_disjoint_instances_and_resumes(
     out = tmp_path / "applied"
     config = RunConfig(resolution=224, workers=1, refine="none")
     summary = apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
-    assert summary.labelled == len(MULTI_OBJECT)
+    assert summary.labelled == len(coco_multi_object)
     found = _masks(out)
     # several instances on a multi-object image (the 224 px MaskCut run it learns from gives
     # 1-3 pseudo-masks per image)
@@ -191,12 +184,12 @@ def test_real_instance_head_writes_scored_disjoint_instances_and_resumes(
                 assert not (first & second).any()
     before = read_run(out).coco["annotations"]
     again = apply_head(result.checkpoint, coco_images, out, config, backbone=real_backbone)
-    assert again.resumed == len(MULTI_OBJECT) and again.labelled == 0
+    assert again.resumed == len(coco_multi_object) and again.labelled == 0
     assert read_run(out).coco["annotations"] == before
 
 
 def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
-    instances_run: Path, coco_images: Path, tmp_path: Path
+    coco_multi_object: tuple[str, ...], instances_run: Path, coco_images: Path, tmp_path: Path
 ) -> None:
     # the run's features are cached by the test above or computed here from the run's weights
     out = tmp_path / "head.pt"
@@ -209,7 +202,7 @@ def test_cli_trains_the_instance_head_by_default_on_an_instances_run(
     meta = load_checkpoint(out).meta
     assert meta["task"] == "instances" and [r["round"] for r in meta["rounds"]] == [0, 1]
     assert meta["training"]["token_flip"] is False
-    assert meta["rounds"][0]["images"] == len(MULTI_OBJECT)  # no mirrored copies
+    assert meta["rounds"][0]["images"] == len(coco_multi_object)  # no mirrored copies
     assert "round" in result.output and "pseudo-masks" in result.output
     refused = CliRunner().invoke(
         app,
@@ -339,7 +332,7 @@ def test_real_head_on_an_entities_run_writes_parts_inside_their_entity(
 
 
 def test_train_reviewed_learns_the_reviewed_instances(
-    instances_run: Path, real_backbone: Backbone, tmp_path: Path
+    coco_multi_object: tuple[str, ...], instances_run: Path, real_backbone: Backbone, tmp_path: Path
 ) -> None:
     # touches FiftyOne: run under flock /work/wt/fiftyone.lock
     from selfment_label.review.dataset import build_dataset
@@ -369,6 +362,6 @@ def test_train_reviewed_learns_the_reviewed_instances(
         assert meta["task"] == "instances"
         assert meta["data"]["review"]["dataset"] == dataset.name
         assert meta["data"]["pseudo_masks"] == sum(len(masks) for masks in objects.values())
-        assert meta["data"]["images"] == len(MULTI_OBJECT) - 1
+        assert meta["data"]["images"] == len(coco_multi_object) - 1
     finally:
         dataset.delete()

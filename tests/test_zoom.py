@@ -6,7 +6,6 @@ equal to a local run's, and the option's invalid combinations refused."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from selfment_label.segment.registry import make_segmenter
 from selfment_label.timing import StageTimer
 from selfment_label.zoom import CROP_SCORE, Crop, corner_crops, crop_views, merge_views
 
-MULTI_OBJECT = ("000000000009.jpg", "000000000025.jpg", "000000000030.jpg", "000000000034.jpg")
 ZOOM = 0.6
 
 
@@ -136,16 +134,6 @@ def test_merge_gives_a_pixel_to_the_smallest_mask_and_drops_one_mostly_taken() -
     assert np.sum([m.mask for m in merged], axis=0).max() == 1
 
 
-@pytest.fixture(scope="module")
-def coco_images(tmp_path_factory: pytest.TempPathFactory, coco_dir: Path) -> Path:
-    """Four real multi-object coco-dev images."""
-    folder = tmp_path_factory.mktemp("coco") / "images"
-    folder.mkdir()
-    for name in MULTI_OBJECT:
-        shutil.copy(coco_dir / "images" / name, folder / name)
-    return folder
-
-
 CONFIG = RunConfig(resolution=224, workers=1, refine="none", segment=InstancesConfig())
 
 
@@ -169,10 +157,12 @@ def _masks(run_dir: Path) -> dict[str, list[np.ndarray]]:
     }
 
 
-def test_zoom_finds_more_disjoint_masks_than_the_full_view(runs: tuple[Path, Path]) -> None:
+def test_zoom_finds_more_disjoint_masks_than_the_full_view(
+    coco_multi_object: tuple[str, ...], runs: tuple[Path, Path]
+) -> None:
     plain, zoomed = (_masks(run) for run in runs)
     assert sum(map(len, zoomed.values())) > sum(map(len, plain.values()))
-    assert any(len(zoomed[name]) > len(plain[name]) for name in MULTI_OBJECT)
+    assert any(len(zoomed[name]) > len(plain[name]) for name in coco_multi_object)
     for image, anns in read_run(runs[1]).images():
         masks = zoomed[image["file_name"]]
         for mask in masks:
@@ -186,13 +176,16 @@ def test_zoom_finds_more_disjoint_masks_than_the_full_view(runs: tuple[Path, Pat
 
 
 def test_a_zoomed_run_resumes_and_refuses_other_zoom_settings(
-    runs: tuple[Path, Path], coco_images: Path, real_backbone: Backbone
+    coco_multi_object: tuple[str, ...],
+    runs: tuple[Path, Path],
+    coco_images: Path,
+    real_backbone: Backbone,
 ) -> None:
     zoomed = runs[1]
     before = read_run(zoomed).coco["annotations"]
     config = replace(CONFIG, zoom=ZOOM)
     again = label_folder(coco_images, zoomed, config, backbone=real_backbone)
-    assert again.resumed == len(MULTI_OBJECT) and again.labelled == 0
+    assert again.resumed == len(coco_multi_object) and again.labelled == 0
     assert read_run(zoomed).coco["annotations"] == before
     for other in (None, 0.5):
         with pytest.raises(RunConflict):
@@ -205,7 +198,7 @@ def test_a_zoomed_run_resumes_and_refuses_other_zoom_settings(
 
 
 def test_the_ray_stages_label_a_zoomed_image_as_this_process_does(
-    coco_images: Path, real_backbone: Backbone
+    coco_multi_object: tuple[str, ...], coco_images: Path, real_backbone: Backbone
 ) -> None:
     """The decode and label stages of ``--ray`` (run here without a cluster) carry the crops
     and give the annotations of the same image labelled in this process."""
@@ -213,7 +206,7 @@ def test_the_ray_stages_label_a_zoomed_image_as_this_process_does(
     mean, std = real_backbone.mean_std
     patch = real_backbone.patch_size
     settings = DecodeSettings(224, patch, mean, std, CONFIG.max_pixels, guide_side("none"), ZOOM)
-    name = MULTI_OBJECT[1]
+    name = coco_multi_object[1]
     rows = {
         "file_name": np.array([name], dtype=object),
         "data": np.array([(coco_images / name).read_bytes()], dtype=object),
@@ -231,9 +224,10 @@ def test_the_ray_stages_label_a_zoomed_image_as_this_process_does(
 
 
 def test_crops_keep_full_resolution_when_the_image_is_decoded_at_a_draft_scale(
+    coco_multi_object: tuple[str, ...],
     coco_dir: Path,
 ) -> None:
-    image, size = load_image(coco_dir / "images" / MULTI_OBJECT[0])
+    image, size = load_image(coco_dir / "images" / coco_multi_object[0])
     views = crop_views(image, size, ZOOM, (224, 168))
     assert [view.size for view in views] == [(224, 168)] * 4
     # the top-left crop's top-left corner is the image's
