@@ -120,6 +120,12 @@ class Labeller:
         self.device = backbone.device
         self.choice = resolve_precision(precision, self.device)
 
+    @property
+    def picks_grid(self) -> bool:
+        """Whether a thin image's ``thin_views`` are labelled too (decoders make them only
+        then): the segmenter's scores compare grids (``picks_grid``) and there is no zoom."""
+        return self.zoom is None and getattr(self.segmenter, "picks_grid", False)
+
     def tokens(self, batch: list[DecodedImage], timer: StageTimer) -> BatchTokens:
         """``[B, rows, cols, D]`` patch tokens of a batch of images that share one grid, and
         their ``[B, D]`` class tokens where the segmenter takes them (else ``None``). With
@@ -183,9 +189,8 @@ class Labeller:
         self, batch: list[DecodedImage], timer: StageTimer
     ) -> list[list[list[PatchMask]]]:
         """Per image of the batch, its patch masks on each of its ``thin_views`` (one backbone
-        call a view); none for an image that is not thin, with ``zoom`` or with a segmenter
-        whose scores do not compare grids (``picks_grid``)."""
-        if self.zoom is not None or not getattr(self.segmenter, "picks_grid", False):
+        call a view); none for an image that is not thin, or unless ``picks_grid``."""
+        if not self.picks_grid:
             return [[] for _ in batch]
         found = []
         for item in batch:
@@ -321,6 +326,7 @@ class LocalExecutor:
                 config.max_pixels,
                 guide_side(config.refine),
                 config.zoom,
+                labeller.picks_grid,
             )
 
         threads = torch.get_num_threads()

@@ -3,6 +3,8 @@ band above the photo, thin images (issue 24)."""
 
 from __future__ import annotations
 
+import io
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from benchmarks.failure_sets import band, closeup, squeezer
+from selfment_label.config import DEFAULT_MAX_PIXELS
 from selfment_label.data.images import (
     KEPT_ASPECT,
     MAX_GRID_ASPECT,
@@ -20,6 +23,7 @@ from selfment_label.data.images import (
     grid_for,
     thin_grids,
 )
+from selfment_label.distributed.stages import DecodeSettings, LabelActor, decode_images
 from selfment_label.engine import Labeller
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
@@ -97,6 +101,7 @@ def test_only_images_thinner_than_three_to_one_get_more_grids():
                 14,
                 (0.5,) * 3,
                 (0.2,) * 3,
+                thin=True,
             ).thin_views
             == []
         )
@@ -110,9 +115,12 @@ def test_a_thin_image_keeps_the_grid_whose_mask_scores_best(real_backbone, ecssd
     image, truth = source(ecssd_dir, stem)
     thin, thin_truth = squeezer(13)(image, truth, index)
     mean, std = real_backbone.mean_std
-    item = decoded_image(thin, "x.png", thin.size, 448, real_backbone.patch_size, mean, std)
+    item = decoded_image(
+        thin, "x.png", thin.size, 448, real_backbone.patch_size, mean, std, thin=True
+    )
     assert len(item.thin_views) == 2
     labeller = Labeller(real_backbone, NcutIpo(), precision="fp32")
+    assert labeller.picks_grid
     (picked,) = labeller.label([item], StageTimer())
     item.thin_views = []
     (alone,) = labeller.label([item], StageTimer())
@@ -239,3 +247,33 @@ def test_segment_batch_gives_class_tokens_only_to_segmenters_that_take_them():
     segment_batch(Plain(), tokens, StageTimer(), class_tokens)
     segment_batch(Taker(), tokens, StageTimer(), class_tokens)
     assert seen == ["plain", (2, 4)]
+
+
+@pytest.mark.slow
+def test_the_ray_stages_carry_a_thin_images_other_grids(real_backbone, ecssd_dir):
+    """``--ray``'s decode and label stages (run here without a cluster) label a 13:1 image on
+    its three grids, as this process does; decoders that do not pick a grid make none."""
+    image, truth = source(ecssd_dir, "0031")
+    thin, _ = squeezer(13)(image, truth, 30)
+    data = io.BytesIO()
+    thin.save(data, format="PNG")
+    rows = {
+        "file_name": np.array(["thin.png"], dtype=object),
+        "data": np.array([data.getvalue()], dtype=object),
+        "error": np.array([""], dtype=object),
+        "read_seconds": np.zeros(1),
+    }
+    mean, std = real_backbone.mean_std
+    patch = real_backbone.patch_size
+    labeller = Labeller(real_backbone, NcutIpo(), precision="fp32")
+    settings = DecodeSettings(448, patch, mean, std, DEFAULT_MAX_PIXELS, thin=labeller.picks_grid)
+    decoded = decode_images(rows, settings)
+    record = json.loads(LabelActor(labeller, "cpu", None, False, 1)(decoded)["record"][0])
+    item = decoded_image(thin, "thin.png", thin.size, 448, patch, mean, std, thin=True)
+    (here,) = labeller.label([item], StageTimer())
+    item.thin_views = []
+    (alone,) = labeller.label([item], StageTimer())
+    assert here.annotations != alone.annotations  # the other grids change this image's mask
+    assert record["annotations"] == here.annotations
+    plain = decode_images(rows, DecodeSettings(448, patch, mean, std, DEFAULT_MAX_PIXELS))
+    assert plain["thin_pixels"][0] == b""

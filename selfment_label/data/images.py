@@ -356,7 +356,8 @@ class DecodedImage:
       zoom_pixels: ``[4, 3, rows*p, cols*p]`` float32 normalised corner crops
         (``zoom.crop_views``, on the same grid as ``pixels``), or None without zoom.
       thin_views: the image on each of its ``thin_grids`` (``[3, rows*p, cols*p]`` float32
-        normalised pixels); empty unless it is thinner than ``KEPT_ASPECT``:1.
+        normalised pixels); empty unless asked for (``thin``) and the image is thinner than
+        ``KEPT_ASPECT``:1.
     """
 
     file_name: str
@@ -394,6 +395,7 @@ def prepare_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     guide_side: int | None = None,
     zoom: float | None = None,
+    thin: bool = False,
 ) -> DecodedImage:
     """Decode, resize to the patch grid and normalise one image (runs in a worker thread).
 
@@ -406,6 +408,8 @@ def prepare_image(
       guide_side: also keep the RGB image, its long side at most this many pixels, to
         guide the edge refinement (None: no guide).
       zoom: also make its four corner crops of this fraction of each side (None: none).
+      thin: also resize an image thinner than ``KEPT_ASPECT``:1 to its ``thin_grids``
+        (``DecodedImage.thin_views``: only a labeller that picks a grid uses them).
 
     Raises:
       ImageSkip: with the reason, for any file that cannot be used.
@@ -417,7 +421,7 @@ def prepare_image(
     else:
         image, size = decode_image_bytes(root.read(file_name), max_pixels, draft_size=draft)
     return decoded_image(
-        image, file_name, size, resolution, patch_size, mean, std, start, guide_side, zoom
+        image, file_name, size, resolution, patch_size, mean, std, start, guide_side, zoom, thin
     )
 
 
@@ -441,6 +445,7 @@ def decoded_image(
     start: float | None = None,
     guide_side: int | None = None,
     zoom: float | None = None,
+    thin: bool = False,
 ) -> DecodedImage:
     """Resize an RGB image to its patch grid and normalise it.
 
@@ -456,6 +461,8 @@ def decoded_image(
         is at most this many pixels (None: no guide).
       zoom: also make its four corner crops of this fraction of each side, each resized to
         the image's own patch grid (``zoom.crop_views``; None: none).
+      thin: also resize an image thinner than ``KEPT_ASPECT``:1 to each of its
+        ``thin_grids`` (``DecodedImage.thin_views``).
     """
     start = time.perf_counter() if start is None else start
     width, height = size
@@ -467,14 +474,10 @@ def decoded_image(
         crops = crop_views(image, size, zoom, view_size)
         zoom_pixels = np.stack([_normalised(crop, mean, std) for crop in crops])
     guide = None if guide_side is None else _guide_image(image, guide_side)
-    thin_views = [
-        _normalised(
-            image.resize((cols * patch_size, rows * patch_size), Image.Resampling.BICUBIC),
-            mean,
-            std,
-        )
-        for rows, cols in thin_grids(width, height, resolution, patch_size)
-    ]
+    thin_views = []
+    for thin_rows, thin_cols in thin_grids(width, height, resolution, patch_size) if thin else []:
+        thin_size = (thin_cols * patch_size, thin_rows * patch_size)
+        thin_views.append(_normalised(image.resize(thin_size, Image.Resampling.BICUBIC), mean, std))
     return DecodedImage(
         file_name=file_name,
         width=width,

@@ -289,6 +289,7 @@ class RayExecutor:
             config.max_pixels,
             guide_side(config.refine),
             config.zoom,
+            labeller.picks_grid,
         )
         table = pyarrow.table({"file_name": job.todo})  # compact: no Python object per row
         rows = max(config.batch_size, math.ceil(len(job.todo) / MAX_BLOCKS))

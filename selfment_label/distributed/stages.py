@@ -86,6 +86,7 @@ class DecodeSettings:
       guide_side: keep the RGB image, its long side at most this, to guide the edge
         refinement (None: no refinement, no guide).
       zoom: also make the four corner crops of this fraction of each side (None: none).
+      thin: also make a thin image's ``thin_views`` (``Labeller.picks_grid``).
     """
 
     resolution: int
@@ -95,16 +96,20 @@ class DecodeSettings:
     max_pixels: int
     guide_side: int | None = None
     zoom: float | None = None
+    thin: bool = False
 
 
 def decode_images(batch: Batch, settings: DecodeSettings) -> Batch:
     """Decode, resize to the patch grid and normalise each image read (CPU tasks).
 
     Pixels travel as float32 bytes with their grid, since grids differ from image to image
-    (a zoomed run's corner crops too, on the same grid: empty bytes without zoom).
+    (a zoomed run's corner crops too, on the same grid: empty bytes without zoom; a thin
+    image's other grids as their pixels one after the other and their ``[n, 2]`` grids:
+    empty bytes for an image that has none).
     """
     names = _names(batch)
-    keys = ("pixels", "zoom_pixels", "guide", "width", "height", "rows", "cols", "error")
+    keys = ("pixels", "zoom_pixels", "thin_pixels", "thin_grids", "guide")
+    keys += ("width", "height", "rows", "cols", "error")
     columns: dict[str, list[Any]] = {key: [] for key in (*keys, "decode_seconds")}
     guides: list[tuple[int, int]] = []
     for name, data, error in zip(names, batch["data"], batch["error"], strict=True):
@@ -125,6 +130,7 @@ def decode_images(batch: Batch, settings: DecodeSettings) -> Batch:
                     settings.std,
                     guide_side=settings.guide_side,
                     zoom=settings.zoom,
+                    thin=settings.thin,
                 )
 
             item, error, spent = _timed(decode)
@@ -133,6 +139,10 @@ def decode_images(batch: Batch, settings: DecodeSettings) -> Batch:
         columns["pixels"].append(item.pixels.tobytes() if item else b"")
         crops = item.zoom_pixels if item else None
         columns["zoom_pixels"].append(crops.tobytes() if crops is not None else b"")
+        views = item.thin_views if item else []
+        columns["thin_pixels"].append(b"".join(view.tobytes() for view in views))
+        grids = [view.shape[1:] for view in views]
+        columns["thin_grids"].append(np.asarray(grids, dtype=np.int64).tobytes())
         guide = item.guide if item else None
         columns["guide"].append(guide.tobytes() if guide is not None else b"")
         guides.append(guide.shape[:2] if guide is not None else (0, 0))
@@ -145,6 +155,8 @@ def decode_images(batch: Batch, settings: DecodeSettings) -> Batch:
         "read_seconds": np.asarray(batch["read_seconds"], dtype=np.float64),
         "pixels": _objects(columns.pop("pixels")),
         "zoom_pixels": _objects(columns.pop("zoom_pixels")),
+        "thin_pixels": _objects(columns.pop("thin_pixels")),
+        "thin_grids": _objects(columns.pop("thin_grids")),
         "guide": _objects(columns.pop("guide")),
         "guide_shape": np.asarray(guides, dtype=np.int64).reshape(-1, 2),
         "error": _objects(columns.pop("error")),
@@ -177,6 +189,18 @@ def _guide(data: bytes, shape: np.ndarray) -> np.ndarray | None:
         return None
     height, width = (int(side) for side in shape)
     return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
+
+
+def _thin_views(data: bytes, grids: bytes) -> list[np.ndarray]:
+    """A thin image's other views carried as bytes (``decode_images``): one ``[3, H, W]``
+    float32 array (a writable copy) per ``(H, W)`` pixel size."""
+    pixels = np.frombuffer(data, dtype=np.float32)
+    views, start = [], 0
+    for height, width in np.frombuffer(grids, dtype=np.int64).reshape(-1, 2):
+        size = 3 * int(height) * int(width)
+        views.append(pixels[start : start + size].reshape(3, int(height), int(width)).copy())
+        start += size
+    return views
 
 
 class LabelActor:
@@ -226,6 +250,7 @@ class LabelActor:
                 zoom_pixels=crops.reshape(-1, 3, rows * patch, cols * patch)
                 if crops.size
                 else None,
+                thin_views=_thin_views(batch["thin_pixels"][i], batch["thin_grids"][i]),
             )
             stream.append((name, item))
         timer = StageTimer(self.labeller.device)
