@@ -63,6 +63,23 @@ class FinishedImage:
     score_png: bytes | None = None
 
 
+@dataclass
+class LabelledImage:
+    """One image's full-size masks, before they become annotation records.
+
+    Arguments:
+      item: the decoded image.
+      kept: its masks (``masks.full_size_masks``).
+      union: the soft union of its patch masks at full size (None without a mask).
+      notes: what the segmenter noted about it (empty: nothing).
+    """
+
+    item: DecodedImage
+    kept: list[FullSizeMask]
+    union: torch.Tensor | None
+    notes: dict[str, Any]
+
+
 def _score_png(soft: torch.Tensor) -> bytes:
     array = (soft.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     buffer = io.BytesIO()
@@ -209,18 +226,15 @@ class Labeller:
             found.append(views)
         return found
 
-    def label(
-        self,
-        batch: list[DecodedImage],
-        timer: StageTimer,
-        save_scores: bool = False,
-        tokens: BatchTokens | None = None,
-    ) -> list[FinishedImage]:
-        """Full-size masks as annotation records (and score maps) for a batch of one grid
-        (from ``tokens`` when the caller already has them)."""
+    def labelled(
+        self, batch: list[DecodedImage], timer: StageTimer, tokens: BatchTokens | None = None
+    ) -> list[LabelledImage]:
+        """Full-size masks for a batch of one grid (from ``tokens`` when the caller already
+        has them): the full view's, merged with its crops' with ``zoom``, or a thin image's
+        best-scoring grid's. Every labelling path goes through here, so they agree."""
         patch_masks = self.patch_masks(batch, timer, tokens)
         thin_masks = self._thin_masks(batch, timer)
-        finished = []
+        found = []
         with small_kernel_threads(self.device), timer.stage("masks"):
             for index, item in enumerate(batch):
                 views = patch_masks[index :: len(batch)]
@@ -230,20 +244,37 @@ class Labeller:
                     other_kept, other_union = self._full_size(item, [other])
                     if _best_score(other_kept) > _best_score(kept):
                         kept, union, masks = other_kept, other_union, other
-                finished.append(
-                    FinishedImage(
-                        file_name=item.file_name,
-                        width=item.width,
-                        height=item.height,
-                        annotations=[
-                            annotation_record(region.mask, region.score, region.extra)
-                            for region in kept
-                        ],
-                        notes=dict(getattr(masks, "notes", None) or {}),
-                        score_png=_score_png(union) if save_scores and union is not None else None,
-                    )
+                notes = dict(getattr(masks, "notes", None) or {})
+                found.append(LabelledImage(item, kept, union, notes))
+        return found
+
+    def label(
+        self,
+        batch: list[DecodedImage],
+        timer: StageTimer,
+        save_scores: bool = False,
+        tokens: BatchTokens | None = None,
+    ) -> list[FinishedImage]:
+        """``labelled``'s masks as annotation records (and score maps) for a batch of one
+        grid (from ``tokens`` when the caller already has them)."""
+        found = self.labelled(batch, timer, tokens)
+        with small_kernel_threads(self.device), timer.stage("masks"):
+            return [
+                FinishedImage(
+                    file_name=image.item.file_name,
+                    width=image.item.width,
+                    height=image.item.height,
+                    annotations=[
+                        annotation_record(region.mask, region.score, region.extra)
+                        for region in image.kept
+                    ],
+                    notes=image.notes,
+                    score_png=(
+                        _score_png(image.union) if save_scores and image.union is not None else None
+                    ),
                 )
-        return finished
+                for image in found
+            ]
 
 
 class Recorder(Protocol):

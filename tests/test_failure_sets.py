@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from benchmarks.failure_sets import band, closeup, squeezer
-from selfment_label.config import DEFAULT_MAX_PIXELS
+from selfment_label.config import DEFAULT_MAX_PIXELS, RunConfig
 from selfment_label.data.images import (
     KEPT_ASPECT,
     MAX_GRID_ASPECT,
@@ -28,6 +28,8 @@ from selfment_label.engine import Labeller
 from selfment_label.evaluate import load_gt_mask
 from selfment_label.features.backbone import Backbone
 from selfment_label.masks import full_size_masks
+from selfment_label.review.convert import detection_to_mask
+from selfment_label.review.model import selfment_model
 from selfment_label.segment import single
 from selfment_label.segment.base import segment_batch
 from selfment_label.segment.scores import class_excess, frame_excess, uniformity_excess
@@ -277,3 +279,24 @@ def test_the_ray_stages_carry_a_thin_images_other_grids(real_backbone, ecssd_dir
     assert record["annotations"] == here.annotations
     plain = decode_images(rows, DecodeSettings(448, patch, mean, std, DEFAULT_MAX_PIXELS))
     assert plain["thin_pixels"][0] == b""
+
+
+@pytest.mark.slow
+def test_the_fiftyone_model_labels_a_thin_image_as_a_run_does(real_backbone, ecssd_dir):
+    """``selfment_model`` goes through ``Labeller.labelled``: a 13:1 image gets the mask of its
+    best-scoring grid there too (it used to get the single grid's, silently different)."""
+    image, truth = source(ecssd_dir, "0031")
+    thin, _ = squeezer(13)(image, truth, 30)
+    config = RunConfig(precision="fp32", refine="none")
+    model = selfment_model(config, backbone=real_backbone)
+    (detection,) = model.predict(np.asarray(thin)).detections
+    found = detection_to_mask(detection, *thin.size)
+    mean, std = real_backbone.mean_std
+    patch = real_backbone.patch_size
+    labeller = Labeller(real_backbone, NcutIpo(), precision="fp32")
+    one_grid = decoded_image(thin, "t.png", thin.size, 448, patch, mean, std)
+    alone = labeller.labelled([one_grid], StageTimer())[0].kept[0].mask
+    assert iou(found, alone) < 0.98  # the other grids change this image's mask ...
+    grids = decoded_image(thin, "t.png", thin.size, 448, patch, mean, std, thin=True)
+    (labelled,) = labeller.labelled([grids], StageTimer())
+    assert np.array_equal(found, labelled.kept[0].mask)  # ... and the model has its mask

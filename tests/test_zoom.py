@@ -33,6 +33,8 @@ from selfment_label.head.instance_train import distil_instances
 from selfment_label.head.train import distil
 from selfment_label.masks import FullSizeMask
 from selfment_label.refine import guide_side
+from selfment_label.review.convert import detection_to_mask
+from selfment_label.review.model import selfment_model
 from selfment_label.runfolder.coco import decode_rle
 from selfment_label.runfolder.journal import RunConflict
 from selfment_label.runfolder.label import label_folder
@@ -292,3 +294,23 @@ def test_apply_refuses_zoom_for_a_single_object_head(
             RunConfig(resolution=112, zoom=ZOOM),
             backbone=real_backbone,
         )
+
+
+def test_the_fiftyone_model_zooms_as_a_run_does(
+    coco_multi_object: tuple[str, ...],
+    runs: tuple[Path, Path],
+    coco_images: Path,
+    real_backbone: Backbone,
+) -> None:
+    """``selfment_model`` with a zoom labels an image's crops too: the zoomed run's masks."""
+    name = coco_multi_object[1]
+    model = selfment_model(replace(CONFIG, zoom=ZOOM), backbone=real_backbone)
+    image, size = load_image(coco_images / name)
+    detections = model.predict(np.asarray(image)).detections
+    found = [detection_to_mask(d, *size) for d in detections]
+    zoomed, plain = _masks(runs[1])[name], _masks(runs[0])[name]
+    assert len(found) == len(zoomed) > len(plain)
+    for mask, run_mask in zip(found, zoomed, strict=True):
+        assert (mask & run_mask).sum() / (mask | run_mask).sum() >= 0.95
+    with pytest.raises(ValueError, match="zoom merges flat, disjoint instances"):
+        selfment_model(replace(CONFIG, segment=SingleConfig(), zoom=ZOOM), backbone=real_backbone)

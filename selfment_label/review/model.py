@@ -11,11 +11,10 @@ import numpy as np
 from PIL import Image
 
 from ..config import RunConfig
-from ..data.images import DecodedImage, decoded_image
-from ..device import small_kernel_threads
+from ..data.images import decoded_image
 from ..engine import Labeller, backbone_for
 from ..features.backbone import Backbone
-from ..masks import full_size_masks
+from ..masks import FullSizeMask
 from ..refine import check_available, guide_side
 from ..segment.registry import make_segmenter
 from ..timing import StageTimer
@@ -27,8 +26,9 @@ def selfment_model(
 ) -> SelfmentModel:
     """A FiftyOne ``Model`` that labels images with the engine, for ``dataset.apply_model``.
 
-    Every image becomes a ``fo.Detections`` with instance masks (``confidence`` = mask score;
-    ``level`` and ``parent_id`` in ``entities`` mode):
+    Every image becomes a ``fo.Detections`` with instance masks, labelled as ``run`` labels it
+    with the same config (``Labeller.labelled``: a thin image's grids, ``zoom``); ``confidence``
+    is the mask score, ``level`` and ``parent_id`` are set in ``entities`` mode:
 
         model = selfment_model(RunConfig(weights="dinov2_vits14.safetensors"))
         dataset.apply_model(model, label_field="selfment", batch_size=4)
@@ -50,13 +50,15 @@ class SelfmentModel(fom.Model):
 
     def __init__(self, config: RunConfig, backbone: Backbone | None):
         check_available(config.refine)
-        if config.zoom is not None:
-            raise ValueError("zoom is an option of run and apply: the model labels the full view")
         if backbone is None:
             backbone = backbone_for(config)
         self.config = config
         self.labeller = Labeller(
-            backbone, make_segmenter(config.segment), config.precision, config.refine
+            backbone,
+            make_segmenter(config.segment),
+            config.precision,
+            config.refine,
+            config.zoom,
         )
         self.timer = StageTimer(backbone.device)
 
@@ -115,6 +117,8 @@ class SelfmentModel(fom.Model):
                 mean,
                 std,
                 guide_side=side,
+                zoom=self.config.zoom,
+                thin=self.labeller.picks_grid,
             )
             for i, image in enumerate(images)
         ]
@@ -123,12 +127,9 @@ class SelfmentModel(fom.Model):
         for index, item in enumerate(decoded):
             grids.setdefault(item.grid, []).append(index)
         for indices in grids.values():
-            batch = [decoded[i] for i in indices]
-            patch_masks = self.labeller.patch_masks(batch, self.timer)
-            # the same fixed threads as a run's masks stage: the same masks as `run`
-            with small_kernel_threads(self.labeller.device):
-                for index, item, masks in zip(indices, batch, patch_masks, strict=True):
-                    results[index] = _detections_of(masks, item, self.config.refine)
+            labelled = self.labeller.labelled([decoded[i] for i in indices], self.timer)
+            for index, image in zip(indices, labelled, strict=True):
+                results[index] = _detections_of(image.kept)
         return results
 
 
@@ -143,8 +144,7 @@ def _as_rgb(arg: Any) -> Image.Image:
     return Image.fromarray(array[..., :3]).convert("RGB")
 
 
-def _detections_of(masks: list[Any], item: DecodedImage, refine: str) -> fo.Detections:
-    kept, _ = full_size_masks(masks, item.width, item.height, refine, item.guide)
+def _detections_of(kept: list[FullSizeMask]) -> fo.Detections:
     detections = []
     for index, region in enumerate(kept):
         attributes: dict[str, Any] = {"coco_id": index + 1}
